@@ -1,0 +1,50 @@
+# ssl-cli: every target sets up what it needs (the venv) by itself.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+DATASET ?= sample
+OUT ?= data/shards/$(DATASET)
+COCO_DIR ?= data/coco/train2017
+IMAGENET_DIR ?=
+SRC ?=
+WORKERS ?=
+SHARDS_ARGS ?=
+
+.PHONY: setup test test-all lint demo shards pretrain bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check pipeline shards train cli tests
+	$(BIN)/ruff format --check pipeline shards train cli tests
+
+demo: $(STAMP)
+	$(BIN)/ssl-cli demo --out runs/demo
+
+shards: $(STAMP)
+	@set -e; case "$(DATASET)" in \
+	  sample)   src="--sample" ;; \
+	  coco)     test -d "$(COCO_DIR)" || { echo "error: COCO images not found at '$(COCO_DIR)'; set COCO_DIR=/path/to/coco/train2017" >&2; exit 2; }; src="$(COCO_DIR)" ;; \
+	  imagenet) test -n "$(IMAGENET_DIR)" -a -d "$(IMAGENET_DIR)" || { echo "error: ImageNet not found at '$(IMAGENET_DIR)'; set IMAGENET_DIR=/path/to/imagenet/train" >&2; exit 2; }; src="$(IMAGENET_DIR) --layout imagenet" ;; \
+	  folder)   test -n "$(SRC)" -a -d "$(SRC)" || { echo "error: folder '$(SRC)' not found; set SRC=/path/to/images" >&2; exit 2; }; src="$(SRC)" ;; \
+	  *) echo "error: unknown DATASET='$(DATASET)'; choose one of: sample coco imagenet folder" >&2; exit 2 ;; \
+	esac; \
+	$(BIN)/ssl-cli shards build $$src $(OUT) $(if $(WORKERS),--workers $(WORKERS)) $(SHARDS_ARGS); \
+	$(BIN)/ssl-cli shards verify $(OUT)
+
+clean:
+	rm -rf runs build *.egg-info
+
+bench: $(STAMP)
+	$(BIN)/ssl-cli bench shards @sample --max-side 224 --max-side 320 --max-side 400 --max-side 500

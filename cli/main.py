@@ -1,0 +1,173 @@
+"""``ssl-cli``: the command line. Parses options, builds configs, calls shards/pipeline/train."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from shards.images import ImageParams
+from shards.proposals import SEARCH_MODES, FilterParams, SearchParams
+
+DEFAULT_SEARCH = SearchParams()
+DEFAULT_FILTER = FilterParams()
+
+
+def _fail(e: Exception) -> click.ClickException:
+    return click.ClickException(str(e))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+def main() -> None:
+    """Self-supervised pretraining on multi-object images (MOS, UniVIP) from selective-search shards."""
+
+
+# ---------------------------------------------------------------------------------------- shards
+
+
+@main.group()
+def shards() -> None:
+    """Build, inspect and verify proposal shards (selective search, run once)."""
+
+
+@shards.command("build")
+@click.argument("src")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option(
+    "--layout",
+    type=click.Choice(["auto", "folder", "coco", "imagenet", "wds"]),
+    default="auto",
+    help="How SRC is organised. auto: .tar archives -> wds, a train2017/ folder -> coco, "
+    "otherwise a folder of images. imagenet (class folders -> labels) must be asked for.",
+)
+@click.option("--mode", type=click.Choice(SEARCH_MODES), default=DEFAULT_SEARCH.mode, help="Selective search strategy.")
+@click.option(
+    "--max-side",
+    type=click.IntRange(min=0),
+    default=DEFAULT_SEARCH.max_side,
+    help="Run the search on a copy whose longer side is at most this (0: full resolution). "
+    "Boxes are mapped back to the pixels of the decoded image.",
+)
+@click.option("--min-side", type=click.IntRange(min=1), default=DEFAULT_FILTER.min_side, help="Minimum box side in pixels (also the minimum image side).")
+@click.option("--min-aspect", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_FILTER.min_aspect, help="Minimum box width/height.")
+@click.option("--max-aspect", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_FILTER.max_aspect, help="Maximum box width/height.")
+@click.option("--max-iou", type=click.FloatRange(0, 1), default=DEFAULT_FILTER.max_iou, help="Greedy filter: max IoU with an already kept box.")
+@click.option("--top-n", type=click.IntRange(min=0), default=DEFAULT_FILTER.top_n, help="Keep at most this many boxes per image, in rank order.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=1000, help="Input images per shard.")
+@click.option("--jpeg-quality", type=click.IntRange(1, 100), default=ImageParams().transcode_quality, help="Quality when a non-JPEG input is re-encoded.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Worker processes [default: all cores].")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", help="local process pool, or Ray tasks.")
+@click.option("--ray-address", default=None, help="Ray cluster address (with --engine ray); default: a local Ray instance.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+def shards_build(src, out, layout, mode, max_side, min_side, min_aspect, max_aspect, max_iou, top_n,
+                 shard_size, jpeg_quality, workers, engine, ray_address, progress) -> None:
+    """Run selective search over SRC and write WebDataset shards + proposals.parquet into OUT.
+
+    SRC is a folder of images (recursive), a COCO root or train2017/, an ImageNet train/ folder
+    (--layout imagenet), WebDataset .tar archives, or @sample (photographs shipped with
+    scikit-image and scikit-learn). Re-running the same command resumes an interrupted build
+    and does nothing on a finished one.
+    """
+    from shards.build import BuildParams, build_shards
+
+    try:
+        params = BuildParams(
+            search=SearchParams(mode=mode, max_side=max_side),
+            filter=FilterParams(min_side=min_side, min_aspect=min_aspect, max_aspect=max_aspect,
+                                max_iou=max_iou, top_n=top_n),
+            image=ImageParams(min_side=min_side, transcode_quality=jpeg_quality),
+            shard_size=shard_size,
+        )
+        build_shards(src, out, params, layout=layout, workers=workers, engine=engine,
+                     ray_address=ray_address, progress=progress, log=click.echo)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise _fail(e) from None
+
+
+@shards.command("verify")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--decode/--no-decode", default=False, help="Also decode every image and check its size.")
+def shards_verify(out, decode) -> None:
+    """Recompute checksums and counts; check that tar samples and Parquet rows match one to one."""
+    from shards.verify import verify_shards
+
+    try:
+        problems = verify_shards(out, decode=decode)
+    except (OSError, ValueError, KeyError) as e:
+        raise _fail(e) from None
+    if problems:
+        for p in problems:
+            click.echo(f"FAIL {p}", err=True)
+        raise click.ClickException(f"{out}: {len(problems)} problem(s) found")
+    click.echo(f"{out}: OK")
+
+
+@shards.command("inspect")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--examples", type=click.IntRange(min=0), default=5, help="Samples to print.")
+def shards_inspect(out, examples) -> None:
+    """Print samples, shards, labels and boxes-per-image statistics."""
+    from shards.verify import inspect_shards
+
+    try:
+        click.echo(inspect_shards(out, examples=examples))
+    except (OSError, ValueError, KeyError) as e:
+        raise _fail(e) from None
+
+
+# ----------------------------------------------------------------------------------------- bench
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks: our implementation against a baseline measured in the same run."""
+
+
+@bench.command("shards")
+@click.argument("src", default="@sample")
+@click.option("--max-side", "max_sides", type=click.IntRange(min=0), multiple=True, help="Our setting(s) to compare [default: the build default].")
+@click.option("--mode", type=click.Choice(SEARCH_MODES), default=DEFAULT_SEARCH.mode)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use at most this many images.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON.")
+def bench_shards(src, max_sides, mode, limit, json_out) -> None:
+    """Selective search: our configuration vs the ORL recipe (fast mode, full resolution)."""
+    from shards.bench import bench_search
+
+    sides = max_sides or (DEFAULT_SEARCH.max_side,)
+    try:
+        report = bench_search(src, [SearchParams(mode=mode, max_side=s) for s in sides], limit=limit, log=click.echo)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise _fail(e) from None
+    click.echo(f"hardware: {report['hardware']}, OpenCV {report['opencv']}")
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=1) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ demo
+
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False), default="runs/demo", help="Where the demo writes.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Worker processes [default: all cores].")
+def demo(out, workers) -> None:
+    """The embedded default: build shards of the sample photographs and verify them."""
+    from shards.build import BuildParams, build_shards
+    from shards.verify import inspect_shards, verify_shards
+
+    shards_dir = Path(out) / "shards"
+    try:
+        build_shards("@sample", shards_dir, BuildParams(shard_size=8), workers=workers, log=click.echo,
+                     progress=sys.stderr.isatty())
+        problems = verify_shards(shards_dir, decode=True)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise _fail(e) from None
+    if problems:
+        raise click.ClickException("verification failed:\n" + "\n".join(problems))
+    click.echo(inspect_shards(shards_dir))
+    click.echo(f"verified: {shards_dir} (ssl-cli shards verify {shards_dir})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Run the per-image function over many inputs, results in input order.
+
+``local``: a process pool (OpenCV's selective search scales with processes, not threads). A worker
+that dies (OpenCV can abort or crash on pathological inputs) does not stop the build: the items
+that were in flight are retried one at a time in a fresh process and the one that kills it again
+becomes a ``worker_crashed`` reject.
+
+``ray``: the same function as Ray tasks, on a local instance or a cluster (``address``); every
+node needs ssl-cli installed in the same environment.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from .process import Reject
+from .sources import SourceItem
+
+ENGINES = ("local", "ray")
+
+ItemFn = Callable[[SourceItem, Any], Any]
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _crash_reject(item: SourceItem, what: str) -> Reject:
+    return Reject(item.key, item.source, "worker_crashed", what)
+
+
+def _init_worker() -> None:
+    # one OpenCV thread per process: parallelism comes from the processes
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+class LocalEngine:
+    def __init__(self, workers: int | None = None, window: int | None = None):
+        self.workers = workers or default_workers()
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        self.window = window or 4 * self.workers
+        self._ctx = multiprocessing.get_context("spawn")
+
+    def _pool(self, workers: int) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(workers, mp_context=self._ctx, initializer=_init_worker)
+
+    def _isolated(self, fn: ItemFn, item: SourceItem, params: Any) -> Any:
+        with self._pool(1) as pool:
+            try:
+                return pool.submit(fn, item, params).result()
+            except BrokenProcessPool:
+                return _crash_reject(item, "the worker process died while processing this image")
+
+    def map(self, fn: ItemFn, items: Iterable[SourceItem], params: Any) -> Iterator[Any]:
+        it = iter(items)
+        pool = self._pool(self.workers)
+        pending: deque[tuple[SourceItem, Future]] = deque()
+        try:
+            while True:
+                while len(pending) < self.window:
+                    item = next(it, None)
+                    if item is None:
+                        break
+                    pending.append((item, pool.submit(fn, item, params)))
+                if not pending:
+                    return
+                item, fut = pending[0]
+                try:
+                    result = fut.result()
+                except BrokenProcessPool:
+                    # some in-flight item killed its worker: find it by running each alone
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    suspects = [i for i, _ in pending]
+                    pending.clear()
+                    for suspect in suspects:
+                        yield self._isolated(fn, suspect, params)
+                    pool = self._pool(self.workers)
+                    continue
+                pending.popleft()
+                yield result
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+class RayEngine:
+    def __init__(self, address: str | None = None, window: int | None = None):
+        try:
+            import ray
+        except ImportError:
+            raise RuntimeError(
+                "--engine ray needs Ray: pip install 'ssl-cli[ray]' (or pip install ray)"
+            ) from None
+        self.ray = ray
+        self.address = address
+        self.window = window
+
+    def map(self, fn: ItemFn, items: Iterable[SourceItem], params: Any) -> Iterator[Any]:
+        ray = self.ray
+        started_here = not ray.is_initialized()
+        if started_here:
+            ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
+        try:
+            window = self.window or 4 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+            task = ray.remote(num_cpus=1, max_retries=1)(fn)
+            params_ref = ray.put(params)
+            pending: deque[tuple[SourceItem, Any]] = deque()
+            it = iter(items)
+            while True:
+                while len(pending) < window:
+                    item = next(it, None)
+                    if item is None:
+                        break
+                    pending.append((item, task.remote(item, params_ref)))
+                if not pending:
+                    return
+                item, ref = pending.popleft()
+                try:
+                    yield ray.get(ref)
+                except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as e:
+                    yield _crash_reject(item, f"Ray worker died: {type(e).__name__}")
+        finally:
+            if started_here:
+                ray.shutdown()
+
+
+def make_engine(name: str, workers: int | None = None, address: str | None = None):
+    if name == "local":
+        if address:
+            raise ValueError("--ray-address is only used with --engine ray")
+        return LocalEngine(workers)
+    if name == "ray":
+        return RayEngine(address)
+    raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")

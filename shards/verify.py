@@ -1,0 +1,227 @@
+"""``ssl-cli shards verify`` and ``inspect``: check a shard folder against its manifest."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from .build import FORMAT, PROPOSALS_SCHEMA
+from .writer import index_path_for, read_index, sha256_file
+
+
+class ShardsNotFound(FileNotFoundError):
+    pass
+
+
+def load_manifest(out: str | Path) -> dict:
+    path = Path(out) / "manifest.json"
+    if not path.exists():
+        hint = " (an unfinished build: run the same build command again)" if (Path(out) / ".parts").exists() else ""
+        raise ShardsNotFound(f"{path} not found: not a finished shard folder{hint}")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: unsupported format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def _read_tar_samples(path: Path) -> tuple[dict[str, dict[str, bytes]], dict[str, dict[str, tuple[int, int]]], list[str]]:
+    """key -> {ext: bytes}, key -> {ext: (offset, size)}, keys in order."""
+    samples: dict[str, dict[str, bytes]] = {}
+    offsets: dict[str, dict[str, tuple[int, int]]] = {}
+    order: list[str] = []
+    with tarfile.open(path, "r:") as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            base = m.name.rsplit("/", 1)[-1]
+            key, _, ext = base.partition(".")
+            if key not in samples:
+                samples[key] = {}
+                offsets[key] = {}
+                order.append(key)
+            samples[key][ext] = tf.extractfile(m).read()
+            offsets[key][ext] = (m.offset_data, m.size)
+    return samples, offsets, order
+
+
+def verify_shards(out: str | Path, decode: bool = False) -> list[str]:
+    """Every problem found, as one line each; an empty list means the folder is sound.
+
+    Checks checksums, sizes and sample counts of every shard against the manifest, every DALI
+    index against its tar, that tar samples and Parquet rows match one to one (boxes and labels
+    included), that samples + rejects add up to the inputs, and with ``decode`` that every image
+    decodes to the recorded size.
+    """
+    out = Path(out)
+    manifest = load_manifest(out)
+    problems: list[str] = []
+    listed = {s["name"] for s in manifest["shards"]}
+    for stray in sorted(p.name for p in out.glob("shard-*.tar")):
+        if stray not in listed:
+            problems.append(f"{stray}: shard file not listed in the manifest")
+
+    try:
+        table = pq.read_table(out / manifest["files"]["proposals"])
+    except Exception as e:  # noqa: BLE001
+        return problems + [f"proposals.parquet: unreadable: {e}"]
+    if table.schema.remove_metadata() != PROPOSALS_SCHEMA:
+        problems.append(f"proposals.parquet: schema differs from the shard format:\n{table.schema}")
+        return problems
+    rows = table.to_pydict()
+    keys = rows["key"]
+    dup = [k for k, n in Counter(keys).items() if n > 1]
+    if dup:
+        problems.append(f"proposals.parquet: duplicate keys {dup[:5]}")
+    row_of = {k: i for i, k in enumerate(keys)}
+    seen_rows: set[str] = set()
+
+    for shard in manifest["shards"]:
+        path = out / shard["name"]
+        if not path.exists():
+            problems.append(f"{shard['name']}: missing")
+            continue
+        if path.stat().st_size != shard["bytes"]:
+            problems.append(f"{shard['name']}: {path.stat().st_size} bytes, manifest says {shard['bytes']}")
+        digest = sha256_file(path)
+        if digest != shard["sha256"]:
+            problems.append(f"{shard['name']}: sha256 {digest[:12]}… differs from the manifest")
+        try:
+            samples, offsets, order = _read_tar_samples(path)
+        except (tarfile.TarError, OSError) as e:
+            problems.append(f"{shard['name']}: unreadable tar: {e}")
+            continue
+        if len(order) != shard["samples"]:
+            problems.append(f"{shard['name']}: {len(order)} samples, manifest says {shard['samples']}")
+        idx_path = index_path_for(path)
+        try:
+            index = read_index(idx_path)
+        except (OSError, ValueError) as e:
+            problems.append(f"{idx_path.name}: {e}")
+            index = None
+        if index is not None:
+            if [offsets[k] for k in order] != index:
+                problems.append(f"{idx_path.name}: offsets or sizes do not match {shard['name']}")
+        for key in order:
+            comps = samples[key]
+            where = f"{shard['name']}:{key}"
+            if key not in row_of:
+                problems.append(f"{where}: no row in proposals.parquet")
+                continue
+            seen_rows.add(key)
+            i = row_of[key]
+            if rows["shard"][i] != shard["name"]:
+                problems.append(f"{where}: proposals.parquet places it in {rows['shard'][i]}")
+            if "jpg" not in comps or "boxes" not in comps:
+                problems.append(f"{where}: missing component (has {sorted(comps)})")
+                continue
+            raw = comps["boxes"]
+            if len(raw) % 16:
+                problems.append(f"{where}: .boxes is {len(raw)} bytes, not a multiple of 16")
+                continue
+            boxes = np.frombuffer(raw, dtype="<i4").reshape(-1, 4)
+            expected = np.asarray(rows["boxes"][i], dtype=np.int32).reshape(-1, 4)
+            if not np.array_equal(boxes, expected):
+                problems.append(f"{where}: .boxes differ from proposals.parquet")
+            w, h = rows["width"][i], rows["height"][i]
+            if len(boxes) and (
+                (boxes[:, 0] < 0).any()
+                or (boxes[:, 1] < 0).any()
+                or (boxes[:, 2] > w).any()
+                or (boxes[:, 3] > h).any()
+                or (boxes[:, 2] <= boxes[:, 0]).any()
+                or (boxes[:, 3] <= boxes[:, 1]).any()
+            ):
+                problems.append(f"{where}: boxes outside the {w}x{h} image or empty")
+            label = rows["label"][i]
+            cls = comps.get("cls")
+            if (cls is None) != (label is None) or (cls is not None and int(cls) != label):
+                problems.append(f"{where}: .cls {cls!r} disagrees with label {label!r}")
+            if decode:
+                from PIL import Image, ImageOps
+
+                try:
+                    img = ImageOps.exif_transpose(Image.open(io.BytesIO(comps["jpg"])))
+                    img.load()
+                    if img.size != (w, h):
+                        problems.append(f"{where}: decodes to {img.size[0]}x{img.size[1]}, recorded {w}x{h}")
+                except Exception as e:  # noqa: BLE001
+                    problems.append(f"{where}: image does not decode: {e}")
+    for key in keys:
+        if key not in seen_rows and key in row_of:
+            problems.append(f"proposals.parquet: row {key!r} has no sample in any shard")
+
+    counts = manifest["counts"]
+    if len(keys) != counts["samples"]:
+        problems.append(f"proposals.parquet: {len(keys)} rows, manifest says {counts['samples']} samples")
+    rejects_path = out / manifest["files"]["rejects"]
+    n_rejects = sum(1 for line in rejects_path.read_text().splitlines() if line.strip()) if rejects_path.exists() else None
+    if n_rejects is None:
+        problems.append(f"{rejects_path.name}: missing")
+    elif n_rejects != counts["rejects"]:
+        problems.append(f"{rejects_path.name}: {n_rejects} entries, manifest says {counts['rejects']}")
+    if counts["samples"] + counts["rejects"] != counts["inputs"]:
+        problems.append(
+            f"manifest: {counts['samples']} samples + {counts['rejects']} rejects != {counts['inputs']} inputs"
+        )
+    return problems
+
+
+def inspect_shards(out: str | Path, examples: int = 5) -> str:
+    """A human-readable summary: counts, shards, labels, boxes per image, a few samples."""
+    out = Path(out)
+    manifest = load_manifest(out)
+    table = pq.read_table(out / manifest["files"]["proposals"])
+    rows = table.to_pydict()
+    c = manifest["counts"]
+    n_boxes = np.array([len(b) for b in rows["boxes"]], dtype=np.int64)
+    lines = [
+        f"{out}",
+        f"  source      {manifest['build']['source']} (layout {manifest['build']['layout']})",
+        f"  inputs      {c['inputs']}: {c['samples']} samples, {c['rejects']} rejected, "
+        f"{c['transcoded']} re-encoded to JPEG",
+    ]
+    for reason, n in manifest["rejects_by_reason"].items():
+        lines.append(f"    rejected  {reason}: {n}")
+    total_bytes = sum(s["bytes"] for s in manifest["shards"])
+    lines.append(f"  shards      {len(manifest['shards'])} ({total_bytes / 2**20:.1f} MiB)")
+    if len(n_boxes):
+        q = np.percentile(n_boxes, [0, 10, 50, 90, 100])
+        lines.append(
+            f"  boxes/image mean {n_boxes.mean():.1f}, min {q[0]:.0f}, p10 {q[1]:.0f}, median {q[2]:.0f}, "
+            f"p90 {q[3]:.0f}, max {q[4]:.0f}; {int((n_boxes == 0).sum())} images with no box"
+        )
+        w = np.array(rows["width"])
+        h = np.array(rows["height"])
+        lines.append(f"  image size  median {int(np.median(w))}x{int(np.median(h))}, "
+                     f"min side {int(np.minimum(w, h).min())}, max side {int(np.maximum(w, h).max())}")
+    labels = [x for x in rows["label"] if x is not None]
+    if labels:
+        counts = Counter(labels)
+        classes = manifest.get("classes")
+        lines.append(f"  labels      {len(counts)} classes, {len(labels)} labelled samples")
+        for lab, n in counts.most_common(5):
+            name = f" ({classes[lab]})" if classes and lab < len(classes) else ""
+            lines.append(f"    {lab}{name}: {n}")
+    else:
+        lines.append("  labels      none")
+    p = manifest["build"]["parameters"]
+    lines.append(
+        f"  search      mode {p['search']['mode']}, max side {p['search']['max_side']}; filter min side "
+        f"{p['filter']['min_side']}, aspect [{p['filter']['min_aspect']:.3g}, {p['filter']['max_aspect']:.3g}], "
+        f"IoU <= {p['filter']['max_iou']}, top {p['filter']['top_n']}"
+    )
+    lines.append("  samples")
+    for i in range(min(examples, len(rows["key"]))):
+        b = rows["boxes"][i]
+        first = ", ".join(str(list(x)) for x in b[:2])
+        lines.append(
+            f"    {rows['key'][i]:<28} {rows['shard'][i]} {rows['width'][i]}x{rows['height'][i]} "
+            f"label={rows['label'][i]} boxes={len(b)} (raw {rows['num_raw_boxes'][i]}) {first}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,137 @@
+"""Atomic, reproducible WebDataset tar shards with their DALI index file.
+
+A shard is written to a temporary name and renamed into place only when complete, index first,
+so a reader (or a resumed build) never sees a partial shard. Tar headers carry no time, owner or
+mode that depends on the machine: the same samples give byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+from pathlib import Path
+
+DALI_INDEX_VERSION = "v1.2"
+
+
+def index_path_for(tar_path: str | os.PathLike) -> Path:
+    """``shard-000000.tar`` -> ``shard-000000.idx`` (DALI's ``wds2idx`` naming)."""
+    p = Path(tar_path)
+    return p.with_suffix(".idx")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file, fsync and rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ShardWriter:
+    """Write one shard: ``with ShardWriter(path) as w: w.write({"__key__": k, "jpg": b, ...})``.
+
+    Components are written in the order of the dict (after ``__key__``). On a clean exit the tar
+    and its ``.idx`` appear atomically; on an exception neither does.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.index_path = index_path_for(self.path)
+        self._tmp = self.path.with_name(self.path.name + ".tmp")
+        self._tar: tarfile.TarFile | None = None
+        self._index_lines: list[str] = []
+        self.count = 0
+        self.sha256: str | None = None
+        self.nbytes = 0
+        self._discard = False
+
+    def __enter__(self) -> ShardWriter:
+        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+        return self
+
+    def write(self, sample: dict[str, bytes | str]) -> None:
+        key = sample["__key__"]
+        if not isinstance(key, str) or not key or "." in key or "/" in key:
+            raise ValueError(f"invalid sample key {key!r}: must be non-empty, without '.' or '/'")
+        parts = []
+        for ext, payload in sample.items():
+            if ext == "__key__":
+                continue
+            if isinstance(payload, str):
+                payload = payload.encode("utf-8")
+            name = f"{key}.{ext}"
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            info.mtime = 0
+            info.mode = 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar = self._tar
+            header = len(info.tobuf(tar.format, tar.encoding, tar.errors))
+            data_offset = tar.offset + header  # where the member's bytes start: what DALI indexes
+            tar.addfile(info, io.BytesIO(payload))
+            parts.append(f"{ext} {data_offset} {info.size} {name}")
+        self._index_lines.append(" ".join(parts))
+        self.count += 1
+
+    def discard(self) -> None:
+        """Leave no shard behind when the context exits (e.g. nothing was written)."""
+        self._discard = True
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        tar, self._tar = self._tar, None
+        if exc_type is not None or self._discard:
+            tar.close()
+            self._tmp.unlink(missing_ok=True)
+            return
+        tar.close()
+        with open(self._tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        index = f"{DALI_INDEX_VERSION} {self.count}\n" + "".join(l + "\n" for l in self._index_lines)
+        atomic_write_bytes(self.index_path, index.encode("ascii"))
+        self.sha256 = sha256_file(self._tmp)
+        self.nbytes = self._tmp.stat().st_size
+        os.replace(self._tmp, self.path)
+        _fsync_dir(self.path.parent)
+
+
+def read_index(index_path: str | os.PathLike) -> list[dict[str, tuple[int, int]]]:
+    """Parse a DALI webdataset index -> per sample ``{ext: (offset, size)}``."""
+    lines = Path(index_path).read_text(encoding="ascii").splitlines()
+    if not lines or not lines[0].startswith(DALI_INDEX_VERSION + " "):
+        raise ValueError(f"{index_path}: not a DALI {DALI_INDEX_VERSION} webdataset index")
+    count = int(lines[0].split()[1])
+    samples = []
+    for line in lines[1:]:
+        fields = line.split()
+        if len(fields) % 4:
+            raise ValueError(f"{index_path}: malformed line {line!r}")
+        samples.append(
+            {fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)}
+        )
+    if len(samples) != count:
+        raise ValueError(f"{index_path}: header says {count} samples, found {len(samples)}")
+    return samples
