@@ -1,0 +1,309 @@
+"""Multiple Object Stitching (MOS), the batch tensor operation.
+
+Paper: Shen, Liu, Wang, "Multiple Object Stitching for Unsupervised Representation Learning"
+(``papers/mos-multiple-object-stitching.txt``), §3.1 and Appendix B.
+
+Notation (paper → code):
+
+- ``B``: batch size; sample ``x_i``, ``i = 0..B-1``.
+- ``r``: the coarse grid. Every sample is augmented into ``r*r`` small views of side ``H/r``
+  (eq. 1); one stitched image holds ``r*r`` objects (eq. 5).
+- ``s``: the extra scale factor of one view (eqs. 1-4): a view with scale ``s`` is itself
+  ``s*s`` crops of the *same* sample, each of side ``H/(r*s)``, tiled into one ``H/r`` view
+  (eq. 2). ``s = 1`` is a plain view (eq. 3).
+
+Stitching is cyclic (eq. 5, Appendix B): cell ``j`` (row-major) of stitched image ``i`` holds
+view ``j`` of sample ``(i + j) mod B``. In the flattened form used for the tensor
+implementation (eq. 6), view ``j`` of sample ``b`` has index ``t = b*N + j`` with ``N = r*r``,
+and the stitched sequence gathers index (eqs. 7, 15)::
+
+    pi(t) = (t + j*N) mod (B*N),    j = t mod N
+
+so every view of every sample is used exactly once per stitched batch, and with ``B >= N``
+the ``N`` objects of one stitched image come from ``N`` distinct samples.
+
+Nothing here draws random numbers or touches pixels' values: the crops come from the DALI
+pipeline, the randomness of ``r`` and ``s`` from :func:`sample_layout`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "MOS_GRID_CHOICES",
+    "MOS_SCALE_CHOICES",
+    "StitchLayout",
+    "sample_layout",
+    "stitch",
+    "stitch_indices",
+    "stitch_layout",
+    "stitch_multiscale",
+    "tile",
+]
+
+# Sampling sets for r and s. Appendix D: "for multiple object stitching, both r and s are
+# randomly sampled from" one set, whose symbols our copy of the paper lost (and the reference
+# repository visresearch/MultipleObjectStitching could not be read from here). {1, 2} is our
+# reading of Table 5 and §4.3.2 (r = s = 1 is the no-stitching baseline; sampling r, then also
+# s, from a small range helps; a larger range gives no further gain) and of Table 6 (the
+# stitched branch uses four 112-px views per 224-px image, i.e. r = 2). Callers pass their own
+# choices to sample_layout where the reference says otherwise.
+MOS_GRID_CHOICES: tuple[int, ...] = (1, 2)
+MOS_SCALE_CHOICES: tuple[int, ...] = (1, 2)
+
+
+def _check_positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _check_crops(crops: object, name: str = "crops") -> torch.Tensor:
+    if not isinstance(crops, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(crops).__name__}")
+    if crops.dim() != 5:
+        raise ValueError(
+            f"{name} must have shape [B, N, C, h, w] (5 dims), got {tuple(crops.shape)}"
+        )
+    if crops.shape[0] < 1:
+        raise ValueError(f"{name} has an empty batch: {tuple(crops.shape)}")
+    return crops
+
+
+def _grid_to_image(crops: torch.Tensor, grid: int) -> torch.Tensor:
+    """Place ``grid*grid`` crops row-major on a grid: ``[B, g*g, C, h, w] -> [B, C, g*h, g*w]``."""
+    b, _, c, h, w = crops.shape
+    # [B, gy, gx, C, h, w] -> [B, C, gy, h, gx, w]
+    x = crops.reshape(b, grid, grid, c, h, w).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, grid * h, grid * w)
+
+
+def stitch_indices(batch: int, grid: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Source indices of the cyclic stitching, eqs. 6-7.
+
+    Returns ``src [B, N]`` int64 (``N = grid*grid``): cell ``j`` of stitched image ``i`` takes
+    flat view ``src[i, j] = ((i + j) mod B) * N + j`` of the ``[B*N]`` flattened views, i.e.
+    ``pi(t) = (t + j*N) mod (B*N)``. ``src // N`` are the members, ``src % N == j``.
+    """
+    batch = _check_positive_int(batch, "batch")
+    grid = _check_positive_int(grid, "grid")
+    n = grid * grid
+    t = torch.arange(batch * n, device=device, dtype=torch.int64).reshape(batch, n)  # eq. 6
+    j = torch.arange(n, device=device, dtype=torch.int64)
+    return (t + j * n) % (batch * n)  # eq. 7
+
+
+def stitch(crops: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stitch the small views of a batch into multi-object images (eqs. 5-7, Appendix B).
+
+    Args:
+        crops: ``[B, N, C, h, w]``, ``N = grid*grid`` views of each sample (view ``j`` of
+            sample ``b`` is ``crops[b, j]``), any device and dtype.
+        grid: ``r``, the side of the stitching grid.
+
+    Returns:
+        ``images [B, C, grid*h, grid*w]``: cell ``j`` (row-major; row ``j // grid``, column
+        ``j % grid``) of image ``i`` is ``crops[(i + j) % B, j]``.
+        ``members [B, grid*grid]`` int64: ``members[i, j] = (i + j) % B``, the batch index of
+        the sample whose view fills cell ``j`` of image ``i``.
+
+    Every view is used exactly once, so every sample appears in ``N`` stitched images (once
+    each). With ``B >= N`` the members of one image are distinct samples. With ``B < N`` the
+    cyclic indexing wraps around within one image: sample ``b`` then fills several cells of
+    the same image (with different views), i.e. ``members`` has repeats in a row; this is
+    allowed (tiny debug batches) and losses that count shared objects must count multiplicity.
+
+    A gather plus reshape/permute: no loop over the batch, autograd flows to ``crops``.
+    """
+    crops = _check_crops(crops)
+    grid = _check_positive_int(grid, "grid")
+    b, n, c, h, w = crops.shape
+    if n != grid * grid:
+        raise ValueError(
+            f"crops has N={n} views per sample but grid={grid} needs grid*grid={grid * grid}"
+        )
+    src = stitch_indices(b, grid, device=crops.device)  # [B, N]
+    flat = crops.reshape(b * n, c, h, w)  # eq. 6
+    gathered = flat.index_select(0, src.reshape(-1)).reshape(b, n, c, h, w)  # eq. 7
+    return _grid_to_image(gathered, grid), src // n
+
+
+def tile(crops: torch.Tensor, scale: int) -> torch.Tensor:
+    """Tile ``s*s`` crops of the *same* sample into one view (eq. 2), no mixing across samples.
+
+    ``crops [B, s*s, C, h, w] -> view [B, C, s*h, s*w]``, crop ``k`` at row ``k // s``,
+    column ``k % s``.
+    """
+    crops = _check_crops(crops)
+    scale = _check_positive_int(scale, "scale")
+    if crops.shape[1] != scale * scale:
+        raise ValueError(
+            f"crops has {crops.shape[1]} crops per sample but scale={scale} needs {scale * scale}"
+        )
+    return _grid_to_image(crops, scale)
+
+
+def stitch_multiscale(
+    cells: Sequence[torch.Tensor], grid: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-scale stitching: a coarse ``grid x grid`` mosaic whose cells may be subdivided.
+
+    Eqs. 1-4 then 5-7: coarse cell ``j`` holds ``s_j*s_j`` crops of one sample tiled into a
+    view (:func:`tile`), and the views are stitched cyclically (:func:`stitch`).
+
+    Args:
+        cells: ``grid*grid`` tensors, row-major; ``cells[j]`` is ``[B, s_j*s_j, C, h_j, w_j]``
+            with ``s_j*h_j`` and ``s_j*w_j`` the same for every ``j`` (the coarse cell side).
+            ``s_j`` is read from the shape. :func:`stitch_layout` gives ``s_j`` and ``h_j``.
+        grid: ``r``.
+
+    Returns:
+        ``images [B, C, grid*s_j*h_j, grid*s_j*w_j]`` and ``members [B, M]`` int64 with
+        ``M = sum_j s_j*s_j``, one entry per object crop, ordered by coarse cell (row-major)
+        and, inside a subdivided cell, by sub-cell (row-major), the same order as
+        :attr:`StitchLayout.crop_boxes`. All crops of coarse cell ``j`` of image ``i`` come
+        from sample ``(i + j) % B``, so ``members[:, layout.first_crop_of_cell]`` is the
+        ``[B, grid*grid]`` per-object membership that :func:`stitch` returns.
+    """
+    grid = _check_positive_int(grid, "grid")
+    cells = list(cells)
+    if len(cells) != grid * grid:
+        raise ValueError(f"grid={grid} needs {grid * grid} cells, got {len(cells)}")
+    views, counts = [], []
+    for j, cell in enumerate(cells):
+        cell = _check_crops(cell, f"cells[{j}]")
+        s = math.isqrt(cell.shape[1])
+        if s * s != cell.shape[1]:
+            raise ValueError(
+                f"cells[{j}] has {cell.shape[1]} crops per sample, not a square number s*s"
+            )
+        views.append(tile(cell, s))
+        counts.append(s * s)
+    first = views[0]
+    for j, v in enumerate(views):
+        if v.shape != first.shape:
+            raise ValueError(
+                f"cells[{j}] tiles to {tuple(v.shape)} but cells[0] tiles to "
+                f"{tuple(first.shape)}: every coarse cell needs the same batch, channels and "
+                "side s_j*h_j"
+            )
+        if v.dtype != first.dtype or v.device != first.device:
+            raise ValueError(f"cells[{j}] dtype/device differ from cells[0]")
+    images, cell_members = stitch(torch.stack(views, dim=1), grid)  # [B, N, C, H/r, W/r]
+    repeats = torch.tensor(counts, device=cell_members.device)
+    return images, cell_members.repeat_interleave(repeats, dim=1)
+
+
+@dataclass(frozen=True)
+class StitchLayout:
+    """Geometry of one multi-scale stitched image of side ``size``.
+
+    ``scales[j]`` is ``s_j`` of coarse cell ``j`` (row-major). Crops are numbered in the order
+    of :func:`stitch_multiscale`'s ``members``: coarse cell, then sub-cell, both row-major.
+    """
+
+    size: int
+    grid: int
+    scales: tuple[int, ...]
+
+    @property
+    def cell_size(self) -> int:
+        """Side of a coarse cell, ``size / r``."""
+        return self.size // self.grid
+
+    @property
+    def crop_sizes(self) -> tuple[int, ...]:
+        """Side of the crops of each coarse cell, ``size / (r * s_j)``."""
+        return tuple(self.cell_size // s for s in self.scales)
+
+    @property
+    def crops_per_cell(self) -> tuple[int, ...]:
+        """``s_j * s_j``: how many crops (of one sample) coarse cell ``j`` needs."""
+        return tuple(s * s for s in self.scales)
+
+    @property
+    def num_crops(self) -> int:
+        """``M``, the number of object crops in one stitched image."""
+        return sum(self.crops_per_cell)
+
+    @property
+    def first_crop_of_cell(self) -> tuple[int, ...]:
+        """Index of the first crop of every coarse cell in the crop order."""
+        starts, acc = [], 0
+        for n in self.crops_per_cell:
+            starts.append(acc)
+            acc += n
+        return tuple(starts)
+
+    @property
+    def cell_of_crop(self) -> tuple[int, ...]:
+        """Coarse cell of every crop, length ``M``."""
+        return tuple(j for j, n in enumerate(self.crops_per_cell) for _ in range(n))
+
+    @property
+    def crop_boxes(self) -> tuple[tuple[int, int, int, int], ...]:
+        """``(x0, y0, x1, y1)`` pixels of every crop inside the stitched image, length ``M``."""
+        boxes = []
+        for j, s in enumerate(self.scales):
+            cy, cx = divmod(j, self.grid)
+            side = self.cell_size // s
+            for k in range(s * s):
+                sy, sx = divmod(k, s)
+                x0 = cx * self.cell_size + sx * side
+                y0 = cy * self.cell_size + sy * side
+                boxes.append((x0, y0, x0 + side, y0 + side))
+        return tuple(boxes)
+
+
+def stitch_layout(size: int, grid: int, scales: int | Sequence[int] = 1) -> StitchLayout:
+    """Layout of a stitched image: which crops, of what side, go where.
+
+    Args:
+        size: side ``H = W`` of the stitched image (e.g. 224).
+        grid: ``r``; coarse cells have side ``size / r``.
+        scales: ``s`` for every coarse cell (an int) or one ``s_j`` per cell (row-major,
+            length ``r*r``); cell ``j`` then holds ``s_j*s_j`` crops of side ``size/(r*s_j)``.
+
+    ``size`` must be divisible by ``r * s_j`` so that the crops tile the image exactly.
+    E.g. ``stitch_layout(224, 2, (1, 2, 1, 1))``: three 112-px crops and four 56-px crops,
+    ``num_crops == 7``.
+    """
+    size = _check_positive_int(size, "size")
+    grid = _check_positive_int(grid, "grid")
+    if isinstance(scales, int) and not isinstance(scales, bool):
+        scales = (scales,) * (grid * grid)
+    scales = tuple(scales)
+    if len(scales) != grid * grid:
+        raise ValueError(f"grid={grid} needs {grid * grid} scales, got {len(scales)}")
+    for s in scales:
+        _check_positive_int(s, "scale")
+        if size % (grid * s):
+            raise ValueError(
+                f"size={size} is not divisible by r*s={grid}*{s}: crops would not tile the image"
+            )
+    return StitchLayout(size=size, grid=grid, scales=scales)
+
+
+def sample_layout(
+    size: int,
+    grid_choices: Sequence[int] = MOS_GRID_CHOICES,
+    scale_choices: Sequence[int] = MOS_SCALE_CHOICES,
+    rng: random.Random | None = None,
+) -> StitchLayout:
+    """Draw ``r`` (once per stitched batch) and ``s_j`` (per coarse cell) uniformly, eq. 4.
+
+    ``s_j`` is shared by the whole batch so that every cell has one crop size and the batch
+    stays one tensor per cell. Defaults: ``r, s`` from ``{1, 2}`` (Appendix D, Table 5).
+    """
+    rng = rng if rng is not None else random.Random()
+    if not grid_choices or not scale_choices:
+        raise ValueError("grid_choices and scale_choices must not be empty")
+    grid = rng.choice(list(grid_choices))
+    scales = tuple(rng.choice(list(scale_choices)) for _ in range(grid * grid))
+    return stitch_layout(size, grid, scales)

@@ -1,0 +1,34 @@
+"""MoCo v3 loss (Chen, Xie, He, ICCV 2021, "An Empirical Study of Training Self-Supervised Vision
+Transformers"), as MOS's single-to-single term alone.
+
+``ctr(q, k) = 2 * tau * CE(q . k_all / tau, labels)`` with the keys gathered from every rank
+(no gradient) and the positive of query ``i`` at column ``rank * B + i``; the total is
+``ctr(q1, k2) + ctr(q2, k1)``. This is :func:`train.losses.mos.soft_contrastive` with identity
+targets, i.e. MOS's eq. 13 without the stitched terms.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from train.losses.mos import DEFAULT_TEMPERATURE, soft_contrastive
+
+
+def infonce(q: Tensor, k: Tensor, temperature: float = DEFAULT_TEMPERATURE) -> Tensor:
+    """One direction: ``2 * tau * CE``, ``q`` ``[B, D]`` against this rank's keys ``k`` ``[B, D]``
+    and, under ``torch.distributed``, every other rank's keys as negatives."""
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"q and k must pair row by row, got {tuple(q.shape)} and {tuple(k.shape)}")
+    # targets against this rank's keys; soft_contrastive places them at this rank's columns
+    identity = torch.eye(q.shape[0], device=q.device)
+    return 2.0 * temperature * soft_contrastive(q, k, identity, temperature)
+
+
+def mocov3_loss(
+    q1: Tensor, q2: Tensor, k1: Tensor, k2: Tensor, temperature: float = DEFAULT_TEMPERATURE
+) -> Tensor:
+    """Symmetric MoCo v3 loss: ``q1, q2`` ``[B, D]`` predictions of the base encoder for views 1
+    and 2, ``k1, k2`` ``[B, D]`` momentum projections (stop-gradient). Default ``tau = 0.2``
+    (MoCo v3's ViT setting, also MOS's)."""
+    return infonce(q1, k2, temperature) + infonce(q2, k1, temperature)
