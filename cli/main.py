@@ -42,7 +42,12 @@ def shards() -> None:
     help="How SRC is organised. auto: .tar archives -> wds, a train2017/ folder -> coco, "
     "otherwise a folder of images. imagenet (class folders -> labels) must be asked for.",
 )
-@click.option("--mode", type=click.Choice(SEARCH_MODES), default=DEFAULT_SEARCH.mode, help="Selective search strategy.")
+@click.option(
+    "--mode",
+    type=click.Choice(SEARCH_MODES),
+    default=DEFAULT_SEARCH.mode,
+    help="Selective search strategy.",
+)
 @click.option(
     "--max-side",
     type=click.IntRange(min=0),
@@ -50,19 +55,94 @@ def shards() -> None:
     help="Run the search on a copy whose longer side is at most this (0: full resolution). "
     "Boxes are mapped back to the pixels of the decoded image.",
 )
-@click.option("--min-side", type=click.IntRange(min=1), default=DEFAULT_FILTER.min_side, help="Minimum box side in pixels (also the minimum image side).")
-@click.option("--min-aspect", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_FILTER.min_aspect, help="Minimum box width/height.")
-@click.option("--max-aspect", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_FILTER.max_aspect, help="Maximum box width/height.")
-@click.option("--max-iou", type=click.FloatRange(0, 1), default=DEFAULT_FILTER.max_iou, help="Greedy filter: max IoU with an already kept box.")
-@click.option("--top-n", type=click.IntRange(min=0), default=DEFAULT_FILTER.top_n, help="Keep at most this many boxes per image, in rank order.")
-@click.option("--shard-size", type=click.IntRange(min=1), default=1000, help="Input images per shard.")
-@click.option("--jpeg-quality", type=click.IntRange(1, 100), default=ImageParams().transcode_quality, help="Quality when a non-JPEG input is re-encoded.")
-@click.option("--workers", type=click.IntRange(min=1), default=None, help="Worker processes [default: all cores].")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", help="local process pool, or Ray tasks.")
-@click.option("--ray-address", default=None, help="Ray cluster address (with --engine ray); default: a local Ray instance.")
+@click.option(
+    "--base-k",
+    type=click.IntRange(min=1),
+    default=DEFAULT_SEARCH.base_k,
+    help="Graph-segmentation k of the search (OpenCV base_k = inc_k).",
+)
+@click.option(
+    "--scale-k/--no-scale-k",
+    default=DEFAULT_SEARCH.scale_k,
+    help="Scale k with the downscale factor of --max-side.",
+)
+@click.option(
+    "--min-side",
+    type=click.IntRange(min=1),
+    default=DEFAULT_FILTER.min_side,
+    help="Minimum box side in pixels (also the minimum image side).",
+)
+@click.option(
+    "--min-aspect",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_FILTER.min_aspect,
+    help="Minimum box width/height.",
+)
+@click.option(
+    "--max-aspect",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_FILTER.max_aspect,
+    help="Maximum box width/height.",
+)
+@click.option(
+    "--max-iou",
+    type=click.FloatRange(0, 1),
+    default=DEFAULT_FILTER.max_iou,
+    help="Greedy filter: max IoU with an already kept box.",
+)
+@click.option(
+    "--top-n",
+    type=click.IntRange(min=0),
+    default=DEFAULT_FILTER.top_n,
+    help="Keep at most this many boxes per image, in rank order.",
+)
+@click.option(
+    "--shard-size", type=click.IntRange(min=1), default=1000, help="Input images per shard."
+)
+@click.option(
+    "--jpeg-quality",
+    type=click.IntRange(1, 100),
+    default=ImageParams().transcode_quality,
+    help="Quality when a non-JPEG input is re-encoded.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Worker processes [default: all cores].",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    help="local process pool, or Ray tasks.",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    help="Ray cluster address (with --engine ray); default: a local Ray instance.",
+)
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
-def shards_build(src, out, layout, mode, max_side, min_side, min_aspect, max_aspect, max_iou, top_n,
-                 shard_size, jpeg_quality, workers, engine, ray_address, progress) -> None:
+def shards_build(
+    src,
+    out,
+    layout,
+    mode,
+    max_side,
+    base_k,
+    scale_k,
+    min_side,
+    min_aspect,
+    max_aspect,
+    max_iou,
+    top_n,
+    shard_size,
+    jpeg_quality,
+    workers,
+    engine,
+    ray_address,
+    progress,
+) -> None:
     """Run selective search over SRC and write WebDataset shards + proposals.parquet into OUT.
 
     SRC is a folder of images (recursive), a COCO root or train2017/, an ImageNet train/ folder
@@ -74,21 +154,37 @@ def shards_build(src, out, layout, mode, max_side, min_side, min_aspect, max_asp
 
     try:
         params = BuildParams(
-            search=SearchParams(mode=mode, max_side=max_side),
-            filter=FilterParams(min_side=min_side, min_aspect=min_aspect, max_aspect=max_aspect,
-                                max_iou=max_iou, top_n=top_n),
+            search=SearchParams(mode=mode, max_side=max_side, base_k=base_k, scale_k=scale_k),
+            filter=FilterParams(
+                min_side=min_side,
+                min_aspect=min_aspect,
+                max_aspect=max_aspect,
+                max_iou=max_iou,
+                top_n=top_n,
+            ),
             image=ImageParams(min_side=min_side, transcode_quality=jpeg_quality),
             shard_size=shard_size,
         )
-        build_shards(src, out, params, layout=layout, workers=workers, engine=engine,
-                     ray_address=ray_address, progress=progress, log=click.echo)
+        build_shards(
+            src,
+            out,
+            params,
+            layout=layout,
+            workers=workers,
+            engine=engine,
+            ray_address=ray_address,
+            progress=progress,
+            log=click.echo,
+        )
     except (ValueError, RuntimeError, OSError) as e:
         raise _fail(e) from None
 
 
 @shards.command("verify")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--decode/--no-decode", default=False, help="Also decode every image and check its size.")
+@click.option(
+    "--decode/--no-decode", default=False, help="Also decode every image and check its size."
+)
 def shards_verify(out, decode) -> None:
     """Recompute checksums and counts; check that tar samples and Parquet rows match one to one."""
     from shards.verify import verify_shards
@@ -127,17 +223,41 @@ def bench() -> None:
 
 @bench.command("shards")
 @click.argument("src", default="@sample")
-@click.option("--max-side", "max_sides", type=click.IntRange(min=0), multiple=True, help="Our setting(s) to compare [default: the build default].")
+@click.option(
+    "--max-side",
+    "max_sides",
+    type=click.IntRange(min=0),
+    multiple=True,
+    help="Our setting(s) to compare [default: the build default].",
+)
 @click.option("--mode", type=click.Choice(SEARCH_MODES), default=DEFAULT_SEARCH.mode)
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use at most this many images.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON.")
-def bench_shards(src, max_sides, mode, limit, json_out) -> None:
+@click.option(
+    "--scale-k/--no-scale-k",
+    default=DEFAULT_SEARCH.scale_k,
+    help="Scale k with the downscale factor.",
+)
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=None, help="Use at most this many images."
+)
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the report as JSON.",
+)
+def bench_shards(src, max_sides, mode, scale_k, limit, json_out) -> None:
     """Selective search: our configuration vs the ORL recipe (fast mode, full resolution)."""
     from shards.bench import bench_search
 
     sides = max_sides or (DEFAULT_SEARCH.max_side,)
     try:
-        report = bench_search(src, [SearchParams(mode=mode, max_side=s) for s in sides], limit=limit, log=click.echo)
+        report = bench_search(
+            src,
+            [SearchParams(mode=mode, max_side=s, scale_k=scale_k) for s in sides],
+            limit=limit,
+            log=click.echo,
+        )
     except (ValueError, RuntimeError, OSError) as e:
         raise _fail(e) from None
     click.echo(f"hardware: {report['hardware']}, OpenCV {report['opencv']}")
@@ -149,8 +269,15 @@ def bench_shards(src, max_sides, mode, limit, json_out) -> None:
 
 
 @main.command()
-@click.option("--out", type=click.Path(file_okay=False), default="runs/demo", help="Where the demo writes.")
-@click.option("--workers", type=click.IntRange(min=1), default=None, help="Worker processes [default: all cores].")
+@click.option(
+    "--out", type=click.Path(file_okay=False), default="runs/demo", help="Where the demo writes."
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Worker processes [default: all cores].",
+)
 def demo(out, workers) -> None:
     """The embedded default: build shards of the sample photographs and verify them."""
     from shards.build import BuildParams, build_shards
@@ -158,8 +285,14 @@ def demo(out, workers) -> None:
 
     shards_dir = Path(out) / "shards"
     try:
-        build_shards("@sample", shards_dir, BuildParams(shard_size=8), workers=workers, log=click.echo,
-                     progress=sys.stderr.isatty())
+        build_shards(
+            "@sample",
+            shards_dir,
+            BuildParams(shard_size=8),
+            workers=workers,
+            log=click.echo,
+            progress=sys.stderr.isatty(),
+        )
         problems = verify_shards(shards_dir, decode=True)
     except (ValueError, RuntimeError, OSError) as e:
         raise _fail(e) from None

@@ -207,7 +207,9 @@ def _finalize(out: Path, parts: Path, state: dict, source: Source, n_chunks: int
     tables = [pq.read_table(parts / f"{shard_name(c)}.parquet") for c in range(n_chunks)]
     proposals = pa.concat_tables(tables).cast(PROPOSALS_SCHEMA)
     write_parquet_atomic(proposals, out / "proposals.parquet")
-    rejects = b"".join((parts / f"{shard_name(c)}.rejects.jsonl").read_bytes() for c in range(n_chunks))
+    rejects = b"".join(
+        (parts / f"{shard_name(c)}.rejects.jsonl").read_bytes() for c in range(n_chunks)
+    )
     atomic_write_bytes(out / "rejects.jsonl", rejects)
     if source.classes is not None:
         atomic_write_bytes(out / "classes.json", json.dumps(source.classes, indent=1).encode())

@@ -6,7 +6,10 @@ that were in flight are retried one at a time in a fresh process and the one tha
 becomes a ``worker_crashed`` reject.
 
 ``ray``: the same function as Ray tasks, on a local instance or a cluster (``address``); every
-node needs ssl-cli installed in the same environment.
+node needs ssl-cli installed in the same environment. A Ray worker process runs background
+threads that call the C library's ``rand()``, which OpenCV's selective search also draws its rank
+order from; so each Ray worker hands the image to one clean child process of its own (started
+once, reused), which keeps the output byte-identical to the local engine and isolates crashes.
 """
 
 from __future__ import annotations
@@ -92,6 +95,23 @@ class LocalEngine:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
+_ray_child: ProcessPoolExecutor | None = None
+
+
+def _in_clean_child(fn: ItemFn, item: SourceItem, params: Any) -> Any:
+    """Run ``fn`` in this process's single spawned child (no foreign threads there)."""
+    global _ray_child
+    if _ray_child is None:
+        _ray_child = ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
+        )
+    try:
+        return _ray_child.submit(fn, item, params).result()
+    except BrokenProcessPool:
+        _ray_child = None
+        return _crash_reject(item, "the worker process died while processing this image")
+
+
 class RayEngine:
     def __init__(self, address: str | None = None, window: int | None = None):
         try:
@@ -111,7 +131,7 @@ class RayEngine:
             ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
         try:
             window = self.window or 4 * max(1, int(ray.cluster_resources().get("CPU", 1)))
-            task = ray.remote(num_cpus=1, max_retries=1)(fn)
+            task = ray.remote(num_cpus=1, max_retries=1)(_in_clean_child)
             params_ref = ray.put(params)
             pending: deque[tuple[SourceItem, Any]] = deque()
             it = iter(items)
@@ -120,7 +140,7 @@ class RayEngine:
                     item = next(it, None)
                     if item is None:
                         break
-                    pending.append((item, task.remote(item, params_ref)))
+                    pending.append((item, task.remote(fn, item, params_ref)))
                 if not pending:
                     return
                 item, ref = pending.popleft()

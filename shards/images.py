@@ -82,7 +82,9 @@ def decode_image(data: bytes, params: ImageParams = ImageParams()) -> DecodedIma
     except Exception as e:  # noqa: BLE001 - any parser failure is a corrupt header
         raise RejectedImage("corrupt", f"cannot read image header: {e}") from None
     if img.format not in _FORMATS:
-        raise RejectedImage("unsupported_format", f"format {img.format} is not one of {sorted(_FORMATS)}")
+        raise RejectedImage(
+            "unsupported_format", f"format {img.format} is not one of {sorted(_FORMATS)}"
+        )
     width, height = img.size
     if width * height > params.max_pixels:
         raise RejectedImage(

@@ -167,7 +167,9 @@ def _wds(paths: list[Path]) -> Source:
         try:
             tf = tarfile.open(tar_path, "r:")
         except (tarfile.TarError, OSError) as e:
-            raise SourceError(f"{tar_path}: not a readable (uncompressed) tar archive: {e}") from None
+            raise SourceError(
+                f"{tar_path}: not a readable (uncompressed) tar archive: {e}"
+            ) from None
         with tf:
             groups: dict[str, dict[str, tarfile.TarInfo]] = {}
             order: list[str] = []
@@ -181,7 +183,9 @@ def _wds(paths: list[Path]) -> Source:
                 groups[key][ext.lower()] = member
             for key in order:
                 comps = groups[key]
-                image = next((comps[e] for e in ("jpg", "jpeg", "png", "webp", "bmp") if e in comps), None)
+                image = next(
+                    (comps[e] for e in ("jpg", "jpeg", "png", "webp", "bmp") if e in comps), None
+                )
                 if image is None:
                     ignored += len(comps)
                     continue
@@ -262,5 +266,7 @@ def open_source(src: str, layout: str = "auto") -> Source:
     if layout in ("auto", "coco") and (root / "train2017").is_dir():
         return _folder(root / "train2017", layout="coco")
     if layout == "coco" and root.name != "train2017":
-        raise SourceError(f"{src}: COCO layout expects a train2017/ folder inside it (or given directly)")
+        raise SourceError(
+            f"{src}: COCO layout expects a train2017/ folder inside it (or given directly)"
+        )
     return _folder(root, layout="coco" if layout == "coco" else "folder")

@@ -22,15 +22,23 @@ class ShardsNotFound(FileNotFoundError):
 def load_manifest(out: str | Path) -> dict:
     path = Path(out) / "manifest.json"
     if not path.exists():
-        hint = " (an unfinished build: run the same build command again)" if (Path(out) / ".parts").exists() else ""
+        hint = (
+            " (an unfinished build: run the same build command again)"
+            if (Path(out) / ".parts").exists()
+            else ""
+        )
         raise ShardsNotFound(f"{path} not found: not a finished shard folder{hint}")
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: unsupported format {manifest.get('format')!r}, expected {FORMAT!r}")
+        raise ValueError(
+            f"{path}: unsupported format {manifest.get('format')!r}, expected {FORMAT!r}"
+        )
     return manifest
 
 
-def _read_tar_samples(path: Path) -> tuple[dict[str, dict[str, bytes]], dict[str, dict[str, tuple[int, int]]], list[str]]:
+def _read_tar_samples(
+    path: Path,
+) -> tuple[dict[str, dict[str, bytes]], dict[str, dict[str, tuple[int, int]]], list[str]]:
     """key -> {ext: bytes}, key -> {ext: (offset, size)}, keys in order."""
     samples: dict[str, dict[str, bytes]] = {}
     offsets: dict[str, dict[str, tuple[int, int]]] = {}
@@ -87,7 +95,9 @@ def verify_shards(out: str | Path, decode: bool = False) -> list[str]:
             problems.append(f"{shard['name']}: missing")
             continue
         if path.stat().st_size != shard["bytes"]:
-            problems.append(f"{shard['name']}: {path.stat().st_size} bytes, manifest says {shard['bytes']}")
+            problems.append(
+                f"{shard['name']}: {path.stat().st_size} bytes, manifest says {shard['bytes']}"
+            )
         digest = sha256_file(path)
         if digest != shard["sha256"]:
             problems.append(f"{shard['name']}: sha256 {digest[:12]}… differs from the manifest")
@@ -97,7 +107,9 @@ def verify_shards(out: str | Path, decode: bool = False) -> list[str]:
             problems.append(f"{shard['name']}: unreadable tar: {e}")
             continue
         if len(order) != shard["samples"]:
-            problems.append(f"{shard['name']}: {len(order)} samples, manifest says {shard['samples']}")
+            problems.append(
+                f"{shard['name']}: {len(order)} samples, manifest says {shard['samples']}"
+            )
         idx_path = index_path_for(path)
         try:
             index = read_index(idx_path)
@@ -149,7 +161,9 @@ def verify_shards(out: str | Path, decode: bool = False) -> list[str]:
                     img = ImageOps.exif_transpose(Image.open(io.BytesIO(comps["jpg"])))
                     img.load()
                     if img.size != (w, h):
-                        problems.append(f"{where}: decodes to {img.size[0]}x{img.size[1]}, recorded {w}x{h}")
+                        problems.append(
+                            f"{where}: decodes to {img.size[0]}x{img.size[1]}, recorded {w}x{h}"
+                        )
                 except Exception as e:  # noqa: BLE001
                     problems.append(f"{where}: image does not decode: {e}")
     for key in keys:
@@ -158,13 +172,21 @@ def verify_shards(out: str | Path, decode: bool = False) -> list[str]:
 
     counts = manifest["counts"]
     if len(keys) != counts["samples"]:
-        problems.append(f"proposals.parquet: {len(keys)} rows, manifest says {counts['samples']} samples")
+        problems.append(
+            f"proposals.parquet: {len(keys)} rows, manifest says {counts['samples']} samples"
+        )
     rejects_path = out / manifest["files"]["rejects"]
-    n_rejects = sum(1 for line in rejects_path.read_text().splitlines() if line.strip()) if rejects_path.exists() else None
+    n_rejects = (
+        sum(1 for line in rejects_path.read_text().splitlines() if line.strip())
+        if rejects_path.exists()
+        else None
+    )
     if n_rejects is None:
         problems.append(f"{rejects_path.name}: missing")
     elif n_rejects != counts["rejects"]:
-        problems.append(f"{rejects_path.name}: {n_rejects} entries, manifest says {counts['rejects']}")
+        problems.append(
+            f"{rejects_path.name}: {n_rejects} entries, manifest says {counts['rejects']}"
+        )
     if counts["samples"] + counts["rejects"] != counts["inputs"]:
         problems.append(
             f"manifest: {counts['samples']} samples + {counts['rejects']} rejects != {counts['inputs']} inputs"
@@ -198,8 +220,10 @@ def inspect_shards(out: str | Path, examples: int = 5) -> str:
         )
         w = np.array(rows["width"])
         h = np.array(rows["height"])
-        lines.append(f"  image size  median {int(np.median(w))}x{int(np.median(h))}, "
-                     f"min side {int(np.minimum(w, h).min())}, max side {int(np.maximum(w, h).max())}")
+        lines.append(
+            f"  image size  median {int(np.median(w))}x{int(np.median(h))}, "
+            f"min side {int(np.minimum(w, h).min())}, max side {int(np.maximum(w, h).max())}"
+        )
     labels = [x for x in rows["label"] if x is not None]
     if labels:
         counts = Counter(labels)

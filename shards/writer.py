@@ -110,7 +110,9 @@ class ShardWriter:
         tar.close()
         with open(self._tmp, "rb+") as f:
             os.fsync(f.fileno())
-        index = f"{DALI_INDEX_VERSION} {self.count}\n" + "".join(l + "\n" for l in self._index_lines)
+        index = f"{DALI_INDEX_VERSION} {self.count}\n" + "".join(
+            line + "\n" for line in self._index_lines
+        )
         atomic_write_bytes(self.index_path, index.encode("ascii"))
         self.sha256 = sha256_file(self._tmp)
         self.nbytes = self._tmp.stat().st_size

@@ -52,6 +52,10 @@ def png16(arr_u16: np.ndarray) -> bytes:
 
 @pytest.fixture
 def mixed_folder(tmp_path):
+    return make_mixed_folder(tmp_path)
+
+
+def make_mixed_folder(tmp_path):
     """A folder with good photographs in many encodings and every kind of bad input.
 
     Returns (root, expected): expected maps relative path -> reject reason, or None if kept.

@@ -51,7 +51,9 @@ def test_filter_greedy_iou_in_rank_order():
     np.testing.assert_array_equal(kept, boxes[[0, 2, 4]])
     # a dropped box never suppresses a later one: [60..160] vs dropped [10..110] is irrelevant
     assert len(filter_boxes(boxes, FilterParams(max_iou=0.5, top_n=2))) == 2
-    np.testing.assert_array_equal(filter_boxes(boxes, FilterParams(max_iou=0.5, top_n=2)), boxes[[0, 2]])
+    np.testing.assert_array_equal(
+        filter_boxes(boxes, FilterParams(max_iou=0.5, top_n=2)), boxes[[0, 2]]
+    )
 
 
 def test_filter_empty_and_top_zero():
