@@ -93,3 +93,21 @@ def test_min_side_uses_oriented_size():
     # 300x70 stored, rotated by EXIF to 70x300: shorter side 70 >= 64, kept
     img = decode_image(exif_rotated_jpeg(photo(size=(300, 70))))
     assert img.rgb.shape == (300, 70, 3)
+
+
+@pytest.mark.parametrize("size", [(6000, 4000), (4000, 64), (64, 3000), (2000, 70)])
+def test_very_large_and_extreme_aspect_images_are_processed(tmp_path, size):
+    from shards.process import BuildParams, Sample, process_item
+    from shards.sources import SourceItem
+
+    w, h = size
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 255, (max(2, h // 32), max(2, w // 32), 3), dtype=np.uint8)
+    arr = np.asarray(Image.fromarray(small).resize((w, h), Image.NEAREST))
+    path = tmp_path / "big.jpg"
+    path.write_bytes(encode(arr))
+    result = process_item(SourceItem(key="big", source=str(path), path=str(path)), BuildParams())
+    assert isinstance(result, Sample)
+    assert (result.width, result.height) == (w, h)
+    b = result.boxes
+    assert b.shape[1] == 4 and (b[:, 2] <= w).all() and (b[:, 3] <= h).all()
