@@ -37,10 +37,17 @@ def shards() -> None:
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option(
     "--layout",
-    type=click.Choice(["auto", "folder", "coco", "imagenet", "wds"]),
+    type=click.Choice(["auto", "folder", "coco", "imagenet", "wds", "cifar"]),
     default="auto",
-    help="How SRC is organised. auto: .tar archives -> wds, a train2017/ folder -> coco, "
-    "otherwise a folder of images. imagenet (class folders -> labels) must be asked for.",
+    help="How SRC is organised. auto: .tar archives -> wds, CIFAR python batches -> cifar, "
+    "a train2017/ folder -> coco, otherwise a folder of images. imagenet (class folders -> "
+    "labels) must be asked for.",
+)
+@click.option(
+    "--split",
+    type=click.Choice(["train", "test"]),
+    default="train",
+    help="CIFAR: which batches to read.",
 )
 @click.option(
     "--mode",
@@ -127,6 +134,7 @@ def shards_build(
     src,
     out,
     layout,
+    split,
     mode,
     max_side,
     base_k,
@@ -146,7 +154,8 @@ def shards_build(
     """Run selective search over SRC and write WebDataset shards + proposals.parquet into OUT.
 
     SRC is a folder of images (recursive), a COCO root or train2017/, an ImageNet train/ folder
-    (--layout imagenet), WebDataset .tar archives, or @sample (photographs shipped with
+    (--layout imagenet), WebDataset .tar archives, CIFAR-10/100 python batches (--split
+    train|test: build each split into its own OUT), or @sample (photographs shipped with
     scikit-image and scikit-learn). Re-running the same command resumes an interrupted build
     and does nothing on a finished one.
     """
@@ -170,6 +179,7 @@ def shards_build(
             out,
             params,
             layout=layout,
+            split=split,
             workers=workers,
             engine=engine,
             ray_address=ray_address,

@@ -15,7 +15,7 @@ import platform
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -122,11 +122,12 @@ class BuildResult:
     up_to_date: bool
 
 
-def _build_state(source: Source, params: BuildParams, src: str) -> dict:
+def _build_state(source: Source, params: BuildParams, src: str, split: str) -> dict:
     return {
         "format": FORMAT,
         "source": src,
         "layout": source.layout,
+        "split": split if source.layout == "cifar" else None,
         "inputs": len(source.items),
         "fingerprint": source.fingerprint(),
         "parameters": params.to_dict(),
@@ -257,6 +258,7 @@ def build_shards(
     out: str | Path,
     params: BuildParams = BuildParams(),
     layout: str = "auto",
+    split: str = "train",
     workers: int | None = None,
     engine: str = "local",
     ray_address: str | None = None,
@@ -265,12 +267,15 @@ def build_shards(
 ) -> BuildResult:
     """Build (or resume, or confirm) the shards of ``src`` in ``out``."""
     load_cv2()  # fail before any work when the contrib module is missing
-    source = open_source(src, layout)
+    source = open_source(src, layout, split=split, jpeg_quality=params.image.transcode_quality)
+    if source.layout == "cifar":
+        # 32x32 images: accept them (MOS uses no boxes; with the default filter none survive)
+        params = replace(params, image=replace(params.image, min_side=1))
     if not source.items:
         raise SourceError(f"{src}: no images found (extensions: .jpg .jpeg .png .webp .bmp)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    state = _build_state(source, params, src)
+    state = _build_state(source, params, src, split)
 
     manifest_path = out / "manifest.json"
     if manifest_path.exists():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import re
 import tarfile
 import zlib
@@ -17,7 +18,8 @@ from pathlib import Path
 
 from .images import IMAGE_EXTENSIONS
 
-LAYOUTS = ("auto", "folder", "coco", "imagenet", "wds")
+LAYOUTS = ("auto", "folder", "coco", "imagenet", "wds", "cifar")
+SPLITS = ("train", "test")
 SAMPLE_SOURCE = "@sample"
 MAX_KEY_LENGTH = 80
 
@@ -58,8 +60,11 @@ class SourceItem:
     offset: int = 0  # byte range inside ``path`` (tar members); size -1 = whole file
     size: int = -1
     label: int | None = None
+    data: bytes | None = None  # the encoded image itself, for sources held in memory (CIFAR)
 
     def read(self) -> bytes:
+        if self.data is not None:
+            return self.data
         with open(self.path, "rb") as f:
             if self.size < 0:
                 return f.read()
@@ -216,6 +221,87 @@ def _wds(paths: list[Path]) -> Source:
     return Source(layout="wds", items=items, ignored=ignored)
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """CIFAR batches are pickles; allow only what they contain (numpy arrays, builtins)."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"unexpected object {module}.{name} in a CIFAR batch")
+
+
+def _load_cifar_pickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            obj = _CifarUnpickler(f, encoding="bytes").load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise SourceError(f"{path}: not a readable CIFAR python batch: {e}") from None
+    if not isinstance(obj, dict):
+        raise SourceError(f"{path}: not a CIFAR python batch (a {type(obj).__name__})")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _cifar(root: Path, split: str, jpeg_quality: int) -> Source:
+    """CIFAR-10 (``cifar-10-batches-py``) or CIFAR-100 (``cifar-100-python``) python batches.
+
+    Images become JPEG at ``jpeg_quality`` (32x32 RGB), labels the fine label for CIFAR-100.
+    """
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    if split not in SPLITS:
+        raise SourceError(f"unknown split {split!r}; choose one of {SPLITS}")
+    if (root / "batches.meta").exists():
+        name, label_key, names_key = "cifar10", "labels", "label_names"
+        meta = _load_cifar_pickle(root / "batches.meta")
+        files = sorted(root.glob("data_batch_*")) if split == "train" else [root / "test_batch"]
+    elif (root / "meta").exists():
+        name, label_key, names_key = "cifar100", "fine_labels", "fine_label_names"
+        meta = _load_cifar_pickle(root / "meta")
+        files = [root / split]
+    else:
+        raise SourceError(
+            f"{root}: not a CIFAR python folder (expected batches.meta for CIFAR-10 or meta for CIFAR-100)"
+        )
+    missing = [str(f) for f in files if not f.exists()]
+    if not files or missing:
+        raise SourceError(f"{root}: CIFAR {split} batches missing: {missing or 'data_batch_*'}")
+    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[names_key]]
+    items: list[SourceItem] = []
+    for f in files:
+        batch = _load_cifar_pickle(f)
+        data = np.asarray(batch["data"], dtype=np.uint8)
+        labels = list(batch[label_key])
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+            raise SourceError(
+                f"{f}: unexpected CIFAR batch shape {data.shape} / {len(labels)} labels"
+            )
+        images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # planes R, G, B -> HWC
+        for i, (img, label) in enumerate(zip(images, labels)):
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, "JPEG", quality=jpeg_quality)
+            index = len(items)
+            items.append(
+                SourceItem(
+                    key=f"{name}_{split}_{index:06d}",
+                    source=f"{f}[{i}]",
+                    path=str(f),
+                    label=int(label),
+                    data=buf.getvalue(),
+                )
+            )
+    return Source(layout="cifar", items=items, classes=classes)
+
+
 def sample_files() -> list[tuple[str, Path]]:
     """(key, path) of the photographs shipped with scikit-image / scikit-learn."""
     out = []
@@ -240,8 +326,11 @@ def sample_files() -> list[tuple[str, Path]]:
     return out
 
 
-def open_source(src: str, layout: str = "auto") -> Source:
-    """Enumerate ``src`` with ``layout`` (``auto`` detects tars and COCO; ImageNet is explicit)."""
+def open_source(
+    src: str, layout: str = "auto", split: str = "train", jpeg_quality: int = 95
+) -> Source:
+    """Enumerate ``src`` with ``layout`` (``auto`` detects tars, CIFAR and COCO; ImageNet is
+    explicit). ``split`` and ``jpeg_quality`` apply to CIFAR only."""
     if layout not in LAYOUTS:
         raise SourceError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     if src == SAMPLE_SOURCE:
@@ -263,6 +352,10 @@ def open_source(src: str, layout: str = "auto") -> Source:
             raise SourceError(f"{src}: no .tar archives found")
     if layout == "imagenet":
         return _imagenet(root)
+    if layout == "cifar" or (
+        layout == "auto" and ((root / "batches.meta").exists() or (root / "meta").exists())
+    ):
+        return _cifar(root, split, jpeg_quality)
     if layout in ("auto", "coco") and (root / "train2017").is_dir():
         return _folder(root / "train2017", layout="coco")
     if layout == "coco" and root.name != "train2017":

@@ -1,3 +1,4 @@
+import io
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from cli.main import main as cli
 from shards.build import PROPOSALS_SCHEMA, BuildError, BuildParams, build_shards
@@ -383,3 +385,72 @@ def test_cli_errors_are_clear(tmp_path):
     assert r.exit_code == 1 and "no images found" in r.output
     r = runner.invoke(cli, ["shards", "verify", str(tmp_path / "empty")])
     assert r.exit_code == 1 and "manifest.json not found" in r.output
+
+
+def _write_cifar10(root: Path, per_batch: int = 3) -> np.ndarray:
+    import pickle
+
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [
+        b"airplane",
+        b"automobile",
+        b"bird",
+        b"cat",
+        b"deer",
+        b"dog",
+        b"frog",
+        b"horse",
+        b"ship",
+        b"truck",
+    ]
+    with open(root / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": names, b"num_cases_per_batch": per_batch}, f)
+    photos = [np.asarray(photo(n, (32, 32))) for n in ("astronaut", "coffee", "chelsea")]
+    all_labels = []
+    for b, fname in enumerate(["data_batch_1", "data_batch_2", "test_batch"]):
+        imgs = np.stack([photos[(b + i) % 3] for i in range(per_batch)])
+        data = imgs.transpose(0, 3, 1, 2).reshape(per_batch, -1)  # R plane, G plane, B plane
+        labels = rng.integers(0, 10, per_batch).tolist()
+        all_labels.append(labels)
+        with open(root / fname, "wb") as f:
+            pickle.dump({b"data": data, b"labels": labels, b"filenames": [b"x.png"] * per_batch}, f)
+    return all_labels
+
+
+def test_cifar10_pickles_round_trip_with_labels(tmp_path):
+    root = tmp_path / "cifar-10-batches-py"
+    labels = _write_cifar10(root)
+    train = _build(root, tmp_path / "train")
+    test = _build(root, tmp_path / "test", split="test")
+    assert (
+        train.manifest["build"]["layout"] == "cifar" and train.manifest["build"]["split"] == "train"
+    )
+    assert test.manifest["build"]["split"] == "test" and test.manifest["counts"]["samples"] == 3
+    assert train.manifest["classes"][3] == "cat"
+    assert train.manifest["build"]["parameters"]["image"]["transcode_quality"] == 95
+    rows = pq.read_table(tmp_path / "train" / "proposals.parquet").to_pydict()
+    assert rows["label"] == labels[0] + labels[1]
+    assert set(zip(rows["width"], rows["height"])) == {(32, 32)}
+    test_rows = pq.read_table(tmp_path / "test" / "proposals.parquet").to_pydict()
+    assert test_rows["label"] == labels[2]
+    samples = _tar_samples(tmp_path / "train" / "shard-000000.tar")
+    first = np.asarray(Image.open(io.BytesIO(samples["cifar10_train_000000"]["jpg"])))
+    assert (
+        np.abs(first.astype(int) - np.asarray(photo("astronaut", (32, 32))).astype(int)).mean() < 8
+    )
+    assert samples["cifar10_train_000000"]["cls"] == str(labels[0][0]).encode()
+    assert verify_shards(tmp_path / "train") == [] and verify_shards(tmp_path / "test") == []
+
+
+def test_cifar_pickle_with_foreign_objects_is_refused(tmp_path):
+    import pickle
+
+    from shards.sources import SourceError
+
+    root = tmp_path / "cifar"
+    root.mkdir()
+    with open(root / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [b"a"], b"hook": shutil.rmtree}, f)
+    with pytest.raises(SourceError, match="unexpected object shutil.rmtree"):
+        open_source(str(root), "cifar")
