@@ -192,6 +192,7 @@ def _run_chunks(
                     raise BuildError(f"engine returned {result.key!r} for {item.key!r}")
                 if isinstance(result, Sample):
                     writer.write(result.components())
+                    result.jpeg = b""  # written; keep only what the Parquet rows need
                     samples.append(result)
                 else:
                     rejects.append(result)
