@@ -12,7 +12,13 @@ SRC ?=
 WORKERS ?=
 SHARDS_ARGS ?=
 
-.PHONY: setup test test-all lint demo shards pretrain bench clean
+METHOD ?= mos
+NPROC ?= 1
+CONFIG ?= $(firstword $(wildcard configs/$(METHOD)_*_$(DATASET).yaml))
+RUN ?= runs/$(METHOD)_$(DATASET)
+PRETRAIN_ARGS ?=
+
+.PHONY: setup test lint demo shards pretrain bench clean
 
 setup: $(STAMP)
 
@@ -42,6 +48,11 @@ shards: $(STAMP)
 	esac; \
 	$(BIN)/ssl-cli shards build $$src $(OUT) $(if $(WORKERS),--workers $(WORKERS)) $(SHARDS_ARGS); \
 	$(BIN)/ssl-cli shards verify $(OUT)
+
+pretrain: $(STAMP)
+	@test -n "$(CONFIG)" || { echo "error: no configs/$(METHOD)_*_$(DATASET).yaml (METHOD=mos|univip|byol|mocov3, DATASET=coco; or CONFIG=path)" >&2; exit 2; }
+	@test -f "$(OUT)/manifest.json" || { echo "error: no finished shards in '$(OUT)'; run: make shards DATASET=$(DATASET)" >&2; exit 2; }
+	$(if $(filter 1,$(NPROC)),$(BIN)/ssl-cli,$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) $(BIN)/ssl-cli) pretrain --config $(CONFIG) --data $(OUT) --out $(RUN) $(PRETRAIN_ARGS)
 
 clean:
 	rm -rf runs build *.egg-info

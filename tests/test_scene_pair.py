@@ -1,6 +1,5 @@
 """UniVIP scene-pair sampling, Algorithm 1 (pipeline/univip.py)."""
 
-
 import numpy as np
 import pytest
 

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def normalized_mse(p: Tensor, z: Tensor) -> Tensor:
@@ -24,3 +24,10 @@ def byol_loss(p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor) -> Tensor:
     projections of views 1 and 2 (detached here). Returns ``mean L(p1, z2) + mean L(p2, z1)``.
     """
     return normalized_mse(p1, z2).mean() + normalized_mse(p2, z1).mean()
+
+
+class BYOLLoss(nn.Module):
+    """:func:`byol_loss` as a module with the losses' common output: ``{"loss": total}``."""
+
+    def forward(self, p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor) -> dict[str, Tensor]:
+        return {"loss": byol_loss(p1, p2, z1, z2)}

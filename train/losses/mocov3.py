@@ -10,7 +10,7 @@ targets, i.e. MOS's eq. 13 without the stitched terms.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from train.losses.mos import DEFAULT_TEMPERATURE, soft_contrastive
 
@@ -32,3 +32,16 @@ def mocov3_loss(
     and 2, ``k1, k2`` ``[B, D]`` momentum projections (stop-gradient). Default ``tau = 0.2``
     (MoCo v3's ViT setting, also MOS's)."""
     return infonce(q1, k2, temperature) + infonce(q2, k1, temperature)
+
+
+class MoCoV3Loss(nn.Module):
+    """:func:`mocov3_loss` as a module with the losses' common output: ``{"loss": total}``."""
+
+    def __init__(self, temperature: float = DEFAULT_TEMPERATURE) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def forward(self, q1: Tensor, q2: Tensor, k1: Tensor, k2: Tensor) -> dict[str, Tensor]:
+        return {"loss": mocov3_loss(q1, q2, k1, k2, self.temperature)}

@@ -1,0 +1,176 @@
+"""``ssl-cli preview`` and ``ssl-cli bench pipeline``: parse options, call :mod:`pipeline`.
+
+Registered in :mod:`cli.main` as ``main.add_command(preview)`` and
+``bench.add_command(bench_pipeline, name="pipeline")``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+METHODS = ["mos", "univip", "multicrop"]
+
+
+def _device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@click.command("preview")
+@click.argument("shards", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--method",
+    type=click.Choice(METHODS),
+    default="mos",
+    show_default=True,
+    help="View set to show.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default="preview.png",
+    show_default=True,
+    help="PNG to write.",
+)
+@click.option(
+    "--samples",
+    type=click.IntRange(1, 16),
+    default=4,
+    show_default=True,
+    help="Samples (rows) to show: the first batch of this size.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Order and augmentation seed.")
+@click.option(
+    "--augment/--no-augment",
+    default=True,
+    show_default=True,
+    help="Photometric augmentation on, or crops only.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where DALI builds the views.",
+)
+def preview(shards, method, out, samples, seed, augment, device) -> None:
+    """Write a PNG of the views a method trains on, for a few samples of SHARDS.
+
+    mos: the source image with its proposal boxes, the two single-object views and the two
+    stitched views with the batch position of the sample in every cell. univip: the source with
+    its proposals, the two scene boxes, their overlap and the instance boxes; the two scenes and
+    the instance crops. multicrop: the source with every crop box, then the crops.
+    """
+    from pipeline.preview import render_preview
+
+    try:
+        path = render_preview(
+            shards, method, out, samples=samples, seed=seed, device=_device(device), augment=augment
+        )
+    except (ValueError, OSError, RuntimeError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote {path}")
+
+
+@click.command("pipeline")
+@click.argument("shards", type=click.Path(exists=True, file_okay=False))
+@click.option("--method", type=click.Choice(METHODS), default="mos", show_default=True)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Per batch [default: 256 on a GPU, 32 on CPU].",
+)
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+@click.option(
+    "--seconds",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="Duration of one timed round per pipeline.",
+)
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Alternating rounds; the median counts.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="DALI threads [default: all cores on CPU, min(8, cores/2) with a GPU].",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Our view-source processes [default: 0 on CPU, min(8, cores/2) with a GPU].",
+)
+@click.option(
+    "--baseline-workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="torchvision DataLoader workers [default: all cores].",
+)
+@click.option(
+    "--baseline/--no-baseline",
+    default=True,
+    show_default=True,
+    help="Also run the torchvision + PIL baseline.",
+)
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the report as JSON.",
+)
+def bench_pipeline(
+    shards,
+    method,
+    batch_size,
+    device,
+    seconds,
+    rounds,
+    threads,
+    workers,
+    baseline_workers,
+    baseline,
+    json_out,
+) -> None:
+    """Source images/s of our DALI views vs a torchvision + PIL DataLoader (all cores) and
+    vs plain decode + random-resized-crop, on the same SHARDS, in one run."""
+    from pipeline.bench import bench_pipeline as run
+    from pipeline.bench import format_report
+
+    device = _device(device)
+    batch_size = batch_size or (256 if device == "cuda" else 32)
+    try:
+        report = run(
+            shards,
+            method,
+            batch_size=batch_size,
+            device=device,
+            seconds=seconds,
+            rounds=rounds,
+            num_threads=threads,
+            workers=workers,
+            baseline_workers=baseline_workers,
+            baseline=baseline,
+            log=click.echo,
+        )
+    except (ValueError, OSError, RuntimeError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(format_report(report))
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=1) + "\n")

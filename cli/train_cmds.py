@@ -1,0 +1,378 @@
+"""Click commands of the trainer: ``ssl-cli pretrain`` and ``ssl-cli bench train``.
+
+Plain :class:`click.Command` objects, registered in ``cli/main.py``::
+
+    main.add_command(pretrain)
+    bench.add_command(bench_train, name="train")
+
+They parse options into config layers (file, then flags, then ``--set``), and call
+``train.loop.pretrain`` / ``train.bench.bench_train``; no logic of their own.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+__all__ = ["bench_train", "pretrain"]
+
+
+def _flag_layer(**flags) -> dict:
+    """Nested config dict from ``{"data.batch_size": 256, ...}``, skipping unset (None) flags."""
+    out: dict = {}
+    for key, value in flags.items():
+        if value is None:
+            continue
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _layers(config_file, method, assignments, flags: dict) -> list[dict]:
+    from train.config import load_yaml, parse_assignment
+
+    layers = [load_yaml(config_file)] if config_file else []
+    if method is not None:
+        layers.append({"method": method})
+    layers.append(_flag_layer(**flags))
+    layers += [parse_assignment(a) for a in assignments]
+    return layers
+
+
+def _check_device(device: str | None, precision: str | None = None) -> None:
+    """GPU-only choices on a machine without CUDA are usage errors, before any work starts."""
+    if device is None:
+        return
+    from train.distributed import resolve_device
+    from train.loop import resolve_precision
+
+    try:
+        resolved = resolve_device(device)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--device") from None
+    if precision is not None:
+        try:
+            resolve_precision(precision, resolved)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--precision") from None
+
+
+def _common(f):
+    """Options shared by pretrain and bench train (config, model, data, device)."""
+    options = [
+        click.option(
+            "--method",
+            metavar="NAME",
+            default=None,
+            help="A method of the train.methods registry: mos, univip, byol, mocov3 "
+            "[default: from --config, else mos].",
+        ),
+        click.option(
+            "--config",
+            "config_file",
+            type=click.Path(dir_okay=False, exists=True),
+            default=None,
+            help="YAML/JSON config file; unknown keys are errors.",
+        ),
+        click.option(
+            "--data",
+            "shards",
+            type=click.Path(file_okay=False),
+            default=None,
+            help="Shard directory (ssl-cli shards build).",
+        ),
+        click.option(
+            "--synthetic",
+            is_flag=True,
+            default=None,
+            help="Random tensors instead of shards (no DALI needed).",
+        ),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            default=None,
+            help="GLOBAL batch size (all ranks); lr scales with it.",
+        ),
+        click.option(
+            "--base-lr",
+            type=click.FloatRange(min=0),
+            default=None,
+            help="Learning rate per 256 images (lr = base_lr * batch / 256).",
+        ),
+        click.option(
+            "--backbone",
+            default=None,
+            help="timm model name, e.g. vit_small_patch16_224, resnet50.",
+        ),
+        click.option(
+            "--device",
+            type=click.Choice(["auto", "cpu", "cuda"]),
+            default=None,
+            help="auto: CUDA when available.",
+        ),
+        click.option(
+            "--precision",
+            type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+            default=None,
+            help="auto: bf16 autocast on CUDA, fp32 on CPU.",
+        ),
+        click.option(
+            "--compile/--no-compile",
+            "compile_",
+            default=None,
+            help="torch.compile the backbones and heads.",
+        ),
+        click.option(
+            "--num-threads",
+            type=click.IntRange(min=1),
+            default=None,
+            help="DALI threads per rank [default: the loader's].",
+        ),
+        click.option(
+            "--workers",
+            type=click.IntRange(min=0),
+            default=None,
+            help="Loader view-source processes per rank (0: inside the DALI thread).",
+        ),
+        click.option("--seed", type=int, default=None),
+        click.option(
+            "--set",
+            "assignments",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Any config key, e.g. --set optim.clip_grad=3.0 (repeatable).",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _common_flags(
+    shards,
+    synthetic,
+    batch_size,
+    base_lr,
+    backbone,
+    device,
+    precision,
+    compile_,
+    num_threads,
+    workers,
+    seed,
+) -> dict:
+    return {
+        "data.shards": shards,
+        "data.synthetic": synthetic,
+        "data.batch_size": batch_size,
+        "optim.base_lr": base_lr,
+        "model.backbone": backbone,
+        "run.device": device,
+        "run.precision": precision,
+        "run.compile": compile_,
+        "data.num_threads": num_threads,
+        "data.workers": workers,
+        "run.seed": seed,
+    }
+
+
+@click.command("pretrain", context_settings={"show_default": True})
+@_common
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Run directory (checkpoints, metrics, TensorBoard, config).",
+)
+@click.option("--epochs", type=click.IntRange(min=1), default=None)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Train exactly this many steps (schedules span them).",
+)
+@click.option(
+    "--log-every", type=click.IntRange(min=1), default=None, help="Steps between metrics lines."
+)
+@click.option(
+    "--ckpt-every", type=click.IntRange(min=1), default=None, help="Steps between checkpoints."
+)
+@click.option("--keep-last", type=click.IntRange(min=1), default=None, help="Checkpoints kept.")
+@click.option(
+    "--resume",
+    type=click.Path(exists=True),
+    default=None,
+    help="Checkpoint file or run directory to resume from [default: the newest checkpoint in --out, if any].",
+)
+@click.option(
+    "--progress/--no-progress", default=None, help="Progress bar (rank 0, terminals only)."
+)
+@click.option("--print-config", is_flag=True, help="Print the resolved config and exit.")
+def pretrain(
+    method,
+    config_file,
+    shards,
+    synthetic,
+    batch_size,
+    base_lr,
+    backbone,
+    device,
+    precision,
+    compile_,
+    num_threads,
+    workers,
+    seed,
+    assignments,
+    out,
+    epochs,
+    steps,
+    log_every,
+    ckpt_every,
+    keep_last,
+    resume,
+    progress,
+    print_config,
+) -> None:
+    """Self-supervised pretraining of MOS, UniVIP, BYOL or MoCo v3 on shards.
+
+    Values come from the method's recipe, then --config, then the flags, then --set. A run
+    directory that holds checkpoints is resumed from the newest one (same config required,
+    apart from run/logging keys). Multi-GPU: torchrun --nproc-per-node N $(which ssl-cli)
+    pretrain ...
+    """
+    from train.checkpoint import read_checkpoint_config
+    from train.config import ConfigError, dump_yaml, to_dict
+    from train.loop import NonFiniteLossError, find_resume_checkpoint
+    from train.loop import pretrain as run_pretrain
+    from train.methods import resolve_config
+
+    _check_device(device)
+    flags = _common_flags(
+        shards,
+        synthetic,
+        batch_size,
+        base_lr,
+        backbone,
+        device,
+        precision,
+        compile_,
+        num_threads,
+        workers,
+        seed,
+    )
+    flags.update(
+        {
+            "run.out": out,
+            "schedule.epochs": epochs,
+            "schedule.steps": steps,
+            "run.log_every": log_every,
+            "run.ckpt_every": ckpt_every,
+            "run.keep_last": keep_last,
+            "run.progress": progress,
+        }
+    )
+    try:
+        layers = _layers(config_file, method, assignments, flags)
+        cfg = resolve_config(*layers)
+        if print_config:
+            click.echo(dump_yaml(to_dict(cfg)), nl=False)
+            return
+        if not cfg.run.out:
+            raise click.UsageError("no run directory: pass --out RUN (or run.out in --config)")
+        ckpt = find_resume_checkpoint(cfg.run.out, resume)
+        if ckpt is not None:  # the checkpoint's config is the base; options given now override
+            cfg = resolve_config(read_checkpoint_config(ckpt), *layers)
+        _check_device(cfg.run.device, cfg.run.precision)
+        run_pretrain(cfg, resume=ckpt, log=click.echo)
+    except NonFiniteLossError as e:
+        raise click.ClickException(str(e)) from None
+    except (ConfigError, FileNotFoundError) as e:
+        raise click.UsageError(str(e)) from None
+    except (ValueError, RuntimeError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+
+
+@click.command("train", context_settings={"show_default": True})
+@_common
+@click.option(
+    "--steps", type=click.IntRange(min=1), default=50, help="Timed steps per measurement."
+)
+@click.option(
+    "--warmup",
+    type=click.IntRange(min=0),
+    default=10,
+    help="Untimed steps before each measurement.",
+)
+@click.option(
+    "--synthetic-only", is_flag=True, help="Measure only the on-device synthetic ceiling."
+)
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the report as JSON.",
+)
+def bench_train(
+    method,
+    config_file,
+    shards,
+    synthetic,
+    batch_size,
+    base_lr,
+    backbone,
+    device,
+    precision,
+    compile_,
+    num_threads,
+    workers,
+    seed,
+    assignments,
+    steps,
+    warmup,
+    synthetic_only,
+    json_out,
+) -> None:
+    """Trainer images/s on real shards next to the same step fed with on-device synthetic
+    tensors (the compute ceiling), measured in one run."""
+    from train.bench import bench_train as run_bench
+    from train.config import ConfigError
+    from train.methods import resolve_config
+
+    _check_device(device)
+    flags = _common_flags(
+        shards,
+        synthetic,
+        batch_size,
+        base_lr,
+        backbone,
+        device,
+        precision,
+        compile_,
+        num_threads,
+        workers,
+        seed,
+    )
+    try:
+        cfg = resolve_config(*_layers(config_file, method, assignments, flags))
+        _check_device(cfg.run.device, cfg.run.precision)
+        if not synthetic_only and not cfg.data.synthetic and not cfg.data.shards:
+            raise click.UsageError("pass --data SHARDS (or --synthetic-only)")
+        report = run_bench(
+            cfg,
+            steps=steps,
+            warmup=warmup,
+            synthetic_only=synthetic_only,
+            log=click.echo,
+        )
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    except (ValueError, RuntimeError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=1) + "\n")

@@ -1,0 +1,278 @@
+"""The view source: samples straight from the tars, epoch order, per-sample plans.
+
+:class:`ShardIndex` maps every row of ``proposals.parquet`` to its bytes in the tar shards
+through the DALI ``.idx`` files (memory-mapped; nothing is decoded in Python).
+:class:`EpochPlan` owns the order of an epoch, the split over ranks and the remainder rule.
+:class:`ViewSource` is the per-sample callable of DALI's parallel ``fn.external_source``: for a
+sample position it returns the JPEG bytes, the row and the :class:`~pipeline.views.SamplePlan`
+arrays (crop windows and photometric parameters of every frame) that the DALI graph consumes.
+
+Remainder rule: with ``N`` samples and a global batch ``G = world_size * batch_size``, an
+epoch has ``L = N // G`` batches on every rank. Epoch ``e`` orders its samples as: the
+``R = N - L * G`` samples deferred by epoch ``e - 1`` first, then the other samples in the
+seeded permutation of epoch ``e``; the first ``L * G`` are used, the last ``R`` are deferred to
+the start of epoch ``e + 1``. So no sample is dropped or repeated inside an epoch, every epoch
+has the same number of batches, and a sample waits at most one epoch. Global batch ``t`` is
+``order[t*G : (t+1)*G]``, rank ``k`` takes its ``k``-th slice of ``batch_size``: ranks are
+disjoint and together cover the epoch's ``L * G`` samples.
+
+Randomness is a pure function of the position: the sample's generator is seeded by
+``(seed, epoch, row)`` and a batch's (the MOS stitching layout) by ``(seed, epoch, batch)``, so
+any batch can be reproduced from ``(epoch, batch)`` alone, whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import mmap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shards.verify import load_manifest
+
+__all__ = ["EpochPlan", "ShardIndex", "ViewSource", "batch_rng", "sample_rng"]
+
+# Stream tags of the seeded generators (distinct so that no two streams coincide).
+_SHUFFLE, _SAMPLE, _BATCH = 0x5EED0, 0x5EED1, 0x5EED2
+
+
+def sample_rng(seed: int, epoch: int, row: int) -> np.random.Generator:
+    """The generator of one sample's random decisions in one epoch."""
+    return np.random.default_rng([_SAMPLE, seed, epoch, row])
+
+
+def batch_rng(seed: int, epoch: int, batch: int) -> np.random.Generator:
+    """The generator of one batch's shared decisions (MOS layouts), the same on every rank."""
+    return np.random.default_rng([_BATCH, seed, epoch, batch])
+
+
+def _parse_index(path: Path) -> list[dict[str, tuple[int, int, str]]]:
+    """A DALI ``v1.2`` webdataset index -> per sample ``{ext: (offset, size, member name)}``."""
+    lines = path.read_text(encoding="ascii").splitlines()
+    if not lines or not lines[0].startswith("v1.2 "):
+        raise ValueError(f"{path}: not a DALI v1.2 webdataset index")
+    out = []
+    for line in lines[1:]:
+        f = line.split()
+        if len(f) % 4:
+            raise ValueError(f"{path}: malformed line {line!r}")
+        out.append({f[i]: (int(f[i + 1]), int(f[i + 2]), f[i + 3]) for i in range(0, len(f), 4)})
+    if len(out) != int(lines[0].split()[1]):
+        raise ValueError(f"{path}: header count differs from {len(out)} lines")
+    return out
+
+
+class ShardIndex:
+    """Row ``i`` of ``proposals.parquet`` -> its ``KEY.jpg`` and ``KEY.boxes`` in the tars.
+
+    Attributes (numpy, one entry per row): ``width``, ``height`` (decoded image, EXIF applied),
+    ``shard`` (position in :attr:`tars`), ``jpg`` and ``boxes`` ``[N, 2]`` int64
+    ``(offset, size)``. The tars are memory-mapped lazily in each process that reads.
+    """
+
+    def __init__(self, shards_dir: str | Path):
+        import pyarrow.parquet as pq
+
+        self.root = Path(shards_dir)
+        manifest = load_manifest(self.root)
+        table = pq.read_table(
+            self.root / manifest["files"]["proposals"], columns=["key", "shard", "width", "height"]
+        )
+        keys = table.column("key").to_pylist()
+        self.tars = [self.root / s["name"] for s in manifest["shards"]]
+        where: dict[str, tuple[int, dict]] = {}
+        for sid, s in enumerate(manifest["shards"]):
+            for entry in _parse_index(self.root / s["index"]):
+                if "jpg" not in entry:
+                    raise ValueError(f"{s['index']}: a sample without .jpg: {entry}")
+                key = entry["jpg"][2].rsplit("/", 1)[-1].split(".", 1)[0]
+                where[key] = (sid, entry)
+        n = len(keys)
+        if len(where) != n:
+            raise ValueError(
+                f"{self.root}: {len(where)} samples in the indexes but {n} rows in the Parquet"
+            )
+        self.shard = np.empty(n, dtype=np.int32)
+        self.jpg = np.zeros((n, 2), dtype=np.int64)
+        self.boxes = np.zeros((n, 2), dtype=np.int64)
+        for row, key in enumerate(keys):
+            try:
+                sid, entry = where[key]
+            except KeyError:
+                raise ValueError(f"{self.root}: Parquet row {key!r} is in no index") from None
+            self.shard[row] = sid
+            self.jpg[row] = entry["jpg"][:2]
+            if "boxes" in entry:
+                self.boxes[row] = entry["boxes"][:2]
+        self.width = table.column("width").to_numpy().astype(np.int32)
+        self.height = table.column("height").to_numpy().astype(np.int32)
+        self.keys = keys
+        self._maps: dict[int, mmap.mmap] = {}
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_maps"] = {}  # every process maps the tars itself
+        state["keys"] = None  # not needed by the view source's workers (millions of strings)
+        return state
+
+    def _map(self, sid: int) -> mmap.mmap:
+        m = self._maps.get(sid)
+        if m is None:
+            with open(self.tars[sid], "rb") as f:
+                m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._maps[sid] = m
+        return m
+
+    def _bytes(self, row: int, where: np.ndarray, dtype: str) -> np.ndarray:
+        off, size = (int(v) for v in where[row])
+        m = self._map(int(self.shard[row]))
+        itemsize = np.dtype(dtype).itemsize
+        return np.frombuffer(m, dtype=dtype, count=size // itemsize, offset=off)
+
+    def read_jpeg(self, row: int) -> np.ndarray:
+        """``KEY.jpg`` of ``row``: uint8 ``[n]``, a read-only view of the mapped tar."""
+        return self._bytes(row, self.jpg, "u1")
+
+    def read_boxes(self, row: int) -> np.ndarray:
+        """``KEY.boxes`` of ``row``: int32 ``[N, 4]`` xyxy proposals in rank order."""
+        return self._bytes(row, self.boxes, "<i4").reshape(-1, 4)
+
+    def close(self) -> None:
+        """Unmap the tars (a map still viewed by an array is released with the last view)."""
+        for m in self._maps.values():
+            try:
+                m.close()
+            except BufferError:
+                pass
+        self._maps.clear()
+
+
+class EpochPlan:
+    """Order of every epoch, its split over ranks and the remainder rule (module docstring)."""
+
+    def __init__(self, num_samples: int, batch_size: int, world_size: int, seed: int):
+        if batch_size < 1 or world_size < 1:
+            raise ValueError(
+                f"batch_size and world_size must be >= 1, got {batch_size}, {world_size}"
+            )
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.world_size = world_size
+        self.seed = seed
+        self.global_batch = batch_size * world_size
+        self.batches = num_samples // self.global_batch
+        self.remainder = num_samples - self.batches * self.global_batch
+        if self.batches == 0:
+            raise ValueError(
+                f"{num_samples} samples do not fill one global batch of {self.global_batch} "
+                f"(batch_size {batch_size} x world_size {world_size})"
+            )
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([_SHUFFLE, self.seed, epoch]).permutation(self.num_samples)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Rows of epoch ``epoch`` in order: the first ``batches * global_batch`` are used, the
+        last ``remainder`` are deferred to the next epoch."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if self.remainder == 0:
+            return self.permutation(epoch)
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        start, order = 0, self.permutation(0)
+        if self._cache is not None and self._cache[0] < epoch:
+            start, order = self._cache
+        for e in range(start + 1, epoch + 1):
+            deferred = order[self.num_samples - self.remainder :]
+            perm = self.permutation(e)
+            order = np.concatenate([deferred, perm[~np.isin(perm, deferred)]])
+        self._cache = (epoch, order)
+        return order
+
+    def rows(self, epoch: int, batch: int, rank: int) -> np.ndarray:
+        """Rows of ``rank``'s batch ``batch`` in epoch ``epoch``."""
+        if not 0 <= batch < self.batches:
+            raise IndexError(f"batch {batch} out of range [0, {self.batches})")
+        start = batch * self.global_batch + rank * self.batch_size
+        return self.order(epoch)[start : start + self.batch_size]
+
+
+@dataclass
+class ViewSource:
+    """Per-sample callable for ``fn.external_source(parallel=True, batch=False)``.
+
+    DALI's epoch ``k`` of this source is epoch ``start_epoch + k`` of the loader; its first
+    epoch starts at batch ``start_batch`` (a resumed position). Returns, in order: the JPEG
+    bytes, the row ``[1]`` int64, then per bank of the view set the inputs its chain uses
+    (:attr:`~pipeline.views.Bank.fields`): windows ``[F, 4]`` float32, colour ``[F, 4]``
+    float32, sigma ``[F]`` float32 and window ``[F]`` int32, solarize ``[F, 1, 1, 1]`` uint8;
+    then the view set's extras (sorted by name).
+    """
+
+    index: ShardIndex
+    views: Any
+    plan: EpochPlan
+    rank: int
+    start_epoch: int
+    start_batch: int
+
+    def __post_init__(self) -> None:
+        self.banks = self.views.banks()
+        self._batch_plans: dict[tuple[int, int], Any] = {}
+
+    def position(self, epoch_idx: int, iteration: int) -> tuple[int, int]:
+        """DALI's ``(epoch_idx, iteration)`` -> the loader's ``(epoch, batch)``."""
+        batch = iteration + (self.start_batch if epoch_idx == 0 else 0)
+        return self.start_epoch + epoch_idx, batch
+
+    def batch_plan(self, epoch: int, batch: int) -> Any:
+        key = (epoch, batch)
+        if key not in self._batch_plans:
+            if len(self._batch_plans) > 8:
+                self._batch_plans.clear()
+            self._batch_plans[key] = self.views.plan_batch(batch_rng(self.plan.seed, epoch, batch))
+        return self._batch_plans[key]
+
+    def sample(self, epoch: int, batch: int, idx_in_batch: int) -> tuple[int, Any]:
+        """Row and :class:`~pipeline.views.SamplePlan` of one sample position."""
+        row = int(self.plan.rows(epoch, batch, self.rank)[idx_in_batch])
+        boxes = self.index.read_boxes(row) if self.views.needs_boxes else None
+        rng = sample_rng(self.plan.seed, epoch, row)
+        plan = self.views.plan_sample(
+            int(self.index.width[row]),
+            int(self.index.height[row]),
+            boxes,
+            rng,
+            self.batch_plan(epoch, batch),
+        )
+        return row, plan
+
+    def __call__(self, info) -> tuple[np.ndarray, ...]:
+        epoch, batch = self.position(info.epoch_idx, info.iteration)
+        if batch >= self.plan.batches:
+            raise StopIteration
+        row, plan = self.sample(epoch, batch, info.idx_in_batch)
+        out: list[np.ndarray] = [self.index.read_jpeg(row), np.array([row], dtype=np.int64)]
+        for bank in self.banks:
+            p = plan.photometric[bank.name]
+            for name in bank.fields:
+                if name == "windows":
+                    out.append(plan.windows[bank.name])
+                elif name == "solarize":
+                    out.append(p.solarize.reshape(-1, 1, 1, 1))
+                else:
+                    out.append(getattr(p, name))
+        out += [plan.extras[name] for name in sorted(plan.extras)]
+        return tuple(out)
+
+    def extras(self) -> list[str]:
+        """Names of the extra outputs, in output order (from one planned sample)."""
+        _, plan = self.sample(self.start_epoch, min(self.start_batch, self.plan.batches - 1), 0)
+        return sorted(plan.extras)

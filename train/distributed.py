@@ -1,0 +1,145 @@
+"""``torch.distributed`` set-up and guarded collectives.
+
+Launch with ``torchrun`` (one node: ``torchrun --nproc-per-node 8 ...``; several nodes: the same
+command on every node with ``--nnodes N --rdzv-backend c10d --rdzv-endpoint HOST:PORT
+--rdzv-id RUN``). torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
+``MASTER_PORT``; :func:`init_distributed` reads them (``env://``) and picks NCCL on CUDA, gloo on
+CPU. Without them (or with ``WORLD_SIZE=1``) nothing is initialised and every helper here is a
+no-op, so one CPU process runs the same code.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DistInfo",
+    "all_gather_objects",
+    "all_reduce_max",
+    "all_reduce_mean",
+    "barrier",
+    "cleanup_distributed",
+    "init_distributed",
+    "is_distributed",
+    "resolve_device",
+]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None  # None: no process group
+    owns_group: bool = False  # we initialised it (and so destroy it)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def resolve_device(requested: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU. ``cuda`` without CUDA raises ``ValueError``."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "device 'cuda' was asked for but no CUDA GPU is available on this machine "
+            "(use --device cpu or --device auto)"
+        )
+    if requested not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {requested!r}; choose one of: auto, cpu, cuda")
+    return torch.device(requested)
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def init_distributed(requested_device: str = "auto") -> DistInfo:
+    """Join the process group described by torchrun's environment, or run alone.
+
+    CUDA: rank ``r`` uses GPU ``LOCAL_RANK`` and NCCL. CPU: gloo. A process group that already
+    exists (tests, notebooks) is used as it is and left alone at the end.
+    """
+    base = resolve_device(requested_device)
+    if is_distributed():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = _env_int("LOCAL_RANK", rank)
+        device = _local_device(base, local)
+        return DistInfo(rank, world, local, device, dist.get_backend(), owns_group=False)
+    world = _env_int("WORLD_SIZE", 1)
+    if world <= 1:
+        device = _local_device(base, _env_int("LOCAL_RANK", 0))
+        return DistInfo(0, 1, 0, device, None)
+    rank = _env_int("RANK", 0)
+    local = _env_int("LOCAL_RANK", 0)
+    device = _local_device(base, local)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs: dict[str, Any] = {}
+    if device.type == "cuda":
+        kwargs["device_id"] = device
+    dist.init_process_group(
+        backend=backend, init_method="env://", rank=rank, world_size=world, **kwargs
+    )
+    return DistInfo(rank, world, local, device, backend, owns_group=True)
+
+
+def _local_device(base: torch.device, local_rank: int) -> torch.device:
+    if base.type != "cuda":
+        return base
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ValueError(f"LOCAL_RANK={local_rank} but this node has {count} CUDA device(s)")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def cleanup_distributed(info: DistInfo) -> None:
+    if info.owns_group and is_distributed():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """Element-wise max over ranks (in place); ``x`` unchanged without a process group."""
+    if is_distributed():
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Element-wise mean over ranks (in place); ``x`` unchanged without a process group."""
+    if is_distributed():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x /= dist.get_world_size()
+    return x
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]``; ``[obj]`` without a process group."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

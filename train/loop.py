@@ -1,0 +1,647 @@
+"""The pretraining loop: one function, read top to bottom (:func:`pretrain`).
+
+Set-up (:func:`build_parts`) makes the model, loss, optimizer, scaler, loader and the per-step
+schedules; :func:`train_step` is one optimizer step; :func:`pretrain` is the loop around it with
+logging, the non-finite-loss guard and checkpoints. ``ssl-cli bench train`` times the same
+:func:`train_step`.
+
+Resume semantics (``docs/training.md``): a checkpoint restores the model (online, predictor,
+extras and EMA target), optimizer, grad scaler, step, RNG of every rank and the loader's data
+position; schedules are recomputed from the config, which must match the checkpoint's except
+for the keys in :data:`RESUMABLE_KEYS`. Metrics logged after the resumed step are dropped
+(``metrics.jsonl`` is cut, TensorBoard purged), so the curve continues as if never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from train.checkpoint import (
+    CHECKPOINT_FORMAT,
+    capture_rng,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from train.config import ConfigError, TrainConfig, dump_yaml, to_dict
+from train.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_reduce_max,
+    all_reduce_mean,
+    barrier,
+    cleanup_distributed,
+    init_distributed,
+)
+from train.methods import Method, build_model, get_method, resolve_config
+from train.models import SSLModel, update_momentum
+from train.optim import build_optimizer, set_hyperparameters
+from train.runinfo import run_info
+from train.schedules import Schedules, build_schedules
+
+__all__ = [
+    "NonFiniteLossError",
+    "Parts",
+    "RESUMABLE_KEYS",
+    "build_loader",
+    "build_parts",
+    "find_resume_checkpoint",
+    "pretrain",
+    "resolve_precision",
+    "train_step",
+]
+
+# Config keys that may differ between a checkpoint and the run that resumes it: they change
+# where and how the run is executed and logged, not what it computes.
+RESUMABLE_KEYS = frozenset(
+    {
+        "run.out",
+        "run.device",
+        "run.precision",
+        "run.compile",
+        "run.channels_last",
+        "run.log_every",
+        "run.ckpt_every",
+        "run.keep_last",
+        "run.tensorboard",
+        "run.progress",
+        "data.shards",
+        "data.num_threads",
+        "data.workers",
+    }
+)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; no checkpoint was written after that step."""
+
+
+# ----------------------------------------------------------------------------------- set-up
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` on CUDA, ``fp32`` on CPU. bf16/fp16 autocast is GPU-only here: on a
+    CPU it would be slow and is refused with a clear error."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision in ("bf16", "fp16") and device.type != "cuda":
+        raise ValueError(
+            f"precision {precision!r} (autocast) needs a CUDA GPU; this run is on {device.type}: "
+            "use --precision fp32 (or auto)"
+        )
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"unknown precision {precision!r}; choose one of: auto, fp32, bf16, fp16")
+    return precision
+
+
+def _real_view_set(module: Any, views: str, cfg: TrainConfig) -> Any:
+    """The loader's view set for ``views`` with our sizes; ``data.views`` is passed on verbatim
+    (it wins, and the view set rejects keys it does not know).
+
+    - mos: ``MOSViews(size=data.size)``;
+    - univip: ``UniVIPViews(size=data.size, instance_size=data.instance_size,
+      k=data.num_instances)``;
+    - multicrop (BYOL, MoCo v3): two global crops of area 0.08..1 and no local crops
+      (``MultiCropViews.byol``).
+    """
+    d = cfg.data
+    if views == "mos":
+        cls, kwargs = module.MOSViews, {"size": d.size}
+    elif views == "univip":
+        cls = module.UniVIPViews
+        kwargs = {"size": d.size, "instance_size": d.instance_size, "k": d.num_instances}
+    else:
+        cls = module.MultiCropViews
+        kwargs = {"global_size": d.size, "num_local": 0, "global_scale": (0.08, 1.0)}
+    kwargs.update(d.views)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"data.views: {cls.__name__}(**{kwargs}): {e}") from None
+
+
+def build_loader(cfg: TrainConfig, info: DistInfo) -> Any:
+    """The real shard loader (``pipeline.loader.ViewLoader``, imported here, lazily) or, with
+    ``data.synthetic``, :class:`train.synthetic.SyntheticLoader`. Batch size per rank is
+    ``data.batch_size / world_size``."""
+    method = get_method(cfg.method)
+    if cfg.data.batch_size % info.world_size:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} (global) is not divisible by the world size "
+            f"{info.world_size}"
+        )
+    local = cfg.data.batch_size // info.world_size
+    if cfg.data.synthetic:
+        from train.synthetic import SyntheticLoader
+
+        return SyntheticLoader(
+            method.views,
+            local,
+            rank=info.rank,
+            world_size=info.world_size,
+            seed=cfg.run.seed,
+            device=info.device,
+            size=cfg.data.size,
+            instance_size=cfg.data.instance_size,
+            num_instances=cfg.data.num_instances,
+            num_samples=cfg.data.synthetic_samples,
+        )
+    if not cfg.data.shards:
+        raise ConfigError("data.shards: no shard directory given (--data SHARDS)")
+    if not Path(cfg.data.shards).is_dir():
+        raise ConfigError(f"data.shards: {cfg.data.shards} is not a directory")
+    try:
+        from pipeline import loader as shard_loader
+    except ImportError as e:
+        raise RuntimeError(
+            f"the shard loader pipeline.loader cannot be imported ({e}); "
+            "train on synthetic data with --synthetic, or install DALI"
+        ) from None
+    return shard_loader.ViewLoader(
+        cfg.data.shards,
+        views=_real_view_set(shard_loader, method.views, cfg),
+        batch_size=local,
+        rank=info.rank,
+        world_size=info.world_size,
+        seed=cfg.run.seed,
+        device=str(info.device),
+        num_threads=cfg.data.num_threads,
+        workers=cfg.data.workers,
+    )
+
+
+@dataclass
+class Parts:
+    """Everything one training step needs."""
+
+    cfg: TrainConfig
+    info: DistInfo
+    method: Method
+    model: SSLModel  # the bare model (checkpoints, EMA)
+    module: nn.Module  # what forward is called on: DDP(model) or model
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    precision: str
+    loader: Any
+    schedules: Schedules
+    terms: tuple[str, ...]  # "loss" then the method's terms, the order of train_step's output
+    channels_last: bool
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.info.device.type, dtype=dtype)
+
+
+def build_parts(cfg: TrainConfig, info: DistInfo, loader: Any = None) -> Parts:
+    """Model on its device (SyncBN heads under DDP on CUDA, optionally compiled), optimizer,
+    scaler, loader and schedules. The model's initial weights depend on ``run.seed`` only, so
+    every rank builds the same model (DDP also broadcasts rank 0's)."""
+    method = get_method(cfg.method)
+    precision = resolve_precision(cfg.run.precision, info.device)
+    cuda = info.device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.run.seed)
+    model, _ = build_model(cfg)
+    model.to(info.device)
+    channels_last = cuda and cfg.run.channels_last
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if info.world_size > 1 and cuda and cfg.model.sync_bn:
+        # SyncBatchNorm runs on GPUs only; gloo/CPU runs keep per-rank BN statistics
+        for enc in (model.online, model.target):
+            enc.projector = nn.SyncBatchNorm.convert_sync_batchnorm(enc.projector)
+        model.predictor = nn.SyncBatchNorm.convert_sync_batchnorm(model.predictor)
+    if cfg.run.compile:
+        for m in (
+            model.online.backbone,
+            model.online.projector,
+            model.predictor,
+            model.target.backbone,
+            model.target.projector,
+        ):
+            m.compile()
+    optimizer = build_optimizer(model, cfg.optim, fused=cuda)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=precision == "fp16")
+    module: nn.Module = model
+    if info.world_size > 1:
+        module = nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.device.index] if cuda else None
+        )
+    if loader is None:
+        loader = build_loader(cfg, info)
+    schedules = build_schedules(cfg, len(loader))
+    return Parts(
+        cfg=cfg,
+        info=info,
+        method=method,
+        model=model,
+        module=module,
+        optimizer=optimizer,
+        scaler=scaler,
+        precision=precision,
+        loader=loader,
+        schedules=schedules,
+        terms=("loss", *method.terms),
+        channels_last=channels_last,
+    )
+
+
+def _to_device(value: Any, device: torch.device, channels_last: bool) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_device(v, device, channels_last) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_device(v, device, channels_last) for v in value]
+    if isinstance(value, Tensor):
+        value = value.to(device, non_blocking=True)
+        if channels_last and value.dim() == 4 and value.is_floating_point():
+            value = value.contiguous(memory_format=torch.channels_last)
+        return value
+    return value
+
+
+def train_step(parts: Parts, batch: dict, step: int) -> Tensor:
+    """One optimizer step at ``step`` (0-based) with that step's lr, weight decay and momentum.
+
+    Returns the detached loss terms ``[len(parts.terms)]`` (float32, on the device: no host
+    sync here).
+    """
+    s = parts.schedules
+    set_hyperparameters(parts.optimizer, float(s.lr[step]), float(s.weight_decay[step]))
+    batch = _to_device(batch, parts.info.device, parts.channels_last)
+    with parts.autocast():
+        out = parts.module(batch)
+    loss = out["loss"]
+    parts.optimizer.zero_grad(set_to_none=True)
+    parts.scaler.scale(loss).backward()
+    if parts.cfg.optim.clip_grad > 0:
+        parts.scaler.unscale_(parts.optimizer)
+        nn.utils.clip_grad_norm_(
+            [p for g in parts.optimizer.param_groups for p in g["params"]],
+            parts.cfg.optim.clip_grad,
+        )
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
+    update_momentum(parts.model.momentum_pairs, float(s.momentum[step]))
+    return torch.stack([out[t].detach().float() for t in parts.terms])
+
+
+# -------------------------------------------------------------------------- resume helpers
+
+
+def find_resume_checkpoint(run_dir: str | Path | None, resume: str | Path | None) -> Path | None:
+    """An explicit ``resume`` path, else the newest checkpoint in ``run_dir``, else ``None``."""
+    if resume:
+        path = Path(resume)
+        if path.is_dir():
+            found = latest_checkpoint(path)
+            if found is None:
+                raise FileNotFoundError(
+                    f"--resume {path}: no checkpoints in {path / 'checkpoints'}"
+                )
+            return found
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume {path}: no such checkpoint")
+        return path
+    return latest_checkpoint(run_dir) if run_dir else None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and k not in ("views", "backbone_kwargs"):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume_config(cfg: TrainConfig, saved: dict) -> None:
+    """Raise :class:`ConfigError` when ``cfg`` differs from a checkpoint's config anywhere but
+    :data:`RESUMABLE_KEYS`."""
+    old = _flatten(to_dict(resolve_config(saved)))
+    new = _flatten(to_dict(cfg))
+    diffs = [
+        f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if k not in RESUMABLE_KEYS and old.get(k) != new.get(k)
+    ]
+    if diffs:
+        raise ConfigError(
+            "cannot resume: the config differs from the checkpoint's in keys that change what "
+            "is computed:\n  " + "\n  ".join(diffs) + "\nstart a new run directory instead"
+        )
+
+
+# ------------------------------------------------------------------------- non-finite guard
+
+
+class _FiniteGuard:
+    """Remembers, on the device and without syncing, the first step whose loss terms were not
+    all finite and their values; :meth:`check` syncs (all ranks) and raises."""
+
+    def __init__(self, terms: tuple[str, ...], device: torch.device) -> None:
+        self.terms = terms
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.values = torch.zeros(len(terms), device=device)
+
+    def observe(self, step: int, values: Tensor) -> None:
+        new = ~torch.isfinite(values).all() & (self.first_bad < 0)
+        self.first_bad.masked_fill_(new, step)
+        self.values = torch.where(new, values, self.values)
+
+    def check(self) -> None:
+        bad_step = int(self.first_bad)  # host sync
+        flag = torch.full((1,), float(bad_step >= 0), device=self.first_bad.device)
+        if float(all_reduce_max(flag)) > 0:  # a bad rank stops every rank
+            if bad_step < 0:
+                raise NonFiniteLossError(
+                    "the loss became non-finite on another rank; stopping (no checkpoint written "
+                    "after it)"
+                )
+            terms = ", ".join(
+                f"{t}={v:.6g}" for t, v in zip(self.terms, self.values.tolist(), strict=True)
+            )
+            raise NonFiniteLossError(
+                f"non-finite loss at step {bad_step + 1} ({terms}); stopping. No checkpoint was "
+                "written after that step: the newest checkpoint in the run directory is the "
+                "last good one. Lower optim.base_lr, enable optim.clip_grad, or try "
+                "--precision fp32."
+            )
+
+
+# ----------------------------------------------------------------------------------- outputs
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _trim_metrics(path: Path, last_step: int) -> None:
+    """Drop the metrics lines of steps after ``last_step`` (the resumed checkpoint's); lines
+    without a step (written by other tools) are kept, unreadable ones dropped."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line).get("step")
+            if step is None or step <= last_step:
+                kept.append(line)
+        except (ValueError, TypeError, AttributeError):
+            continue
+    path.write_text("".join(f"{line}\n" for line in kept))
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+# -------------------------------------------------------------------------------------- loop
+
+
+def pretrain(
+    cfg: TrainConfig,
+    loader: Any = None,
+    resume: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Pretrain ``cfg.method`` into the run directory ``cfg.run.out``.
+
+    Resumes from ``resume`` (a checkpoint file or a run directory) or, if not given, from the
+    newest checkpoint already in ``cfg.run.out``. ``loader``: any object with the loader
+    interface (tests pass a :class:`train.synthetic.SyntheticLoader`); by default it is built
+    from the config. Under ``torchrun`` every rank calls this.
+
+    Returns ``{"step", "checkpoint", "metrics"}`` (metrics: the lines logged by this call).
+    Raises :class:`NonFiniteLossError` on a NaN/inf loss, :class:`ConfigError` on a config that
+    cannot run.
+    """
+    info = init_distributed(cfg.run.device)
+    try:
+        return _pretrain(cfg, info, loader, resume, log)
+    finally:
+        cleanup_distributed(info)
+
+
+def _pretrain(cfg: TrainConfig, info: DistInfo, loader: Any, resume: Any, log: Callable) -> dict:
+    if not cfg.run.out:
+        raise ConfigError("run.out: no run directory given (--out RUN)")
+    run_dir = Path(cfg.run.out)
+    main = info.is_main
+    ckpt_path = find_resume_checkpoint(run_dir, resume)
+    state = load_checkpoint(ckpt_path) if ckpt_path else None
+    if state is not None:
+        check_resume_config(cfg, state["config"])
+        if state["world_size"] != info.world_size:
+            raise ConfigError(
+                f"cannot resume {ckpt_path}: it was written by {state['world_size']} process(es), "
+                f"this run has {info.world_size}; resume with the same number of processes"
+            )
+    own_loader = loader is None
+    parts = build_parts(cfg, info, loader)
+    sched = parts.schedules
+    steps_per_epoch, total = sched.steps_per_epoch, sched.total_steps
+    global_batch = cfg.data.batch_size
+
+    start = 0
+    resume_position: dict = {}
+    if state is not None:
+        parts.model.load_state_dict(state["model"])
+        parts.optimizer.load_state_dict(state["optimizer"])
+        parts.scaler.load_state_dict(state["scaler"])
+        start = int(state["step"])
+        saved_pos = state["loader"]
+        if saved_pos["epoch"] * steps_per_epoch + saved_pos["batch"] != start:
+            raise ConfigError(
+                f"cannot resume {ckpt_path}: its data position {saved_pos} does not match step "
+                f"{start} with {steps_per_epoch} batches per epoch (did the data set change?)"
+            )
+        restore_rng(state["rng"][info.rank], info.device)
+        resume_position = saved_pos
+        del state
+    else:
+        seed = cfg.run.seed + info.rank  # per-rank streams (drop path), after the shared init
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+
+    # ---- run directory: resolved config, run info, metrics, TensorBoard (rank 0)
+    metrics_path = run_dir / "metrics.jsonl"
+    writer = None
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_yaml(to_dict(cfg)))
+        info_path = run_dir / "run.json"
+        sessions = []
+        if info_path.exists():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                sessions = json.loads(info_path.read_text())["sessions"]
+        session = run_info(info.device, info.world_size)
+        session.update(
+            start_step=start,
+            resumed_from=str(ckpt_path) if ckpt_path else None,
+            precision=parts.precision,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=total,
+        )
+        _write_json_atomic(info_path, {"method": cfg.method, "sessions": [*sessions, session]})
+        _trim_metrics(metrics_path, start)
+        if cfg.run.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(run_dir / "tb"), purge_step=start)
+    barrier()
+
+    # ---- data position
+    if start < total:
+        epoch, index = divmod(start, steps_per_epoch)
+        if index == 0:
+            parts.loader.set_epoch(epoch)
+        else:
+            parts.loader.load_state_dict({**resume_position, "epoch": epoch, "batch": index})
+    batches = iter(parts.loader)
+
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=total,
+        initial=start,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not (main and cfg.run.progress and sys.stderr.isatty()),
+    )
+    if main:
+        log(
+            f"{cfg.method}: steps {start}/{total} ({steps_per_epoch} per epoch), global batch "
+            f"{global_batch} on {info.world_size} x {info.device}, {parts.precision}, run dir {run_dir}"
+        )
+    guard = _FiniteGuard(parts.terms, info.device)
+    sums = torch.zeros(len(parts.terms), device=info.device)
+    logged: list[dict] = []
+    last_ckpt: Path | None = ckpt_path
+    t_last, n_since = time.perf_counter(), 0
+    t_begin = t_last
+
+    try:
+        parts.model.train()
+        for step in range(start, total):
+            epoch, index = divmod(step, steps_per_epoch)
+            if index == 0 and step != start:
+                parts.loader.set_epoch(epoch)
+                batches = iter(parts.loader)
+            batch = next(batches)
+
+            values = train_step(parts, batch, step)
+
+            guard.observe(step, values)
+            sums += values
+            n_since += 1
+            done = step + 1
+            bar.update(1)
+
+            if done % cfg.run.log_every == 0 or done == total:
+                guard.check()
+                means = all_reduce_mean(sums / n_since).tolist()  # mean over steps and ranks
+                now = time.perf_counter()
+                rate = n_since * global_batch / max(now - t_last, 1e-9)
+                record = {
+                    "step": done,
+                    "epoch": round(done / steps_per_epoch, 4),
+                    "lr": float(sched.lr[step]),
+                    "wd": float(sched.weight_decay[step]),
+                    "momentum": float(sched.momentum[step]),
+                    **dict(zip(parts.terms, means, strict=True)),
+                    "images_per_s": round(rate, 2),
+                    "elapsed_s": round(now - t_begin, 3),
+                }
+                logged.append(record)
+                if main:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    if writer is not None:
+                        for k, v in record.items():
+                            if k != "step":
+                                writer.add_scalar(f"train/{k}", v, done)
+                    shown = {t: f"{v:.4f}" for t, v in zip(parts.terms, means, strict=True)}
+                    bar.set_postfix(**shown, img_s=f"{rate:.1f}", refresh=False)
+                    if bar.disable:
+                        eta = (total - done) * (now - t_last) / n_since
+                        log(
+                            f"step {done}/{total} ep {record['epoch']:.2f} "
+                            + " ".join(f"{t} {v}" for t, v in shown.items())
+                            + f" lr {record['lr']:.3g} {rate:.1f} img/s eta {_format_eta(eta)}"
+                        )
+                sums.zero_()
+                t_last, n_since = now, 0
+
+            if done % cfg.run.ckpt_every == 0 or done == total:
+                guard.check()
+                last_ckpt = _save(parts, run_dir, done, steps_per_epoch)
+
+    finally:  # also on a crash or a NaN: stop the loader's threads, flush the events
+        bar.close()
+        if writer is not None:
+            writer.close()
+        if own_loader:
+            parts.loader.close()
+    if main and start >= total:
+        log(f"nothing to do: {run_dir} is already trained to step {total}")
+    return {"step": total, "checkpoint": str(last_ckpt) if last_ckpt else None, "metrics": logged}
+
+
+def _save(parts: Parts, run_dir: Path, step: int, steps_per_epoch: int) -> Path:
+    """Gather every rank's RNG state; rank 0 writes the checkpoint; all ranks wait for it."""
+    rng = all_gather_objects(capture_rng(parts.info.device))
+    path = run_dir / "checkpoints" / f"step-{step:08d}.pt"
+    if parts.info.is_main:
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "method": parts.cfg.method,
+            "step": step,
+            "epoch": step / steps_per_epoch,
+            "world_size": parts.info.world_size,
+            "config": to_dict(parts.cfg),
+            "model": parts.model.state_dict(),
+            "optimizer": parts.optimizer.state_dict(),
+            "scaler": parts.scaler.state_dict(),
+            "loader": _loader_position(parts.loader, step, steps_per_epoch),
+            "rng": rng,
+        }
+        path = save_checkpoint(state, run_dir, step, parts.cfg.run.keep_last)
+    barrier()
+    return path
+
+
+def _loader_position(loader: Any, step: int, steps_per_epoch: int) -> dict:
+    """The loader's state after ``step`` steps, as ints (``{"epoch", "batch"}`` plus whatever
+    else the loader reports, kept if it is made of primitives)."""
+    state = dict(loader.state_dict())
+    epoch, batch = divmod(step, steps_per_epoch)
+    if state.get("batch") == steps_per_epoch and batch == 0:  # finished epoch, not started next
+        epoch, batch = epoch - 1, steps_per_epoch
+    state["epoch"], state["batch"] = int(epoch), int(batch)
+    return {k: v for k, v in state.items() if isinstance(v, (int, float, str, bool))}

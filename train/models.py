@@ -1,0 +1,169 @@
+"""Models by composition: a timm backbone, MLP heads built from lists of sizes, an EMA target.
+
+Nothing here inherits from a base method. One :class:`SSLModel` holds
+
+- ``online``: :class:`Encoder` = backbone + projector (trained by gradient);
+- ``predictor``: MLP on the online projections (BYOL / MoCo v3 / MOS / UniVIP all have one);
+- ``target``: a copy of ``online`` updated only by :func:`update_momentum` (the momentum /
+  EMA encoder, stop-gradient);
+- ``extra``: method-specific trainable modules (UniVIP's instance linear map, eq. 4);
+
+and ``momentum_pairs``, the explicit list of ``(online, ema)`` module pairs that
+:func:`update_momentum` walks (solo-learn's ``momentum_pairs``). The method's step function
+(``train.methods``) decides which views go through which branch; ``SSLModel.forward`` only calls
+it, so that DDP sees one forward per step.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from train.config import ModelConfig
+
+__all__ = [
+    "Encoder",
+    "SSLModel",
+    "build_backbone",
+    "mlp",
+    "update_momentum",
+]
+
+
+def build_backbone(cfg: ModelConfig) -> nn.Module:
+    """``timm.create_model(cfg.backbone, num_classes=0, ...)``: pooled features ``[B, F]``.
+
+    ``img_size`` / ``patch_size`` are passed only when set (ViTs; e.g. ``vit_tiny_patch16_224``
+    with ``img_size=32, patch_size=2`` is MOS's ViT-T/2 for CIFAR). Never downloads weights.
+    """
+    import timm
+
+    kwargs = dict(cfg.backbone_kwargs)
+    if cfg.img_size is not None:
+        kwargs["img_size"] = cfg.img_size
+    if cfg.patch_size is not None:
+        kwargs["patch_size"] = cfg.patch_size
+    if cfg.drop_path_rate:
+        kwargs["drop_path_rate"] = cfg.drop_path_rate
+    if not timm.is_model(cfg.backbone):
+        close = timm.list_models(f"*{cfg.backbone.split('_')[0]}*")[:12]
+        raise ValueError(
+            f"unknown timm backbone {cfg.backbone!r}; e.g. {', '.join(close) or 'see timm.list_models()'}"
+        )
+    try:
+        return timm.create_model(cfg.backbone, pretrained=False, num_classes=0, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"timm.create_model({cfg.backbone!r}, **{kwargs}): {e}") from None
+
+
+def mlp(in_dim: int, sizes: Sequence[int], last_bn: bool = False) -> nn.Sequential:
+    """An MLP from a list of layer output sizes: ``[Linear, BN, ReLU] * (n - 1) + [Linear]``.
+
+    Hidden layers have BatchNorm and ReLU (BYOL section 3.3, MoCo v3 section 4.1) and no bias
+    (the BN shift replaces it). The last layer has a bias, or, with ``last_bn``, no bias and a
+    ``BatchNorm1d(affine=False)`` after it (MoCo v3's projector, which MOS adopts).
+    ``mlp(384, (4096, 4096, 256), last_bn=True)`` is MOS's 3-layer projector for ViT-S.
+    """
+    if not sizes:
+        raise ValueError("an MLP needs at least one layer size")
+    layers: list[nn.Module] = []
+    dim = in_dim
+    for i, size in enumerate(sizes):
+        last = i == len(sizes) - 1
+        layers.append(nn.Linear(dim, size, bias=last and not last_bn))
+        if not last:
+            layers += [nn.BatchNorm1d(size), nn.ReLU(inplace=True)]
+        elif last_bn:
+            layers.append(nn.BatchNorm1d(size, affine=False))
+        dim = size
+    return nn.Sequential(*layers)
+
+
+class Encoder(nn.Module):
+    """Backbone + projector. ``forward(views)`` runs a list of views and returns one projection
+    ``[B_i, D]`` per view.
+
+    Views of equal shape share one backbone call (``torch.cat``: one big batch, better GPU use;
+    exact for ViTs, whose LayerNorm is per sample; for ResNets it makes the backbone's BN
+    statistics span those views together). The projector runs per view, so the heads' BN
+    statistics are per view, as in BYOL and MoCo v3.
+    """
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projector
+
+    def features(self, views: Sequence[Tensor]) -> list[Tensor]:
+        """Backbone features ``[B_i, F]`` per view, grouping views of equal shape."""
+        out: list[Tensor | None] = [None] * len(views)
+        groups: dict[tuple, list[int]] = {}
+        for i, v in enumerate(views):
+            groups.setdefault(tuple(v.shape[1:]), []).append(i)
+        for idx in groups.values():
+            x = views[idx[0]] if len(idx) == 1 else torch.cat([views[i] for i in idx])
+            feats = self.backbone(x).split([views[i].shape[0] for i in idx])
+            for i, f in zip(idx, feats, strict=True):
+                out[i] = f
+        return out  # type: ignore[return-value]
+
+    def forward(self, views: Sequence[Tensor]) -> list[Tensor]:
+        return [self.projector(f) for f in self.features(views)]
+
+
+class SSLModel(nn.Module):
+    """Online encoder + predictor + EMA target (+ method extras), see the module docstring.
+
+    ``step_fn(model, batch) -> dict[str, Tensor]`` is the method's forward (views -> loss
+    terms, ``"loss"`` to backpropagate); ``forward`` delegates to it.
+    """
+
+    def __init__(
+        self,
+        online: Encoder,
+        predictor: nn.Module,
+        step_fn: Callable[[SSLModel, dict], dict[str, Tensor]],
+        extra: dict[str, nn.Module] | None = None,
+    ) -> None:
+        super().__init__()
+        self.online = online
+        self.predictor = predictor
+        self.target = copy.deepcopy(online)
+        for p in self.target.parameters():
+            p.requires_grad_(False)
+        self.extra = nn.ModuleDict(extra or {})
+        self.step_fn = step_fn
+
+    @property
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """``(online, ema)`` module pairs of identical structure, walked by ``update_momentum``."""
+        return [(self.online, self.target)]
+
+    def predict(self, views: Sequence[Tensor]) -> list[Tensor]:
+        """Online branch: backbone -> projector -> predictor, one ``[B_i, D]`` per view."""
+        return [self.predictor(z) for z in self.online(views)]
+
+    @torch.no_grad()
+    def project_target(self, views: Sequence[Tensor]) -> list[Tensor]:
+        """Target branch (stop-gradient): EMA backbone -> EMA projector, ``[B_i, D]`` per view."""
+        return [z.detach() for z in self.target(views)]
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        return self.step_fn(self, batch)
+
+
+@torch.no_grad()
+def update_momentum(pairs: Sequence[tuple[nn.Module, nn.Module]], momentum: float) -> None:
+    """``ema = m * ema + (1 - m) * online`` for every parameter of every pair (UniVIP eq. 1,
+    BYOL, MoCo). Buffers (BN running statistics) are left to each module's own forward passes,
+    as in BYOL and MoCo v3. ``momentum = 1`` leaves the EMA unchanged."""
+    for online, ema in pairs:
+        ema_params = list(ema.parameters())
+        online_params = list(online.parameters())
+        if len(ema_params) != len(online_params):
+            raise ValueError("momentum pair modules have different parameter lists")
+        if momentum < 1.0:
+            torch._foreach_lerp_(ema_params, online_params, 1.0 - momentum)

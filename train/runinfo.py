@@ -1,0 +1,101 @@
+"""What produced a run: git SHA, library versions, device, command line (DINO's ``get_sha``)."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+__all__ = ["describe_device", "git_sha", "library_versions", "run_info"]
+
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def git_sha(path: str | Path = _REPO) -> dict | None:
+    """``{"sha": ..., "dirty": bool}`` of the checkout holding this code, ``None`` outside git."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10
+        )
+        if sha.returncode != 0:
+            return None
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=path,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"sha": sha.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def _version(dist_name: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def library_versions() -> dict[str, str | None]:
+    """Versions of python and the libraries that shape a run (``None``: not installed)."""
+    dali = next(
+        (
+            v
+            for d in ("nvidia-dali-cuda120", "nvidia-dali-cuda130", "nvidia-dali-cuda110")
+            if (v := _version(d))
+        ),
+        None,
+    )
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": str(torch.backends.cudnn.version())
+        if torch.backends.cudnn.is_available()
+        else None,
+        "timm": _version("timm"),
+        "numpy": _version("numpy"),
+        "dali": dali,
+        "ssl-cli": _version("ssl-cli"),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_device(device: torch.device) -> str:
+    """E.g. ``"NVIDIA H100 80GB HBM3 (80.0 GiB), 8 visible"`` or ``"CPU: <model>, 2 cores"``."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return (
+            f"{props.name} ({props.total_memory / 2**30:.1f} GiB), "
+            f"{torch.cuda.device_count()} visible"
+        )
+    return f"CPU: {_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def run_info(device: torch.device, world_size: int) -> dict:
+    return {
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git": git_sha(),
+        "versions": library_versions(),
+        "device": describe_device(device),
+        "world_size": world_size,
+        "host": platform.node(),
+        "command": sys.argv,
+    }
