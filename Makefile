@@ -57,5 +57,14 @@ pretrain: $(STAMP)
 clean:
 	rm -rf runs build *.egg-info
 
+# Benchmarks on the embedded sample (BENCH_SHARDS= a real shard folder for real figures).
+BENCH_SHARDS ?= runs/bench/shards
+BENCH_OUT ?= runs/bench
+
 bench: $(STAMP)
-	$(BIN)/ssl-cli bench shards @sample --max-side 224 --max-side 320 --max-side 400 --max-side 500
+	mkdir -p $(BENCH_OUT)
+	$(BIN)/ssl-cli bench shards @sample --max-side 224 --max-side 320 --max-side 400 --json $(BENCH_OUT)/shards.json
+	test -f $(BENCH_SHARDS)/manifest.json || $(BIN)/ssl-cli shards build @sample $(BENCH_SHARDS) --shard-size 8 --no-progress
+	for m in mos univip multicrop; do $(BIN)/ssl-cli bench pipeline $(BENCH_SHARDS) --method $$m --json $(BENCH_OUT)/pipeline_$$m.json || exit 1; done
+	$(BIN)/ssl-cli bench train --config configs/demo_mos_cpu.yaml --data $(BENCH_SHARDS) --json $(BENCH_OUT)/train_mos.json
+	$(BIN)/ssl-cli bench train --config configs/demo_univip_cpu.yaml --data $(BENCH_SHARDS) --json $(BENCH_OUT)/train_univip.json
