@@ -184,6 +184,32 @@ class UniVIPLossConfig:
     cosine_marginals: bool = True  # train.losses.univip.instance_marginals
 
 
+# UniVIP section 4 "Optimization" on COCO (following ORL, the BYOL COCO setting): SGD,
+# momentum 0.9, wd 1e-4, cosine lr with base 0.2 at batch 512 (0.1 per 256), 4 warmup epochs,
+# 800 epochs, EMA 0.99 -> 1; ResNet-50 with BYOL's heads (2-layer MLPs, 4096 hidden, 256 out).
+# BYOL, the baseline on the same shards, uses the same recipe.
+_COCO_R50_RECIPE = {
+    "model": {
+        "backbone": "resnet50",
+        "drop_path_rate": 0.0,
+        "projector": [4096, 256],
+        "predictor": [4096, 256],
+        "projector_last_bn": False,
+        "predictor_last_bn": False,
+    },
+    "optim": {
+        "name": "sgd",
+        "base_lr": 0.1,
+        "min_lr": 0.0,
+        "weight_decay": 1e-4,
+        "weight_decay_end": 1e-4,
+        "momentum": 0.9,
+    },
+    "schedule": {"epochs": 800, "warmup_epochs": 4},
+    "ema": {"start": 0.99, "end": 1.0},
+}
+
+
 def _univip_extra(cfg: TrainConfig, dim: int) -> dict[str, nn.Module]:
     # eq. 4: I = f_linear(concat(o_1, ..., o_K)), K * D -> D
     return {"instance_map": nn.Linear(cfg.data.num_instances * dim, dim)}
@@ -218,24 +244,7 @@ register(
         # EMA 0.99 -> 1; ResNet-50 with BYOL's heads (2-layer MLPs, 4096 hidden, 256 out).
         recipe={
             "data": {"batch_size": 512, "size": 224, "instance_size": 96, "num_instances": 4},
-            "model": {
-                "backbone": "resnet50",
-                "drop_path_rate": 0.0,
-                "projector": [4096, 256],
-                "predictor": [4096, 256],
-                "projector_last_bn": False,
-                "predictor_last_bn": False,
-            },
-            "optim": {
-                "name": "sgd",
-                "base_lr": 0.1,
-                "min_lr": 0.0,
-                "weight_decay": 1e-4,
-                "weight_decay_end": 1e-4,
-                "momentum": 0.9,
-            },
-            "schedule": {"epochs": 800, "warmup_epochs": 4},
-            "ema": {"start": 0.99, "end": 1.0},
+            **_COCO_R50_RECIPE,
         },
         summary="UniVIP: scene-scene, scene-instance, instance-instance (optimal transport)",
     )
@@ -278,24 +287,7 @@ register(
         # EMA 0.996) is in docs/training.md.
         recipe={
             "data": {"batch_size": 512, "size": 224},
-            "model": {
-                "backbone": "resnet50",
-                "drop_path_rate": 0.0,
-                "projector": [4096, 256],
-                "predictor": [4096, 256],
-                "projector_last_bn": False,
-                "predictor_last_bn": False,
-            },
-            "optim": {
-                "name": "sgd",
-                "base_lr": 0.1,
-                "min_lr": 0.0,
-                "weight_decay": 1e-4,
-                "weight_decay_end": 1e-4,
-                "momentum": 0.9,
-            },
-            "schedule": {"epochs": 800, "warmup_epochs": 4},
-            "ema": {"start": 0.99, "end": 1.0},
+            **_COCO_R50_RECIPE,
         },
         summary="BYOL: 2 - 2 cos between online predictions and target projections",
     )
