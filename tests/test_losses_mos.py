@@ -311,3 +311,11 @@ def test_ddp_gather_matches_single_process(tmp_path):
     single_full = soft_contrastive(p["s1"], z["s2"], torch.eye(batch), 0.2)
     ranks = sum(r["single"] for r in results) / world
     assert ranks == pytest.approx(single_full.item(), abs=1e-5)
+
+
+def test_soft_targets_with_a_known_sample_bound_match_the_checked_path():
+    members_q = torch.tensor([[0, 1, 2, 3], [1, 2, 3, 0], [2, 2, 3, 1]])
+    members_k = torch.tensor([[3], [1], [0], [2]])
+    checked = soft_targets(members_q, members_k)
+    bounded = soft_targets(members_q, members_k, num_samples=8)  # any bound above the indices
+    torch.testing.assert_close(bounded, checked)

@@ -96,12 +96,15 @@ def _check_members(name: str, members: Tensor) -> None:
         raise ValueError(f"{name} must be int64 sample indices, got {members.dtype}")
 
 
-def soft_targets(members_q: Tensor, members_k: Tensor) -> Tensor:
+def soft_targets(members_q: Tensor, members_k: Tensor, num_samples: int | None = None) -> Tensor:
     """Soft targets by shared-sample count (eq. 8-10, appendix B eq. 16-17).
 
     Args:
         members_q: ``[Bq, Mq]`` int64, sample index of every object (cell) of each query image.
         members_k: ``[Bk, Mk]`` int64, same for each key image. Use global indices under DDP.
+        num_samples: an upper bound on the sample indices (``world * B_local`` for global
+            indices). When given, the indices are trusted and nothing waits on the device;
+            when ``None`` it is read from the members (a device-to-host sync) and checked.
 
     Returns:
         ``[Bq, Bk]`` float32. ``counts[i, j] = sum_{a, b} [members_q[i, a] == members_k[j, b]]``
@@ -117,9 +120,10 @@ def soft_targets(members_q: Tensor, members_k: Tensor) -> Tensor:
     _check_members("members_k", members_k)
     if members_q.numel() == 0 or members_k.numel() == 0:
         return torch.zeros(members_q.shape[0], members_k.shape[0], device=members_q.device)
-    if int(members_q.min()) < 0 or int(members_k.min()) < 0:
-        raise ValueError("members must be non-negative sample indices")
-    num_samples = 1 + max(int(members_q.max()), int(members_k.max()))
+    if num_samples is None:
+        if int(members_q.min()) < 0 or int(members_k.min()) < 0:
+            raise ValueError("members must be non-negative sample indices")
+        num_samples = 1 + max(int(members_q.max()), int(members_k.max()))
     device = members_q.device
 
     def histogram(members: Tensor) -> Tensor:  # [B, M] -> [B, N]: copies of sample n in image b
@@ -221,9 +225,11 @@ class MOSLoss(nn.Module):
         self.weights = {"m2s": weight_m2s, "m2m": weight_m2m, "s2s": weight_s2s}
         self.gather = gather
 
-    def _term(self, q: Tensor, k: Tensor, members_q: Tensor, members_k: Tensor) -> Tensor:
+    def _term(
+        self, q: Tensor, k: Tensor, members_q: Tensor, members_k: Tensor, num_samples: int
+    ) -> Tensor:
         members_k_all = all_gather_no_grad(members_k) if self.gather else members_k
-        targets = soft_targets(members_q, members_k_all)  # [Bq, W * Bk]
+        targets = soft_targets(members_q, members_k_all, num_samples)  # [Bq, W * Bk]
         return self.scale * soft_contrastive(q, k, targets, self.temperature, gather=self.gather)
 
     def forward(
@@ -248,18 +254,20 @@ class MOSLoss(nn.Module):
         log the others (skipped terms are 0).
         """
         zero = p_m1.new_zeros((), dtype=torch.float32)
+        world, _ = _world_and_rank()
+        n = world * members_s.shape[0] if self.gather else None  # global indices < W * B
         terms: dict[str, Tensor] = {}
         if self.weights["m2s"]:  # eq. 11
-            terms["m2s"] = self._term(p_m1, z_s2, members_m1, members_s) + self._term(
-                p_m2, z_s1, members_m2, members_s
+            terms["m2s"] = self._term(p_m1, z_s2, members_m1, members_s, n) + self._term(
+                p_m2, z_s1, members_m2, members_s, n
             )
         if self.weights["m2m"]:  # eq. 12
-            terms["m2m"] = self._term(p_m1, z_m2, members_m1, members_m2) + self._term(
-                p_m2, z_m1, members_m2, members_m1
+            terms["m2m"] = self._term(p_m1, z_m2, members_m1, members_m2, n) + self._term(
+                p_m2, z_m1, members_m2, members_m1, n
             )
         if self.weights["s2s"]:  # eq. 13
-            terms["s2s"] = self._term(p_s1, z_s2, members_s, members_s) + self._term(
-                p_s2, z_s1, members_s, members_s
+            terms["s2s"] = self._term(p_s1, z_s2, members_s, members_s, n) + self._term(
+                p_s2, z_s1, members_s, members_s, n
             )
         total = zero
         for name, value in terms.items():  # eq. 14
