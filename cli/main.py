@@ -366,10 +366,12 @@ def plot_cmd(run, out) -> None:
     click.echo(f"wrote {path}")
 
 
+from cli.eval_cmds import eval_group  # noqa: E402
 from cli.pipeline_cmds import bench_pipeline, preview  # noqa: E402
 from cli.train_cmds import bench_train, pretrain  # noqa: E402
 
 main.add_command(preview)
+main.add_command(eval_group, name="eval")
 main.add_command(pretrain)
 bench.add_command(bench_pipeline, name="pipeline")
 bench.add_command(bench_train, name="train")

@@ -212,21 +212,29 @@ def _common_flags(
 @click.option(
     "--progress/--no-progress", default=None, help="Progress bar (rank 0, terminals only)."
 )
+@click.option(
+    "--eval-every",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Steps between kNN evaluations on --eval-train/--eval-val (and one at the end); "
+    "0: off. Lines eval/knn_top1, eval/knn_top5 go to metrics.jsonl.",
+)
+@click.option(
+    "--eval-train",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Labelled shards: the kNN memory bank.",
+)
+@click.option(
+    "--eval-val",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Labelled shards: the kNN queries.",
+)
 @click.option("--print-config", is_flag=True, help="Print the resolved config and exit.")
 def pretrain(
     method,
     config_file,
-    shards,
-    synthetic,
-    batch_size,
-    base_lr,
-    backbone,
-    device,
-    precision,
-    compile_,
-    num_threads,
-    workers,
-    seed,
     assignments,
     out,
     epochs,
@@ -236,14 +244,19 @@ def pretrain(
     keep_last,
     resume,
     progress,
+    eval_every,
+    eval_train,
+    eval_val,
     print_config,
+    **common,
 ) -> None:
     """Self-supervised pretraining of MOS, UniVIP, BYOL or MoCo v3 on shards.
 
     Values come from the method's recipe, then --config, then the flags, then --set. A run
     directory that holds checkpoints is resumed from the newest one (same config required,
     apart from run/logging keys). Multi-GPU: torchrun --nproc-per-node N $(which ssl-cli)
-    pretrain ...
+    pretrain ... With --eval-every N --eval-train SHARDS --eval-val SHARDS, a weighted kNN on
+    labelled shards runs every N steps and is logged to metrics.jsonl.
     """
     from train.checkpoint import read_checkpoint_config
     from train.config import ConfigError, dump_yaml, to_dict
@@ -251,20 +264,8 @@ def pretrain(
     from train.loop import pretrain as run_pretrain
     from train.methods import resolve_config
 
-    _check_device(device)
-    flags = _common_flags(
-        shards,
-        synthetic,
-        batch_size,
-        base_lr,
-        backbone,
-        device,
-        precision,
-        compile_,
-        num_threads,
-        workers,
-        seed,
-    )
+    _check_device(common["device"])
+    flags = _common_flags(**common)
     flags.update(
         {
             "run.out": out,
@@ -274,6 +275,9 @@ def pretrain(
             "run.ckpt_every": ckpt_every,
             "run.keep_last": keep_last,
             "run.progress": progress,
+            "eval.every": eval_every,
+            "eval.train": eval_train,
+            "eval.val": eval_val,
         }
     )
     try:
@@ -321,22 +325,12 @@ def pretrain(
 def bench_train(
     method,
     config_file,
-    shards,
-    synthetic,
-    batch_size,
-    base_lr,
-    backbone,
-    device,
-    precision,
-    compile_,
-    num_threads,
-    workers,
-    seed,
     assignments,
     steps,
     warmup,
     synthetic_only,
     json_out,
+    **common,
 ) -> None:
     """Trainer images/s on real shards next to the same step fed with on-device synthetic
     tensors (the compute ceiling), measured in one run."""
@@ -344,20 +338,8 @@ def bench_train(
     from train.config import ConfigError
     from train.methods import resolve_config
 
-    _check_device(device)
-    flags = _common_flags(
-        shards,
-        synthetic,
-        batch_size,
-        base_lr,
-        backbone,
-        device,
-        precision,
-        compile_,
-        num_threads,
-        workers,
-        seed,
-    )
+    _check_device(common["device"])
+    flags = _common_flags(**common)
     try:
         cfg = resolve_config(*_layers(config_file, method, assignments, flags))
         _check_device(cfg.run.device, cfg.run.precision)

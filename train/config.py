@@ -29,6 +29,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "EMAConfig",
+    "EvalConfig",
     "ModelConfig",
     "OptimConfig",
     "RunConfig",
@@ -127,6 +128,39 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Weighted kNN (DINO) on labelled shards every ``every`` steps and at the end of training.
+
+    The backbone of ``branch`` in eval mode, centre crops of side ``data.size``; ``train`` is
+    the kNN memory bank, ``val`` the queries (``pipeline.eval.EvalLoader``). Changing these
+    keys does not change what training computes: they may differ on resume.
+    """
+
+    every: int = 0  # steps between kNN evaluations (plus one at the last step); 0: off
+    train: str = ""  # labelled shard directory: the memory bank
+    val: str = ""  # labelled shard directory: the queries
+    k: int = 20  # neighbours (DINO)
+    temperature: float = 0.07  # vote weight exp(cos / temperature) (DINO)
+    batch_size: int = 256  # images per forward pass, per rank
+    branch: Literal["online", "target"] = "online"  # online backbone, or the EMA one
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"eval.every must be >= 0 (0: off), got {self.every}")
+        if self.k < 1 or self.batch_size < 1:
+            raise ValueError(
+                f"eval.k and eval.batch_size must be >= 1, got {self.k}, {self.batch_size}"
+            )
+        if not self.temperature > 0:
+            raise ValueError(f"eval.temperature must be > 0, got {self.temperature}")
+        if self.every and not (self.train and self.val):
+            raise ValueError(
+                f"eval.every={self.every} needs labelled shards for eval.train and eval.val "
+                "(--eval-train SHARDS --eval-val SHARDS)"
+            )
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     method: str = "mos"
     data: DataConfig = field(default_factory=DataConfig)
@@ -136,6 +170,7 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     loss: Any = None  # the method's loss dataclass (train.methods), filled by resolve_config
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)

@@ -1,13 +1,17 @@
 """Frozen-feature evaluation: weighted kNN (DINO) and a linear probe.
 
 Both take backbone features already extracted (``[N, D]``) with integer labels, so they are
-independent of how the features were produced (the DALI centre-crop eval loader in practice).
+independent of how the features were produced. :func:`knn_eval` and :func:`linear_eval` run
+them on a checkpoint's backbone over labelled shards (features from the DALI centre-crop eval
+loader, :mod:`train.features`) and write a JSON report into the run (``ssl-cli eval``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -135,3 +139,210 @@ def probe_accuracy(probe: nn.Module, features: Tensor, labels: Tensor) -> Accura
     top1, top5 = _topk_accuracy(scores, labels.long())
     n = labels.shape[0]
     return Accuracy(100.0 * top1 / max(n, 1), 100.0 * top5 / max(n, 1), n)
+
+
+# ------------------------------------------------------------------- checkpoints on shards
+
+
+def report_path(checkpoint: str | Path, kind: str, step: int, branch: str = "online") -> Path:
+    """Where the report of ``kind`` ("knn", "linear") goes: ``RUN/eval/KIND-step-N.json`` for
+    ``RUN/checkpoints/step-N.pt`` (``KIND-target-...`` for the EMA branch); beside the file in an
+    ``eval/`` folder for a checkpoint outside a run directory."""
+    ckpt = Path(checkpoint)
+    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    name = kind if branch == "online" else f"{kind}-{branch}"
+    return run / "eval" / f"{name}-step-{step:08d}.json"
+
+
+def _extract_pair(
+    checkpoint: str | Path,
+    train: str | Path,
+    val: str | Path,
+    size: int | None,
+    batch_size: int,
+    branch: str,
+    num_threads: int | None,
+    precision: str,
+    progress: bool,
+    info,
+) -> tuple[Any, Any, dict]:
+    """Backbone features of ``train`` and ``val`` (every rank gets both, in row order)."""
+    from pipeline.eval import EvalLoader
+    from train.features import extract_features, load_backbone
+
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"unknown precision {precision!r}; choose fp32 or bf16")
+    if precision == "bf16" and info.device.type != "cuda":
+        raise ValueError("precision 'bf16' (autocast) needs a CUDA GPU; use fp32")
+    backbone, meta = load_backbone(checkpoint, branch)
+    cuda = info.device.type == "cuda"
+    backbone.to(info.device)
+    if cuda:
+        backbone.to(memory_format=torch.channels_last)
+    size = size or meta["config"].data.size
+
+    def autocast():
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+
+    out = []
+    for shards in (train, val):
+        with EvalLoader(
+            shards,
+            size=size,
+            batch_size=batch_size,
+            rank=info.rank,
+            world_size=info.world_size,
+            device=str(info.device),
+            num_threads=num_threads,
+        ) as loader:
+            out.append(
+                extract_features(
+                    backbone,
+                    loader,
+                    autocast if precision == "bf16" else None,
+                    channels_last=cuda,
+                    progress=progress and info.is_main,
+                )
+            )
+    meta.update(size=size, precision=precision)
+    return out[0], out[1], meta
+
+
+def _report(kind: str, meta: dict, bank, queries, info, seconds: float, **fields) -> dict:
+    from train.runinfo import run_info
+
+    cfg = meta["config"]
+    return {
+        "eval": kind,
+        **fields,
+        "checkpoint": meta["checkpoint"],
+        "step": meta["step"],
+        "method": meta["method"],
+        "backbone": cfg.model.backbone,
+        "branch": meta["branch"],
+        "size": meta["size"],
+        "precision": meta["precision"],
+        "train": bank.root,
+        "val": queries.root,
+        "n_train": len(bank),
+        "n_val": len(queries),
+        "num_classes": max(bank.num_classes, queries.num_classes),
+        "feature_dim": int(bank.features.shape[1]),
+        "elapsed_s": round(seconds, 3),
+        "run": run_info(info.device, info.world_size),
+    }
+
+
+def _evaluate(kind: str, checkpoint, train, val, options: dict, compute, out) -> dict:
+    """Shared frame of :func:`knn_eval` and :func:`linear_eval`: process group, extraction,
+    ``compute(bank, queries, num_classes) -> fields``, report written by rank 0."""
+    import json
+    import time
+
+    from train.distributed import barrier, cleanup_distributed, init_distributed
+
+    info = init_distributed(options.pop("device"))
+    try:
+        start = time.perf_counter()
+        bank, queries, meta = _extract_pair(checkpoint, train, val, info=info, **options)
+        num_classes = max(bank.num_classes, queries.num_classes)
+        fields = compute(bank, queries, num_classes)
+        report = _report(kind, meta, bank, queries, info, time.perf_counter() - start, **fields)
+        path = (
+            Path(out)
+            if out
+            else report_path(meta["checkpoint"], kind, meta["step"], meta["branch"])
+        )
+        report["path"] = str(path)
+        if info.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps(report, indent=1) + "\n")
+            tmp.replace(path)
+        barrier()
+        return report
+    finally:
+        cleanup_distributed(info)
+
+
+def knn_eval(
+    checkpoint: str | Path,
+    train: str | Path,
+    val: str | Path,
+    k: int = 20,
+    temperature: float = 0.07,
+    size: int | None = None,
+    batch_size: int = 256,
+    device: str = "auto",
+    branch: str = "online",
+    num_threads: int | None = None,
+    precision: str = "fp32",
+    out: str | Path | None = None,
+    progress: bool = False,
+) -> dict:
+    """Weighted kNN (DINO) of a checkpoint's backbone: ``train`` shards are the memory bank,
+    ``val`` the queries, centre crops of ``size`` (default: the checkpoint's ``data.size``).
+    Writes the report (:func:`report_path`, or ``out``) and returns it (``top1``, ``top5`` in
+    percent, counts, checkpoint, step, ...). Under ``torchrun`` every rank calls it."""
+    if k < 1 or not temperature > 0:
+        raise ValueError(f"k must be >= 1 and temperature > 0, got {k}, {temperature}")
+
+    def compute(bank, queries, num_classes):
+        acc = knn_accuracy(
+            bank.features,
+            bank.labels,
+            queries.features,
+            queries.labels,
+            num_classes,
+            k,
+            temperature,
+        )
+        return {"top1": acc.top1, "top5": acc.top5, "k": k, "temperature": temperature}
+
+    options = dict(
+        size=size,
+        batch_size=batch_size,
+        device=device,
+        branch=branch,
+        num_threads=num_threads,
+        precision=precision,
+        progress=progress,
+    )
+    return _evaluate("knn", checkpoint, train, val, options, compute, out)
+
+
+def linear_eval(
+    checkpoint: str | Path,
+    train: str | Path,
+    val: str | Path,
+    probe: LinearProbeConfig = LinearProbeConfig(),
+    size: int | None = None,
+    batch_size: int = 256,
+    device: str = "auto",
+    branch: str = "online",
+    num_threads: int | None = None,
+    precision: str = "fp32",
+    out: str | Path | None = None,
+    progress: bool = False,
+) -> dict:
+    """Linear probe (:func:`train_linear_probe`) on frozen centre-crop features of ``train``,
+    accuracy on ``val``; report written and returned like :func:`knn_eval` (plus
+    ``train_top1`` and the probe's hyper-parameters)."""
+    from dataclasses import asdict
+
+    def compute(bank, queries, num_classes):
+        model = train_linear_probe(bank.features, bank.labels, num_classes, probe)
+        acc = probe_accuracy(model, queries.features, queries.labels)
+        fit = probe_accuracy(model, bank.features, bank.labels)
+        return {"top1": acc.top1, "top5": acc.top5, "train_top1": fit.top1, "probe": asdict(probe)}
+
+    options = dict(
+        size=size,
+        batch_size=batch_size,
+        device=device,
+        branch=branch,
+        num_threads=num_threads,
+        precision=precision,
+        progress=progress,
+    )
+    return _evaluate("linear", checkpoint, train, val, options, compute, out)

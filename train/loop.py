@@ -2,8 +2,8 @@
 
 Set-up (:func:`build_parts`) makes the model, loss, optimizer, scaler, loader and the per-step
 schedules; :func:`train_step` is one optimizer step; :func:`pretrain` is the loop around it with
-logging, the non-finite-loss guard and checkpoints. ``ssl-cli bench train`` times the same
-:func:`train_step`.
+logging, the non-finite-loss guard, the periodic kNN evaluation (``eval.every``,
+:func:`knn_step`) and checkpoints. ``ssl-cli bench train`` times the same :func:`train_step`.
 
 Resume semantics (``docs/training.md``): a checkpoint restores the model (online, predictor,
 extras and EMA target), optimizer, grad scaler, step, RNG of every rank and the loader's data
@@ -58,8 +58,10 @@ __all__ = [
     "Parts",
     "RESUMABLE_KEYS",
     "build_loader",
+    "build_monitor",
     "build_parts",
     "find_resume_checkpoint",
+    "knn_step",
     "pretrain",
     "resolve_precision",
     "train_step",
@@ -82,6 +84,13 @@ RESUMABLE_KEYS = frozenset(
         "data.shards",
         "data.num_threads",
         "data.workers",
+        "eval.every",
+        "eval.train",
+        "eval.val",
+        "eval.k",
+        "eval.temperature",
+        "eval.batch_size",
+        "eval.branch",
     }
 )
 
@@ -420,6 +429,49 @@ def _format_eta(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}"
 
 
+# -------------------------------------------------------------------------------- periodic kNN
+
+
+def build_monitor(cfg: TrainConfig, info: DistInfo) -> Any:
+    """The periodic kNN of ``eval.every`` (``train.features.KNNMonitor``: both eval loaders
+    opened now, so unlabelled shards fail before training), or ``None`` when it is off."""
+    if cfg.eval.every <= 0:
+        return None
+    from train.features import KNNMonitor
+
+    e = cfg.eval
+    for key, path in (("eval.train", e.train), ("eval.val", e.val)):
+        if not Path(path).is_dir():
+            raise ConfigError(f"{key}: {path} is not a directory")
+    return KNNMonitor(
+        e.train,
+        e.val,
+        size=cfg.data.size,
+        batch_size=e.batch_size,
+        k=e.k,
+        temperature=e.temperature,
+        rank=info.rank,
+        world_size=info.world_size,
+        device=info.device,
+        num_threads=cfg.data.num_threads,
+    )
+
+
+def knn_step(parts: Parts, monitor: Any, step: int) -> dict:
+    """kNN accuracy of the backbone of ``eval.branch`` after ``step`` steps (every rank calls
+    it), under the run's autocast. The model is left in train mode and every RNG stream as it
+    was (``capture_rng``/``restore_rng``), so an evaluated run trains exactly like one that is
+    not. Returns the metrics line ``{"step", "eval/knn_top1", "eval/knn_top5"}``."""
+    encoder = parts.model.online if parts.cfg.eval.branch == "online" else parts.model.target
+    rng = capture_rng(parts.info.device)
+    try:
+        acc = monitor(encoder.backbone, parts.autocast, parts.channels_last)
+    finally:
+        parts.model.train()
+        restore_rng(rng, parts.info.device)
+    return {"step": step, "eval/knn_top1": acc.top1, "eval/knn_top5": acc.top5}
+
+
 # -------------------------------------------------------------------------------------- loop
 
 
@@ -436,7 +488,8 @@ def pretrain(
     interface (tests pass a :class:`train.synthetic.SyntheticLoader`); by default it is built
     from the config. Under ``torchrun`` every rank calls this.
 
-    Returns ``{"step", "checkpoint", "metrics"}`` (metrics: the lines logged by this call).
+    Returns ``{"step", "checkpoint", "metrics", "eval"}`` (metrics: the training lines logged
+    by this call; eval: its kNN lines, with ``eval.every``).
     Raises :class:`NonFiniteLossError` on a NaN/inf loss, :class:`ConfigError` on a config that
     cannot run.
     """
@@ -463,6 +516,12 @@ def _pretrain(cfg: TrainConfig, info: DistInfo, loader: Any, resume: Any, log: C
             )
     own_loader = loader is None
     parts = build_parts(cfg, info, loader)
+    try:
+        monitor = build_monitor(cfg, info)
+    except BaseException:
+        if own_loader:
+            parts.loader.close()
+        raise
     sched = parts.schedules
     steps_per_epoch, total = sched.steps_per_epoch, sched.total_steps
     global_batch = cfg.data.batch_size
@@ -542,6 +601,7 @@ def _pretrain(cfg: TrainConfig, info: DistInfo, loader: Any, resume: Any, log: C
     guard = _FiniteGuard(parts.terms, info.device)
     sums = torch.zeros(len(parts.terms), device=info.device)
     logged: list[dict] = []
+    evals: list[dict] = []
     last_ckpt: Path | None = ckpt_path
     t_last, n_since = time.perf_counter(), 0
     t_begin = t_last
@@ -598,6 +658,26 @@ def _pretrain(cfg: TrainConfig, info: DistInfo, loader: Any, resume: Any, log: C
                 sums.zero_()
                 t_last, n_since = now, 0
 
+            # before the checkpoint of the same step: a run resumed from that checkpoint never
+            # lacks this line, and one resumed from an earlier checkpoint recomputes it
+            if monitor is not None and (done % cfg.eval.every == 0 or done == total):
+                t_eval = time.perf_counter()
+                record = knn_step(parts, monitor, done)
+                evals.append(record)
+                seconds = time.perf_counter() - t_eval
+                t_last += seconds  # images/s and the ETA count training time only
+                if main:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    if writer is not None:
+                        for k in ("eval/knn_top1", "eval/knn_top5"):
+                            writer.add_scalar(k, record[k], done)
+                    with tqdm.external_write_mode():
+                        log(
+                            f"step {done}/{total} kNN top-1 {record['eval/knn_top1']:.2f}% "
+                            f"top-5 {record['eval/knn_top5']:.2f}% ({seconds:.1f} s)"
+                        )
+
             if done % cfg.run.ckpt_every == 0 or done == total:
                 guard.check()
                 last_ckpt = _save(parts, run_dir, done, steps_per_epoch)
@@ -608,9 +688,16 @@ def _pretrain(cfg: TrainConfig, info: DistInfo, loader: Any, resume: Any, log: C
             writer.close()
         if own_loader:
             parts.loader.close()
+        if monitor is not None:
+            monitor.close()
     if main and start >= total:
         log(f"nothing to do: {run_dir} is already trained to step {total}")
-    return {"step": total, "checkpoint": str(last_ckpt) if last_ckpt else None, "metrics": logged}
+    return {
+        "step": total,
+        "checkpoint": str(last_ckpt) if last_ckpt else None,
+        "metrics": logged,
+        "eval": evals,
+    }
 
 
 def _save(parts: Parts, run_dir: Path, step: int, steps_per_epoch: int) -> Path:

@@ -1,0 +1,252 @@
+"""Click commands of frozen-feature evaluation: ``ssl-cli eval knn`` and ``ssl-cli eval linear``.
+
+A :class:`click.Group`, registered in ``cli/main.py``::
+
+    main.add_command(eval_group, name="eval")
+
+The commands parse options and call :func:`train.evaluation.knn_eval` /
+:func:`train.evaluation.linear_eval`, which extract the features, score them and write the JSON
+report into the run; nothing else here. Under ``torchrun`` every rank extracts its part.
+"""
+
+from __future__ import annotations
+
+import click
+
+__all__ = ["eval_group"]
+
+
+@click.group("eval", context_settings={"show_default": True})
+def eval_group() -> None:
+    """Frozen-feature evaluation of a pretrained backbone on labelled shards."""
+
+
+def _options(f):
+    """Options shared by knn and linear: checkpoint, shards, extraction."""
+    options = [
+        click.option(
+            "--ckpt",
+            required=True,
+            type=click.Path(exists=True),
+            help="Run directory (its newest checkpoint) or a checkpoint file.",
+        ),
+        click.option(
+            "--train",
+            "train_shards",
+            required=True,
+            type=click.Path(exists=True, file_okay=False),
+            help="Labelled shards (KEY.cls): the kNN memory bank / the probe's training set.",
+        ),
+        click.option(
+            "--val",
+            "val_shards",
+            required=True,
+            type=click.Path(exists=True, file_okay=False),
+            help="Labelled shards scored for top-1 / top-5.",
+        ),
+        click.option(
+            "--branch",
+            type=click.Choice(["online", "target"]),
+            default="online",
+            help="Online backbone, or the momentum (EMA) one.",
+        ),
+        click.option(
+            "--size",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Centre-crop side [default: the checkpoint's data.size].",
+        ),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            default=256,
+            help="Images per forward pass during feature extraction (per process).",
+        ),
+        click.option(
+            "--device",
+            type=click.Choice(["auto", "cpu", "cuda"]),
+            default="auto",
+            help="auto: CUDA when available (GPU decoding too).",
+        ),
+        click.option(
+            "--precision",
+            type=click.Choice(["fp32", "bf16"]),
+            default="fp32",
+            help="Backbone precision during extraction; bf16 autocast needs CUDA.",
+        ),
+        click.option(
+            "--num-threads",
+            type=click.IntRange(min=1),
+            default=None,
+            help="DALI threads [default: the loader's].",
+        ),
+        click.option(
+            "--json",
+            "json_out",
+            type=click.Path(dir_okay=False),
+            default=None,
+            help="Report path [default: RUN/eval/<kind>-step-N.json].",
+        ),
+        click.option(
+            "--progress/--no-progress", default=True, help="Progress bars (terminals only)."
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _check(device: str, precision: str) -> None:
+    """GPU-only choices on a machine without CUDA are usage errors, before any work."""
+    import torch
+
+    from train.distributed import resolve_device
+
+    try:
+        resolved = resolve_device(device)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--device") from None
+    if precision == "bf16" and resolved.type != "cuda":
+        raise click.BadParameter(
+            f"bf16 autocast needs a CUDA GPU; this run is on {resolved.type} "
+            f"(CUDA available: {torch.cuda.is_available()}): use --precision fp32",
+            param_hint="--precision",
+        )
+
+
+def _show(report: dict, what: str) -> None:
+    click.echo(
+        f"{what}: top-1 {report['top1']:.2f}%  top-5 {report['top5']:.2f}%  "
+        f"({report['n_val']} val, {report['n_train']} train, {report['num_classes']} classes; "
+        f"{report['backbone']} {report['branch']} step {report['step']}, {report['size']} px, "
+        f"{report['elapsed_s']:.1f} s)"
+    )
+    click.echo(f"wrote {report['path']}")
+
+
+def _run(fn, **kwargs) -> dict:
+    import sys
+
+    from train.config import ConfigError
+
+    kwargs["progress"] = kwargs["progress"] and sys.stderr.isatty()
+    try:
+        return fn(**kwargs)
+    except (ConfigError, FileNotFoundError) as e:
+        raise click.UsageError(str(e)) from None
+    except (ValueError, RuntimeError, OSError, KeyError) as e:
+        raise click.ClickException(str(e)) from None
+
+
+@eval_group.command("knn")
+@_options
+@click.option("--k", type=click.IntRange(min=1), default=20, help="Neighbours (DINO: 20).")
+@click.option(
+    "--temperature",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.07,
+    help="Vote weight exp(cos / T) (DINO: 0.07).",
+)
+def knn(
+    ckpt,
+    train_shards,
+    val_shards,
+    branch,
+    size,
+    batch_size,
+    device,
+    precision,
+    num_threads,
+    json_out,
+    progress,
+    k,
+    temperature,
+) -> None:
+    """Weighted kNN (DINO) on L2-normalised backbone features of centre crops: TRAIN is the
+    memory bank, VAL is scored. Prints top-1 / top-5 and writes RUN/eval/knn-step-N.json."""
+    from train.evaluation import knn_eval
+
+    _check(device, precision)
+    report = _run(
+        knn_eval,
+        checkpoint=ckpt,
+        train=train_shards,
+        val=val_shards,
+        k=k,
+        temperature=temperature,
+        size=size,
+        batch_size=batch_size,
+        device=device,
+        branch=branch,
+        num_threads=num_threads,
+        precision=precision,
+        out=json_out,
+        progress=progress,
+    )
+    _show(report, f"kNN (k={k}, T={temperature:g})")
+
+
+@eval_group.command("linear")
+@_options
+@click.option("--epochs", type=click.IntRange(min=1), default=100, help="Probe epochs.")
+@click.option(
+    "--lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.1,
+    help="Probe learning rate per 256 (scaled by --probe-batch-size / 256), cosine to 0.",
+)
+@click.option(
+    "--probe-batch-size", type=click.IntRange(min=2), default=256, help="Probe SGD batch."
+)
+@click.option("--momentum", type=click.FloatRange(0, 1), default=0.9, help="SGD momentum.")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, help="Probe wd.")
+@click.option("--seed", type=int, default=0, help="Probe initialisation and batch order.")
+def linear(
+    ckpt,
+    train_shards,
+    val_shards,
+    branch,
+    size,
+    batch_size,
+    device,
+    precision,
+    num_threads,
+    json_out,
+    progress,
+    epochs,
+    lr,
+    probe_batch_size,
+    momentum,
+    weight_decay,
+    seed,
+) -> None:
+    """Linear probe on frozen centre-crop features (BatchNorm without affine + Linear, SGD,
+    cosine lr): fit on TRAIN, score VAL. Prints top-1 / top-5 and writes
+    RUN/eval/linear-step-N.json."""
+    from train.evaluation import LinearProbeConfig, linear_eval
+
+    _check(device, precision)
+    probe = LinearProbeConfig(
+        epochs=epochs,
+        batch_size=probe_batch_size,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        seed=seed,
+    )
+    report = _run(
+        linear_eval,
+        checkpoint=ckpt,
+        train=train_shards,
+        val=val_shards,
+        probe=probe,
+        size=size,
+        batch_size=batch_size,
+        device=device,
+        branch=branch,
+        num_threads=num_threads,
+        precision=precision,
+        out=json_out,
+        progress=progress,
+    )
+    _show(report, f"linear probe ({epochs} epochs)")

@@ -1,0 +1,332 @@
+"""The evaluation loader: every sample of a labelled shard set once, centre-cropped.
+
+::
+
+    from pipeline.eval import EvalLoader
+
+    with EvalLoader("data/shards/imagenet_val", size=224, batch_size=256, device="cuda") as loader:
+        for batch in loader:      # len(loader) batches, the last one possibly smaller
+            feats = backbone(batch["image"])      # [b, 3, 224, 224] float32, normalized
+            batch["label"], batch["index"]        # [b] int64: KEY.cls, row of proposals.parquet
+
+Order and coverage: rows of ``proposals.parquet`` in order, cut into batches of ``batch_size``;
+the last batch holds what is left (no padding, no sample twice). With ``world_size > 1``, rank
+``k`` takes the ``k``-th contiguous part of the rows (``numpy.array_split``: sizes differ by at
+most one), so the ranks' outputs concatenated in rank order are the rows in order.
+
+Transform (the DINO / MoCo v3 evaluation transform): decode (``device="mixed"``, nvJPEG, on a
+GPU; DALI's CPU decoder otherwise), resize the shorter side to ``floor(size / crop_pct)``
+(256 for 224 at the default ``crop_pct`` 0.875) with an antialiased linear filter, crop the
+centre ``size x size``, normalize with the ImageNet mean and standard deviation, CHW float32.
+
+Labels: each sample's ``KEY.cls`` (ASCII decimal) read from the tars at the offsets of the
+DALI ``.idx`` files, checked against the ``label`` column of ``proposals.parquet``. A shard set
+with unlabelled samples raises :class:`UnlabelledShardsError` naming the folder.
+
+Reading reuses :class:`pipeline.source.ShardIndex` (memory-mapped tars, nothing decoded in
+Python); the source is a batch-mode ``fn.external_source`` in the pipeline's own thread: it
+only slices bytes, which costs microseconds per sample, so it needs no worker processes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shards.verify import load_manifest
+
+from .augment import IMAGENET_MEAN, IMAGENET_STD
+from .loader import _device, _to_torch
+from .source import ShardIndex, _parse_index
+
+__all__ = [
+    "DEFAULT_CROP_PCT",
+    "EvalLoader",
+    "UnlabelledShardsError",
+    "eval_pipeline",
+    "rank_rows",
+    "read_labels",
+    "resize_side",
+]
+
+# Centre crop / resized side: 224 of 256 (DINO eval_knn.py and eval_linear.py, MoCo v3
+# main_lincls.py: Resize(256) then CenterCrop(224)).
+DEFAULT_CROP_PCT = 0.875
+
+_MEAN = [255.0 * m for m in IMAGENET_MEAN]
+_STD = [255.0 * s for s in IMAGENET_STD]
+
+
+class UnlabelledShardsError(ValueError):
+    """The shard set has samples without a label (no ``KEY.cls``)."""
+
+
+def resize_side(size: int, crop_pct: float = DEFAULT_CROP_PCT) -> int:
+    """Shorter side before the centre crop: ``floor(size / crop_pct)`` (256 for 224)."""
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct!r}")
+    return max(size, int(math.floor(size / crop_pct + 1e-6)))
+
+
+def rank_rows(num_samples: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
+    """Rows of ``rank``: its contiguous part of ``0..num_samples-1`` (sizes differ by <= 1)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank {rank}, world {world_size}")
+    return np.array_split(np.arange(num_samples, dtype=np.int64), world_size)[rank]
+
+
+def read_labels(index: ShardIndex) -> np.ndarray:
+    """Every row's label from its ``KEY.cls``: int64 ``[N]``, rows of ``proposals.parquet``.
+
+    Raises :class:`UnlabelledShardsError` when a sample has no label, ``ValueError`` when a
+    ``.cls`` disagrees with the Parquet ``label`` (a damaged shard set: ``ssl-cli shards verify``).
+    """
+    import pyarrow.parquet as pq
+
+    root = index.root
+    manifest = load_manifest(root)
+    column = pq.read_table(root / manifest["files"]["proposals"], columns=["label"]).column("label")
+    n = len(index)
+    if column.null_count:
+        raise UnlabelledShardsError(
+            f"{root}: {column.null_count} of {n} samples have no label (null in "
+            "proposals.parquet, no KEY.cls in the tars). kNN and linear evaluation need a "
+            "labelled shard set: build it with --layout imagenet, from CIFAR batches, or from "
+            "WebDataset tars that carry .cls"
+        )
+    expected = column.to_numpy().astype(np.int64)
+    row_of = {key: row for row, key in enumerate(index.keys)}
+    labels = np.full(n, -1, dtype=np.int64)
+    for shard in manifest["shards"]:
+        entries = _parse_index(root / shard["index"])
+        with open(root / shard["name"], "rb") as f:
+            for entry in entries:
+                if "cls" not in entry:
+                    continue
+                offset, size, name = entry["cls"]
+                key = name.rsplit("/", 1)[-1].split(".", 1)[0]
+                f.seek(offset)
+                text = f.read(size)
+                try:
+                    labels[row_of[key]] = int(text.decode("ascii").strip())
+                except (KeyError, UnicodeDecodeError, ValueError):
+                    raise ValueError(
+                        f"{root / shard['name']}: {name} ({text[:20]!r}) is not an ASCII "
+                        "integer label of a Parquet row; run ssl-cli shards verify"
+                    ) from None
+    missing = np.flatnonzero(labels < 0)
+    if len(missing):
+        raise UnlabelledShardsError(
+            f"{root}: {len(missing)} of {n} samples have no KEY.cls (e.g. "
+            f"{index.keys[int(missing[0])]!r}); kNN and linear evaluation need a labelled "
+            "shard set"
+        )
+    bad = np.flatnonzero(labels != expected)
+    if len(bad):
+        row = int(bad[0])
+        raise ValueError(
+            f"{root}: {len(bad)} KEY.cls labels disagree with proposals.parquet (e.g. "
+            f"{index.keys[row]!r}: .cls {labels[row]}, Parquet {expected[row]}); run "
+            "ssl-cli shards verify"
+        )
+    return labels
+
+
+class _RowSource:
+    """Batch-mode ``fn.external_source`` callable: batch ``i`` of ``rows`` -> (JPEG bytes, row
+    ``[1]`` int64) per sample; the epoch ends after the last (possibly partial) batch."""
+
+    def __init__(self, index: ShardIndex, rows: np.ndarray, batch_size: int) -> None:
+        self.index, self.rows, self.batch_size = index, rows, batch_size
+
+    def __call__(self, info) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        rows = self.rows[info.iteration * self.batch_size : (info.iteration + 1) * self.batch_size]
+        if len(rows) == 0:
+            raise StopIteration
+        jpegs = [self.index.read_jpeg(int(r)) for r in rows]
+        return jpegs, [np.array([r], dtype=np.int64) for r in rows]
+
+
+def eval_pipeline(
+    source: Any,
+    batch_size: int,
+    size: int,
+    crop_pct: float = DEFAULT_CROP_PCT,
+    device_id: int | None = None,
+    num_threads: int = 1,
+    prefetch: int = 2,
+) -> Any:
+    """The DALI graph of the centre-crop transform. Outputs: images float32 ``[b, 3, size,
+    size]`` (on the GPU when ``device_id`` is set) and the rows ``[b, 1]`` int64 (CPU)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    gpu = device_id is not None
+    shorter = resize_side(size, crop_pct)
+
+    @pipeline_def
+    def graph():
+        jpeg, row = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True)
+        image = fn.decoders.image(jpeg, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        image = fn.resize(image, resize_shorter=shorter, antialias=True)
+        image = fn.crop_mirror_normalize(
+            image,
+            crop=(size, size),
+            crop_pos_x=0.5,
+            crop_pos_y=0.5,
+            dtype=types.FLOAT,
+            output_layout="CHW",
+            mean=_MEAN,
+            std=_STD,
+        )
+        return image, row
+
+    pipe = graph(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id,
+        prefetch_queue_depth=prefetch,
+        exec_dynamic=True,  # every run's outputs get their own buffers (zero-copy to torch)
+    )
+    pipe.build()
+    return pipe
+
+
+class EvalLoader:
+    """Centre-cropped images, labels and rows of every sample of ``shards_dir`` (module
+    docstring).
+
+    Args:
+        shards_dir: a labelled output folder of ``ssl-cli shards build``.
+        size: side of the centre crop (the model's input size).
+        batch_size: per rank; the last batch may be smaller.
+        rank, world_size: this process's contiguous part of the rows.
+        device: ``"cpu"`` or ``"cuda[:N]"`` (GPU decoding and resizing).
+        num_threads: DALI CPU threads [default: all cores on CPU, ``min(8, cores // 2)``
+            with a GPU].
+        crop_pct: ``size / shorter side`` before the crop.
+        prefetch: batches DALI prepares ahead.
+
+    Raises :class:`UnlabelledShardsError` (a ``ValueError``) at construction when a sample
+    has no label.
+    """
+
+    def __init__(
+        self,
+        shards_dir: str | Path,
+        size: int = 224,
+        batch_size: int = 256,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+        num_threads: int | None = None,
+        crop_pct: float = DEFAULT_CROP_PCT,
+        prefetch: int = 2,
+    ):
+        for name, v in (("size", size), ("batch_size", batch_size), ("prefetch", prefetch)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        resize_side(size, crop_pct)  # checks crop_pct
+        self.device = _device(device)
+        gpu = self.device.type == "cuda"
+        cores = os.cpu_count() or 1
+        self.num_threads = num_threads or (max(2, min(8, cores // 2)) if gpu else cores)
+        self.size, self.batch_size, self.crop_pct, self.prefetch = (
+            size,
+            batch_size,
+            crop_pct,
+            prefetch,
+        )
+        self.root = Path(shards_dir)
+        self.index = ShardIndex(self.root)
+        try:
+            self.labels = read_labels(self.index)
+        except BaseException:
+            self.index.close()
+            raise
+        classes = load_manifest(self.root).get("classes")
+        self.num_classes = max(len(classes or ()), int(self.labels.max(initial=-1)) + 1)
+        self.rows = rank_rows(len(self.index), rank, world_size)
+        self.rank, self.world_size = rank, world_size
+        self._pipe = None
+        self._clean = False  # the pipeline stands at the start of an epoch
+        self._closed = False
+
+    def __len__(self) -> int:
+        """Batches of this rank (the last one may be partial)."""
+        return -(-len(self.rows) // self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples of the whole shard set (all ranks)."""
+        return len(self.index)
+
+    def _build(self) -> None:
+        self._release()
+        source = _RowSource(self.index, self.rows, self.batch_size)
+        self._pipe = eval_pipeline(
+            source,
+            self.batch_size,
+            self.size,
+            self.crop_pct,
+            self.device.index if self.device.type == "cuda" else None,
+            self.num_threads,
+            self.prefetch,
+        )
+        self._clean = True
+
+    def _release(self) -> None:
+        pipe, self._pipe = self._pipe, None
+        self._clean = False
+        if pipe is not None:
+            pipe._shutdown()
+            del pipe
+
+    def __iter__(self):
+        """This rank's batches in row order: ``{"image" [b, 3, S, S] float32, "label" [b]
+        int64, "index" [b] int64}`` on the loader's device. Iterable again afterwards."""
+        if self._closed:
+            raise RuntimeError("the loader is closed")
+        if len(self) == 0:
+            return
+        if self._pipe is None or not self._clean:
+            self._build()
+        self._clean = False
+        for _ in range(len(self)):
+            images, rows = self._pipe.run()
+            index = _to_torch(rows, torch.device("cpu")).reshape(-1).clone()
+            label = torch.from_numpy(self.labels[index.numpy()])
+            yield {
+                "image": _to_torch(images, self.device),
+                "label": label.to(self.device, non_blocking=True),
+                "index": index.to(self.device, non_blocking=True),
+            }
+        try:  # the source ends the epoch after the last batch: take it and rewind
+            self._pipe.run()
+        except StopIteration:
+            self._pipe.reset()
+            self._clean = True
+        else:  # pragma: no cover - the source guarantees the end of epoch
+            raise RuntimeError("internal error: the evaluation source did not end the epoch")
+
+    def close(self) -> None:
+        """Stop the pipeline and unmap the shards."""
+        self._release()
+        self.index.close()
+        self._closed = True
+
+    def __enter__(self) -> EvalLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self._release()
+        except Exception:
+            pass

@@ -1,0 +1,211 @@
+"""Frozen backbone features of a checkpoint over a labelled shard set.
+
+- :func:`load_backbone`: the timm backbone of a run's checkpoint (online or EMA target branch),
+  with its config (so the input size is the checkpoint's ``data.size``).
+- :func:`extract_features`: ``[N, D]`` features, labels and rows of every sample of a shard set
+  through :class:`pipeline.eval.EvalLoader` (centre crop, DALI, GPU or CPU). Under DDP every
+  rank extracts its contiguous part of the rows and the parts are gathered, so every rank ends
+  with the whole set in row order.
+- :class:`KNNMonitor`: the periodic kNN of pretraining (``eval.every``): keeps the two eval
+  loaders open between evaluations.
+
+The backbone runs in eval mode (BatchNorm running statistics, no drop path) and under
+``torch.no_grad``; its previous train/eval mode is restored afterwards. Nothing here draws from
+torch, numpy or Python random generators.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from train.checkpoint import load_checkpoint
+from train.distributed import is_distributed
+from train.evaluation import Accuracy, knn_accuracy
+
+__all__ = [
+    "Features",
+    "KNNMonitor",
+    "extract_features",
+    "gather_rows",
+    "load_backbone",
+]
+
+
+@dataclass
+class Features:
+    """Features of a whole shard set, rows of ``proposals.parquet`` in order."""
+
+    features: Tensor  # [N, D] float32, on the extraction device
+    labels: Tensor  # [N] int64
+    num_classes: int  # classes of the shard set (classes.json, else max label + 1)
+    root: str  # the shard directory
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+
+def load_backbone(run_or_ckpt: str | Path, branch: str = "online") -> tuple[nn.Module, dict]:
+    """The backbone of a run's newest checkpoint (or of a checkpoint file), on the CPU in eval
+    mode, and ``{"checkpoint", "step", "method", "branch", "config"}`` (config: the resolved
+    :class:`~train.config.TrainConfig`)."""
+    from train.export import backbone_state_dict, resolve_checkpoint
+    from train.methods import resolve_config
+    from train.models import build_backbone
+
+    path = resolve_checkpoint(run_or_ckpt)
+    ckpt = load_checkpoint(path)
+    cfg = resolve_config(ckpt["config"])
+    backbone = build_backbone(cfg.model)
+    backbone.load_state_dict(backbone_state_dict(ckpt, branch), strict=True)
+    info = {
+        "checkpoint": str(path),
+        "step": int(ckpt["step"]),
+        "method": ckpt.get("method", cfg.method),
+        "branch": branch,
+        "config": cfg,
+    }
+    return backbone.eval(), info
+
+
+def gather_rows(x: Tensor, counts: list[int]) -> Tensor:
+    """Concatenate every rank's ``x [counts[rank], ...]`` in rank order (all ranks get the
+    result); ``x`` itself without a process group. Parts may differ in length."""
+    if not is_distributed():
+        return x
+    top = max(counts)
+    padded = x.new_zeros((top, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:n] for p, n in zip(parts, counts, strict=True)])
+
+
+@torch.no_grad()
+def extract_features(
+    backbone: nn.Module,
+    loader: Any,
+    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+    channels_last: bool = False,
+    progress: bool = False,
+) -> Features:
+    """Run ``backbone`` over every batch of an :class:`~pipeline.eval.EvalLoader` (on the
+    loader's device) and gather the ranks' parts: features ``[N, D]`` float32 and labels
+    ``[N]`` of the whole shard set, in row order, on every rank.
+
+    ``autocast``: a context factory for mixed precision (features are cast back to float32);
+    ``channels_last``: NHWC inputs (CNNs on GPUs).
+    """
+    from tqdm import tqdm
+
+    was_training = backbone.training
+    backbone.eval()
+    feats, labels, rows = [], [], []
+    try:
+        for batch in tqdm(loader, desc=Path(loader.root).name, disable=not progress, leave=False):
+            x = batch["image"]
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast() if autocast is not None else contextlib.nullcontext():
+                f = backbone(x)
+            feats.append(f.float())
+            labels.append(batch["label"])
+            rows.append(batch["index"])
+    finally:
+        backbone.train(was_training)
+    device = loader.device
+    if feats:
+        local, local_labels, local_rows = torch.cat(feats), torch.cat(labels), torch.cat(rows)
+    else:  # a rank with no rows (more ranks than samples): learn D from a dry run
+        dim = _feature_dim(backbone, loader.size, device)
+        local = torch.zeros(0, dim, device=device)
+        local_labels = torch.zeros(0, dtype=torch.int64, device=device)
+        local_rows = torch.zeros(0, dtype=torch.int64, device=device)
+    counts = [
+        len(part) for part in np.array_split(np.arange(loader.num_samples), loader.world_size)
+    ]
+    features = gather_rows(local, counts)
+    all_rows = gather_rows(local_rows, counts)
+    if not torch.equal(all_rows.cpu(), torch.arange(loader.num_samples)):
+        raise RuntimeError(f"{loader.root}: the gathered rows are not every sample in order")
+    return Features(
+        features, gather_rows(local_labels, counts), loader.num_classes, str(loader.root)
+    )
+
+
+@torch.no_grad()
+def _feature_dim(backbone: nn.Module, size: int, device: torch.device) -> int:
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        return int(backbone(torch.zeros(1, 3, size, size, device=device)).shape[1])
+    finally:
+        backbone.train(was_training)
+
+
+class KNNMonitor:
+    """Periodic weighted kNN (DINO) of pretraining: ``monitor(backbone) -> Accuracy`` on
+    ``val`` with ``train`` as the memory bank. Every rank calls it (features are gathered);
+    every rank gets the same result."""
+
+    def __init__(
+        self,
+        train: str | Path,
+        val: str | Path,
+        size: int,
+        batch_size: int,
+        k: int = 20,
+        temperature: float = 0.07,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+        num_threads: int | None = None,
+    ) -> None:
+        from pipeline.eval import EvalLoader
+
+        self.k, self.temperature = k, temperature
+        common = {
+            "size": size,
+            "batch_size": batch_size,
+            "rank": rank,
+            "world_size": world_size,
+            "device": device,
+            "num_threads": num_threads,
+        }
+        self.train = EvalLoader(train, **common)
+        try:
+            self.val = EvalLoader(val, **common)
+        except BaseException:
+            self.train.close()
+            raise
+        self.num_classes = max(self.train.num_classes, self.val.num_classes)
+
+    def __call__(
+        self,
+        backbone: nn.Module,
+        autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+        channels_last: bool = False,
+    ) -> Accuracy:
+        bank = extract_features(backbone, self.train, autocast, channels_last)
+        queries = extract_features(backbone, self.val, autocast, channels_last)
+        return knn_accuracy(
+            bank.features,
+            bank.labels,
+            queries.features,
+            queries.labels,
+            self.num_classes,
+            k=self.k,
+            temperature=self.temperature,
+        )
+
+    def close(self) -> None:
+        self.train.close()
+        self.val.close()
