@@ -226,11 +226,11 @@ class MOSLoss(nn.Module):
         self.gather = gather
 
     def _term(
-        self, q: Tensor, k: Tensor, members_q: Tensor, members_k: Tensor, num_samples: int
+        self, q: Tensor, k_all: Tensor, members_q: Tensor, members_k_all: Tensor, num_samples
     ) -> Tensor:
-        members_k_all = all_gather_no_grad(members_k) if self.gather else members_k
+        """One direction of one term; keys and their members already gathered (``[W*Bk, .]``)."""
         targets = soft_targets(members_q, members_k_all, num_samples)  # [Bq, W * Bk]
-        return self.scale * soft_contrastive(q, k, targets, self.temperature, gather=self.gather)
+        return self.scale * soft_contrastive(q, k_all, targets, self.temperature, gather=False)
 
     def forward(
         self,
@@ -256,18 +256,28 @@ class MOSLoss(nn.Module):
         zero = p_m1.new_zeros((), dtype=torch.float32)
         world, _ = _world_and_rank()
         n = world * members_s.shape[0] if self.gather else None  # global indices < W * B
+        # every key tensor (and its members) is gathered once, however many terms use it
+        gathered: dict[int, Tensor] = {}
+
+        def g(x: Tensor) -> Tensor:
+            if not self.gather:
+                return x.detach()
+            if id(x) not in gathered:
+                gathered[id(x)] = all_gather_no_grad(x)
+            return gathered[id(x)]
+
         terms: dict[str, Tensor] = {}
         if self.weights["m2s"]:  # eq. 11
-            terms["m2s"] = self._term(p_m1, z_s2, members_m1, members_s, n) + self._term(
-                p_m2, z_s1, members_m2, members_s, n
+            terms["m2s"] = self._term(p_m1, g(z_s2), members_m1, g(members_s), n) + self._term(
+                p_m2, g(z_s1), members_m2, g(members_s), n
             )
         if self.weights["m2m"]:  # eq. 12
-            terms["m2m"] = self._term(p_m1, z_m2, members_m1, members_m2, n) + self._term(
-                p_m2, z_m1, members_m2, members_m1, n
+            terms["m2m"] = self._term(p_m1, g(z_m2), members_m1, g(members_m2), n) + self._term(
+                p_m2, g(z_m1), members_m2, g(members_m1), n
             )
         if self.weights["s2s"]:  # eq. 13
-            terms["s2s"] = self._term(p_s1, z_s2, members_s, members_s, n) + self._term(
-                p_s2, z_s1, members_s, members_s, n
+            terms["s2s"] = self._term(p_s1, g(z_s2), members_s, g(members_s), n) + self._term(
+                p_s2, g(z_s1), members_s, g(members_s), n
             )
         total = zero
         for name, value in terms.items():  # eq. 14
