@@ -265,7 +265,7 @@ def test_synthetic_loader_resumes_exactly_and_splits_ranks():
     assert len(rest) == 2
     for a, b in zip(full[2:], rest, strict=True):
         for k in a:
-            assert torch.equal(a[k], b[k])
+            assert torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]
     # two ranks: disjoint samples, the same stitching layout (same M) at every step
     r0 = list(SyntheticLoader("mos", 2, rank=0, world_size=2, num_samples=8, size=16))
     r1 = list(SyntheticLoader("mos", 2, rank=1, world_size=2, num_samples=8, size=16))
@@ -274,9 +274,28 @@ def test_synthetic_loader_resumes_exactly_and_splits_ranks():
     for a, b in zip(r0, r1, strict=True):
         assert a["members1"].shape == b["members1"].shape
         assert a["members2"].shape == b["members2"].shape
+        assert a["layout1"] == b["layout1"] and a["layout2"] == b["layout2"]
 
 
 def test_synthetic_pool_serves_cached_batches():
     loader = SyntheticLoader("multicrop", 2, num_samples=8, size=8, pool=2)
     a, b, c, _ = list(loader)
     assert a is c and a is not b
+
+
+def test_mos_counts_objects_not_views():
+    from pipeline.stitching import stitch_layout
+    from train.losses.mos import soft_targets
+    from train.methods import _object_members
+
+    layout = stitch_layout(224, 2, (1, 2, 1, 1))  # cell 1 holds 4 small views of one sample
+    b = 4
+    per_crop = torch.tensor([[(i + j) % b for j in layout.cell_of_crop] for i in range(b)])
+    assert per_crop.shape == (b, 7)
+    objects = _object_members({"members1": per_crop, "layout1": layout}, 1)
+    assert objects.tolist() == [[(i + j) % b for j in range(4)] for i in range(b)]
+    # stitched vs single: each of the four objects weighs 1/4, the subdivided cell included
+    targets = soft_targets(objects, torch.arange(b)[:, None])
+    assert torch.allclose(targets, torch.full((b, b), 0.25))
+    # without a layout the members are taken as one per object already
+    assert _object_members({"members1": objects}, 1) is objects

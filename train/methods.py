@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
 from train.config import ConfigError, TrainConfig, deep_merge, from_dict
@@ -110,8 +111,24 @@ class MOSLossConfig:
     weight_s2s: float = 1.0
 
 
+def _object_members(batch: dict, view: int) -> Tensor:
+    """Members per object, ``[B, r*r]``: one entry per coarse cell of the stitched image.
+
+    The loader reports one member per crop (``[B, M]``; a cell with scale ``s_j`` holds
+    ``s_j**2`` smaller views of one sample). MOS counts objects: "each synthesized multi-object
+    image contains r^2 objects, each of which includes s^2 views" (section 3.1), and its soft
+    targets weigh images by shared objects (eqs. 8-10), so every cell counts once.
+    """
+    members = batch[f"members{view}"]
+    layout = batch.get(f"layout{view}")
+    if layout is None:  # already one member per object
+        return members
+    first = torch.as_tensor(layout.first_crop_of_cell, device=members.device)
+    return members.index_select(1, first)
+
+
 def _mos_step(model: SSLModel, loss: nn.Module, batch: dict) -> dict[str, Tensor]:
-    """Four views through both branches; members made global for the gathered keys."""
+    """Four views through both branches; members per object, made global for gathered keys."""
     views = [batch["single1"], batch["single2"], batch["multi1"], batch["multi2"]]
     p_s1, p_s2, p_m1, p_m2 = model.predict(views)
     z_s1, z_s2, z_m1, z_m2 = model.project_target(views)
@@ -125,8 +142,8 @@ def _mos_step(model: SSLModel, loss: nn.Module, batch: dict) -> dict[str, Tensor
         z_m2,
         z_s1,
         z_s2,
-        global_members(batch["members1"], b),
-        global_members(batch["members2"], b),
+        global_members(_object_members(batch, 1), b),
+        global_members(_object_members(batch, 2), b),
         global_single_members(b, device=p_s1.device),
     )
 
@@ -239,9 +256,6 @@ register(
         step=_univip_step,
         terms=("scene", "scene_instance", "instance"),
         build_extra=_univip_extra,
-        # UniVIP section 4 "Optimization" (COCO, following ORL): SGD, momentum 0.9, wd 1e-4,
-        # cosine lr with base 0.2 at batch 512 (0.1 per 256), 4 warmup epochs, 800 epochs,
-        # EMA 0.99 -> 1; ResNet-50 with BYOL's heads (2-layer MLPs, 4096 hidden, 256 out).
         recipe={
             "data": {"batch_size": 512, "size": 224, "instance_size": 96, "num_instances": 4},
             **_COCO_R50_RECIPE,

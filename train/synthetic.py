@@ -170,6 +170,7 @@ class SyntheticLoader:
                 images, members = stitch_multiscale(cells, layout.grid)
                 batch[f"multi{v}"] = images
                 batch[f"members{v}"] = members
+                batch[f"layout{v}"] = layout
         elif self.views == "univip":
             batch = {"scene1": self._view(bases, s, g), "scene2": self._view(bases, s, g)}
             inst = [self._view(bases, self.instance_size, g) for _ in range(self.num_instances)]
@@ -183,4 +184,6 @@ class SyntheticLoader:
 def _to(value, device: torch.device):
     if isinstance(value, list):
         return [v.to(device) for v in value]
-    return value.to(device)
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    return value  # e.g. a StitchLayout
