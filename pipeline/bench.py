@@ -16,7 +16,6 @@ Figures are *source images* per second (one sample with all its views counts onc
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from shards.sysinfo import cpu_model
 
 from .loader import ViewLoader
 from .source import ShardIndex
@@ -35,15 +36,7 @@ METHODS = ("mos", "univip", "multicrop")
 
 
 def hardware(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    desc = f"{cpu}, {os.cpu_count()} cores"
+    desc = f"{cpu_model()}, {os.cpu_count()} cores"
     if device.type == "cuda":
         desc = f"{torch.cuda.get_device_name(device)}; {desc}"
     return desc

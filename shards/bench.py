@@ -18,6 +18,7 @@ import numpy as np
 from .images import ImageParams, RejectedImage, decode_image
 from .proposals import FilterParams, SearchParams, box_iou, filter_boxes, load_cv2, selective_search
 from .sources import open_source
+from .sysinfo import cpu_model
 
 ORL_RECIPE = SearchParams(mode="fast", max_side=0)
 
@@ -58,16 +59,7 @@ def _run(
 
 
 def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical cores, Python {platform.python_version()}"
+    return f"{cpu_model()}, {os.cpu_count()} logical cores, Python {platform.python_version()}"
 
 
 def bench_search(

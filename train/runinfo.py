@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from shards.sysinfo import cpu_model
+
 __all__ = ["describe_device", "git_sha", "library_versions", "run_info"]
 
 _REPO = Path(__file__).resolve().parent.parent
@@ -68,16 +70,6 @@ def library_versions() -> dict[str, str | None]:
     }
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def describe_device(device: torch.device) -> str:
     """E.g. ``"NVIDIA H100 80GB HBM3 (80.0 GiB), 8 visible"`` or ``"CPU: <model>, 2 cores"``."""
     if device.type == "cuda":
@@ -86,7 +78,7 @@ def describe_device(device: torch.device) -> str:
             f"{props.name} ({props.total_memory / 2**30:.1f} GiB), "
             f"{torch.cuda.device_count()} visible"
         )
-    return f"CPU: {_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return f"CPU: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def run_info(device: torch.device, world_size: int) -> dict:
