@@ -23,6 +23,8 @@ import operator
 
 import numpy as np
 
+from shards.proposals import box_iou
+
 __all__ = [
     "FILL_MAX_ASPECT",
     "FILL_MAX_IOU",
@@ -100,19 +102,6 @@ def boxes_inside(boxes: np.ndarray, regions: np.ndarray) -> np.ndarray:
     b = np.ascontiguousarray(boxes.T, dtype=np.int32)  # [4, N]
     r = regions.astype(np.int32)
     return (b[0] >= r[:, 0:1]) & (b[1] >= r[:, 1:2]) & (b[2] <= r[:, 2:3]) & (b[3] <= r[:, 3:4])
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of ``a [P, 4]`` with ``b [Q, 4]`` -> ``[P, Q]`` float64 (0 for empty unions)."""
-    a = a.astype(np.float64)
-    b = b.astype(np.float64)
-    iw = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
-    ih = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
-    inter = np.maximum(iw, 0) * np.maximum(ih, 0)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 def random_resized_crop_boxes(

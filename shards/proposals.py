@@ -70,16 +70,16 @@ class SearchParams:
             raise ValueError(f"max_side must be >= 0 (0 = full resolution), got {self.max_side}")
 
 
-def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one xyxy box ``[4]`` against ``[M, 4]`` boxes -> ``[M]`` float64."""
-    ix0 = np.maximum(box[0], boxes[:, 0])
-    iy0 = np.maximum(box[1], boxes[:, 1])
-    ix1 = np.minimum(box[2], boxes[:, 2])
-    iy1 = np.minimum(box[3], boxes[:, 3])
-    inter = np.clip(ix1 - ix0, 0, None).astype(np.float64) * np.clip(iy1 - iy0, 0, None)
-    area = float(box[2] - box[0]) * float(box[3] - box[1])
-    areas = (boxes[:, 2] - boxes[:, 0]).astype(np.float64) * (boxes[:, 3] - boxes[:, 1])
-    union = area + areas - inter
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of xyxy boxes ``a [P, 4]`` with ``b [Q, 4]`` -> ``[P, Q]`` float64 (0 for empty unions)."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    iw = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
+    ih = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
+    inter = np.maximum(iw, 0) * np.maximum(ih, 0)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
@@ -101,7 +101,7 @@ def filter_boxes(boxes: np.ndarray, params: FilterParams = FilterParams()) -> np
     for box in candidates:
         if n == params.top_n:
             break
-        if n == 0 or box_iou(box, kept[:n]).max() <= params.max_iou:
+        if n == 0 or box_iou(box[None], kept[:n]).max() <= params.max_iou:
             kept[n] = box
             n += 1
     return kept[:n].astype(np.int32)

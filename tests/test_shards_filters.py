@@ -18,7 +18,7 @@ def test_box_iou_hand_computed():
     box = np.array([0, 0, 10, 10])
     boxes = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [10, 10, 20, 20], [0, 0, 5, 5]])
     # identical, half overlap: 50 / 150, touching corner, contained quarter
-    np.testing.assert_allclose(box_iou(box, boxes), [1.0, 50 / 150, 0.0, 0.25])
+    np.testing.assert_allclose(box_iou(box[None], boxes)[0], [1.0, 50 / 150, 0.0, 0.25])
 
 
 def test_filter_min_side_and_aspect():
