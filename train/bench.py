@@ -22,10 +22,8 @@ import torch
 
 from train.config import TrainConfig, to_dict
 from train.distributed import cleanup_distributed, init_distributed
-from train.loop import build_loader, build_parts, train_step
-from train.methods import get_method
+from train.loop import build_loader, build_parts, synthetic_loader, train_step
 from train.runinfo import describe_device, library_versions
-from train.synthetic import SyntheticLoader
 
 __all__ = ["bench_train"]
 
@@ -78,20 +76,8 @@ def bench_train(
     """Time the trainer on real shards and on on-device synthetic tensors; returns a report."""
     info = init_distributed(cfg.run.device)
     try:
-        method = get_method(cfg.method)
-        local = cfg.data.batch_size // info.world_size
-        ceiling_loader = SyntheticLoader(
-            method.views,
-            local,
-            rank=info.rank,
-            world_size=info.world_size,
-            seed=cfg.run.seed,
-            device=info.device,
-            size=cfg.data.size,
-            instance_size=cfg.data.instance_size,
-            num_instances=cfg.data.num_instances,
-            num_samples=max(cfg.data.synthetic_samples, 4 * cfg.data.batch_size),
-            pool=4,
+        ceiling_loader = synthetic_loader(
+            cfg, info, num_samples=max(cfg.data.synthetic_samples, 4 * cfg.data.batch_size), pool=4
         )
         real_loader = None if synthetic_only else build_loader(cfg, info)
         parts = build_parts(cfg, info, loader=real_loader or ceiling_loader)

@@ -143,6 +143,27 @@ def _real_view_set(module: Any, views: str, cfg: TrainConfig) -> Any:
         raise ConfigError(f"data.views: {cls.__name__}(**{kwargs}): {e}") from None
 
 
+def synthetic_loader(cfg: TrainConfig, info: DistInfo, **overrides: Any) -> Any:
+    """:class:`train.synthetic.SyntheticLoader` with the shapes of ``cfg``'s method and views,
+    this rank's share of the global batch; ``overrides``: more of its keyword arguments."""
+    from train.synthetic import SyntheticLoader
+
+    kwargs = {
+        "rank": info.rank,
+        "world_size": info.world_size,
+        "seed": cfg.run.seed,
+        "device": info.device,
+        "size": cfg.data.size,
+        "instance_size": cfg.data.instance_size,
+        "num_instances": cfg.data.num_instances,
+        "num_samples": cfg.data.synthetic_samples,
+        **overrides,
+    }
+    return SyntheticLoader(
+        get_method(cfg.method).views, cfg.data.batch_size // info.world_size, **kwargs
+    )
+
+
 def build_loader(cfg: TrainConfig, info: DistInfo) -> Any:
     """The real shard loader (``pipeline.loader.ViewLoader``, imported here, lazily) or, with
     ``data.synthetic``, :class:`train.synthetic.SyntheticLoader`. Batch size per rank is
@@ -155,20 +176,7 @@ def build_loader(cfg: TrainConfig, info: DistInfo) -> Any:
         )
     local = cfg.data.batch_size // info.world_size
     if cfg.data.synthetic:
-        from train.synthetic import SyntheticLoader
-
-        return SyntheticLoader(
-            method.views,
-            local,
-            rank=info.rank,
-            world_size=info.world_size,
-            seed=cfg.run.seed,
-            device=info.device,
-            size=cfg.data.size,
-            instance_size=cfg.data.instance_size,
-            num_instances=cfg.data.num_instances,
-            num_samples=cfg.data.synthetic_samples,
-        )
+        return synthetic_loader(cfg, info)
     if not cfg.data.shards:
         raise ConfigError("data.shards: no shard directory given (--data SHARDS)")
     if not Path(cfg.data.shards).is_dir():
