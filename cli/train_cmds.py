@@ -36,7 +36,8 @@ def _flag_layer(**flags) -> dict:
 def _layers(config_file, method, assignments, flags: dict) -> list[dict]:
     from train.config import load_yaml, parse_assignment
 
-    layers = [load_yaml(config_file)] if config_file else []
+    # --config A --config B: B's keys win over A's, key by key (A's other keys are kept)
+    layers = [load_yaml(path) for path in config_file or ()]
     if method is not None:
         layers.append({"method": method})
     layers.append(_flag_layer(**flags))
@@ -76,8 +77,9 @@ def _common(f):
             "--config",
             "config_file",
             type=click.Path(dir_okay=False, exists=True),
-            default=None,
-            help="YAML/JSON config file; unknown keys are errors.",
+            multiple=True,
+            help="YAML/JSON config file; unknown keys are errors. Repeatable: later files "
+            "override earlier ones key by key (a base recipe, then an ablation).",
         ),
         click.option(
             "--data",
@@ -316,6 +318,13 @@ def pretrain(
     "--synthetic-only", is_flag=True, help="Measure only the on-device synthetic ceiling."
 )
 @click.option(
+    "--baseline",
+    metavar="METHOD",
+    default=None,
+    help="Also time this method's step (synthetic, same model and batch) interleaved with "
+    "ours, and report the ratio: e.g. --method mos --baseline mocov3.",
+)
+@click.option(
     "--json",
     "json_out",
     type=click.Path(dir_okay=False),
@@ -329,6 +338,7 @@ def bench_train(
     steps,
     warmup,
     synthetic_only,
+    baseline,
     json_out,
     **common,
 ) -> None:
@@ -343,13 +353,21 @@ def bench_train(
     try:
         cfg = resolve_config(*_layers(config_file, method, assignments, flags))
         _check_device(cfg.run.device, cfg.run.precision)
-        if not synthetic_only and not cfg.data.synthetic and not cfg.data.shards:
+        if baseline is not None:
+            from train.methods import get_method
+
+            try:
+                get_method(baseline)
+            except ValueError as e:
+                raise click.BadParameter(str(e), param_hint="--baseline") from None
+        elif not synthetic_only and not cfg.data.synthetic and not cfg.data.shards:
             raise click.UsageError("pass --data SHARDS (or --synthetic-only)")
         report = run_bench(
             cfg,
             steps=steps,
             warmup=warmup,
             synthetic_only=synthetic_only,
+            baseline=baseline,
             log=click.echo,
         )
     except ConfigError as e:

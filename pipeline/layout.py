@@ -129,15 +129,19 @@ def sample_layout(
     grid_choices: Sequence[int] = MOS_GRID_CHOICES,
     scale_choices: Sequence[int] = MOS_SCALE_CHOICES,
     rng: random.Random | None = None,
+    grid: int | None = None,
 ) -> StitchLayout:
     """Draw ``r`` (once per stitched batch) and ``s_j`` (per coarse cell) uniformly, eq. 4.
 
     ``s_j`` is shared by the whole batch so that every cell has one crop size and the batch
     stays one tensor per cell. Defaults: ``r, s`` from ``{1, 2}`` (Appendix D, Table 5).
+    ``grid``: use this ``r`` instead of drawing one (both stitched views of a MOS batch share
+    ``r``, :meth:`pipeline.views.MOSViews.plan_batch`); only ``s_j`` is drawn then.
     """
     rng = rng if rng is not None else random.Random()
     if not grid_choices or not scale_choices:
         raise ValueError("grid_choices and scale_choices must not be empty")
-    grid = rng.choice(list(grid_choices))
+    if grid is None:
+        grid = rng.choice(list(grid_choices))
     scales = tuple(rng.choice(list(scale_choices)) for _ in range(grid * grid))
     return stitch_layout(size, grid, scales)

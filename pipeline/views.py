@@ -280,7 +280,7 @@ class MOSViews:
     crops ``multi_scale`` (0.2..1), aspect ratio 3/4..4/3. Per batch and stitched view the
     layout ``r`` (grid) and ``s_j`` (per cell) are drawn from ``grid_choices`` and
     ``scale_choices`` (``{1, 2}``, :mod:`pipeline.stitching`): objects at ``1/r`` and
-    ``1/(r s)`` of the side. ``single_augment`` / ``multi_augment``: the photometric
+    ``1/(r s)`` of the side; ``r`` is one draw for both stitched views (``shared_grid``). ``single_augment`` / ``multi_augment``: the photometric
     augmentation of the first and second view (Table 6).
     """
 
@@ -290,6 +290,7 @@ class MOSViews:
     ratio: tuple[float, float] = RATIO
     grid_choices: tuple[int, ...] = MOS_GRID_CHOICES
     scale_choices: tuple[int, ...] = MOS_SCALE_CHOICES
+    shared_grid: bool = True  # one r per batch for both stitched views (eq. 9, appendix B)
     single_augment: tuple[Augment, Augment] = (MOS_VIEW1, MOS_VIEW2)
     multi_augment: tuple[Augment, Augment] = (MOS_VIEW1, MOS_VIEW2)
 
@@ -307,6 +308,8 @@ class MOSViews:
             if not v or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in v):
                 raise ValueError(f"{name} must be positive ints, got {getattr(self, name)!r}")
             set_(self, name, v)
+        if not isinstance(self.shared_grid, bool):
+            raise ValueError(f"shared_grid must be true or false, got {self.shared_grid!r}")
         set_(self, "single_augment", _check_augs(self.single_augment, "single_augment", 2))
         set_(self, "multi_augment", _check_augs(self.multi_augment, "multi_augment", 2))
         lcm = self.frame_grid
@@ -347,10 +350,17 @@ class MOSViews:
         return max(self.grid_choices) ** 2
 
     def plan_batch(self, rng: np.random.Generator) -> tuple[StitchLayout, StitchLayout]:
-        """The two stitched views' layouts of one batch (shared by all its samples)."""
+        """The two stitched views' layouts of one batch (shared by all its samples).
+
+        One coarse grid ``r`` for both views (``shared_grid``): eq. 9 and appendix B eq. 16
+        ("each stitched image has 2r^2 - 1 positives in the other stitched view") count
+        overlaps between two images of the same ``r``. The scales ``s_j`` are drawn per view
+        and cell. ``shared_grid=False`` draws ``r`` per view.
+        """
         py = random.Random(int(rng.integers(2**63)))
+        grid = py.choice(list(self.grid_choices)) if self.shared_grid else None
         return tuple(
-            sample_layout(self.size, self.grid_choices, self.scale_choices, rng=py)
+            sample_layout(self.size, self.grid_choices, self.scale_choices, rng=py, grid=grid)
             for _ in range(2)
         )  # type: ignore[return-value]
 

@@ -189,17 +189,77 @@ def make_views(batch_size=4, grid=2, dim=6, seed=0):
     return feats, proj, members
 
 
+NAMES = {"m1": "multi1", "m2": "multi2", "s1": "single1", "s2": "single2"}
+
+
 def call(loss_fn, p, z, members):
+    """The loss on short-named test tensors; single views share the ``s`` members."""
+    view_members = {"multi1": members["m1"], "multi2": members["m2"]}
+    view_members["single1"] = view_members["single2"] = members["s"]
     return loss_fn(
-        p["m1"], p["m2"], p["s1"], p["s2"], z["m1"], z["m2"], z["s1"], z["s2"],
-        members["m1"], members["m2"], members["s"],
-    )  # fmt: skip
+        {NAMES[n]: v for n, v in p.items()}, {NAMES[n]: v for n, v in z.items()}, view_members
+    )
+
+
+def symmetric(**kwargs):
+    """Every view through both branches, both directions per term, MoCo v3's 2 tau factor."""
+    return MOSLoss(form="symmetric", scale_by_2tau=True, **kwargs)
+
+
+def test_mos_loss_paper_form_is_one_direction_per_term():
+    """Section 3.2: m2s = H(q^, k), m2m = H(q^, k^), s2s = H(q, k'), summed (eq. 14), with
+    q^ = multi2 and q = single1 (base branch), k = single1, k' = single2, k^ = multi1
+    (momentum branch); a plain cross-entropy, no 2 tau factor."""
+    tau = 0.2
+    p, z, m = make_views(seed=7)
+    loss_fn = MOSLoss(temperature=tau)
+    assert loss_fn.query_views == ("single1", "multi2")
+    assert loss_fn.key_views == ("single1", "single2", "multi1")
+    only = {"single1": p["s1"], "multi2": p["m2"]}
+    keys = {"single1": z["s1"], "single2": z["s2"], "multi1": z["m1"]}
+    members = {"single1": m["s"], "single2": m["s"], "multi1": m["m1"], "multi2": m["m2"]}
+    out = loss_fn(only, keys, members)
+    # reference_direction carries MoCo v3's 2 tau; the paper's form does not
+    d = lambda a, b, ma, mb: reference_direction(p[a], z[b], m[ma], m[mb], tau) / (2 * tau)  # noqa: E731
+    expected = {
+        "m2s": d("m2", "s1", "m2", "s"),
+        "m2m": d("m2", "m1", "m2", "m1"),
+        "s2s": d("s1", "s2", "s", "s"),
+    }
+    for name, value in expected.items():
+        assert out[name].item() == pytest.approx(value, abs=1e-5), name
+    assert out["loss"].item() == pytest.approx(sum(expected.values()), abs=1e-5)
+    # PatchMix's weights: half on the two stitched terms
+    half = MOSLoss(temperature=tau, weight_m2s=0.5, weight_m2m=0.5)(only, keys, members)
+    assert half["loss"].item() == pytest.approx(
+        0.5 * expected["m2s"] + 0.5 * expected["m2m"] + expected["s2s"], abs=1e-5
+    )
+    with pytest.raises(ValueError, match="needs views"):
+        loss_fn({"single1": p["s1"]}, keys, members)
+    with pytest.raises(ValueError, match="form"):
+        MOSLoss(form="both")
+
+
+def test_mos_loss_views_follow_the_weights():
+    """A skipped term drops the views only it needs (table 4 ablations cost less)."""
+    s2s_only = MOSLoss(weight_m2s=0, weight_m2m=0)
+    assert s2s_only.query_views == ("single1",) and s2s_only.key_views == ("single2",)
+    assert (
+        symmetric().query_views
+        == symmetric().key_views
+        == (
+            "single1",
+            "single2",
+            "multi1",
+            "multi2",
+        )
+    )
 
 
 def test_mos_loss_matches_loops_per_term():
     tau = 0.2
     p, z, m = make_views()
-    out = call(MOSLoss(temperature=tau), p, z, m)
+    out = call(symmetric(temperature=tau), p, z, m)
     d = lambda a, b, ma, mb: reference_direction(p[a], z[b], m[ma], m[mb], tau)  # noqa: E731
     expected = {
         "m2s": d("m1", "s2", "m1", "s") + d("m2", "s1", "m2", "s"),
@@ -214,11 +274,11 @@ def test_mos_loss_matches_loops_per_term():
 def test_mos_loss_scale_and_weights():
     tau = 0.1
     p, z, m = make_views(seed=3)
-    scaled = call(MOSLoss(temperature=tau), p, z, m)
-    plain = call(MOSLoss(temperature=tau, scale_by_2tau=False), p, z, m)
+    scaled = call(symmetric(temperature=tau), p, z, m)
+    plain = call(MOSLoss(temperature=tau, form="symmetric"), p, z, m)
     for name in ("m2s", "m2m", "s2s"):
         assert scaled[name].item() == pytest.approx(2 * tau * plain[name].item(), rel=1e-5)
-    s2s_only = call(MOSLoss(temperature=tau, weight_m2s=0, weight_m2m=0), p, z, m)
+    s2s_only = call(symmetric(temperature=tau, weight_m2s=0, weight_m2m=0), p, z, m)
     assert s2s_only["m2s"].item() == 0.0 and s2s_only["m2m"].item() == 0.0
     assert s2s_only["loss"].item() == pytest.approx(scaled["s2s"].item(), rel=1e-6)
     with pytest.raises(ValueError, match="temperature"):
@@ -228,7 +288,7 @@ def test_mos_loss_scale_and_weights():
 def test_mos_loss_goes_down():
     p, z, m = make_views(batch_size=8, seed=4)
     params = {n: v.clone().requires_grad_(True) for n, v in p.items()}
-    loss_fn = MOSLoss()
+    loss_fn = MOSLoss()  # the paper's form: only single1 and multi2 get gradient
     opt = torch.optim.SGD(params.values(), lr=0.5)
     losses = []
     for _ in range(20):
@@ -255,7 +315,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, out_dir):
+def _ddp_worker(rank, world, port, out_dir, form):
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
@@ -268,7 +328,7 @@ def _ddp_worker(rank, world, port, out_dir):
         # members: this rank's stitched images of its own samples, local indices -> global
         m_local = {n: global_members(v[rows] - rank * local, local) for n, v in m.items()}
         assert torch.equal(m_local["s"], global_single_members(local))
-        out = call(MOSLoss(), p_local, z_local, m_local)
+        out = call(MOSLoss(form=form), p_local, z_local, m_local)
         out["loss"].backward()
         # this rank's one-hot targets against its own keys: placed at its columns
         single_local = soft_contrastive(p["s1"][rows], z["s2"][rows], torch.eye(local), 0.2)
@@ -285,7 +345,8 @@ def _ddp_worker(rank, world, port, out_dir):
 
 
 @pytest.mark.ddp
-def test_ddp_gather_matches_single_process(tmp_path):
+@pytest.mark.parametrize("form", ["paper", "symmetric"])
+def test_ddp_gather_matches_single_process(tmp_path, form):
     world, local = 2, 4
     batch = world * local
     p, z, _ = make_views(batch_size=batch, seed=5)
@@ -296,16 +357,20 @@ def test_ddp_gather_matches_single_process(tmp_path):
         "s": single(batch),
     }
     torch.save((p, z, m), tmp_path / "inputs.pt")
-    mp.spawn(_ddp_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_ddp_worker, args=(world, _free_port(), str(tmp_path), form), nprocs=world, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
     params = {n: v.clone().requires_grad_(True) for n, v in p.items()}
-    full = call(MOSLoss(), params, z, m)
+    full = call(MOSLoss(form=form), params, z, m)
     full["loss"].backward()
     for name in ("loss", "m2s", "m2m", "s2s"):  # DDP averages the per-rank losses
         ranks = sum(r["out"][name] for r in results) / world
         assert ranks == pytest.approx(full[name].item(), abs=1e-5), name
+    used = {NAMES[n] for n in params} & set(MOSLoss(form=form).query_views)
     for name, value in params.items():  # DDP averages the per-rank gradients
+        if NAMES[name] not in used:  # a view the base branch never sees has no gradient
+            assert value.grad is None and all(r["grads"][name] is None for r in results)
+            continue
         ranks = torch.cat([r["grads"][name] for r in results]) / world
         torch.testing.assert_close(ranks, value.grad, atol=1e-6, rtol=1e-4)
     single_full = soft_contrastive(p["s1"], z["s2"], torch.eye(batch), 0.2)

@@ -43,7 +43,7 @@ def test_recipes_follow_the_papers():
     assert mos.loss.temperature == 0.2 and mos.model.drop_path_rate == 0.1
     uni = resolve_config({"method": "univip"})
     assert (uni.ema.start, uni.optim.name, uni.optim.weight_decay) == (0.99, "sgd", 1e-4)
-    assert peak_lr(uni) == pytest.approx(0.2)  # base lr 0.2 at batch 512 (UniVIP section 4)
+    assert peak_lr(uni) == pytest.approx(0.4)  # 0.2 per 256; ORL: lr 0.4 at batch 512
     assert uni.schedule.warmup_epochs == 4 and uni.model.backbone == "resnet50"
 
 

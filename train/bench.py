@@ -6,7 +6,11 @@ Two measurements in one process, with the same model, optimizer and :func:`train
 - **synthetic**: batches of the same shapes made once and already on the device
   (:class:`train.synthetic.SyntheticLoader` with a pool): no data cost at all, the ceiling.
 
-``ratio = end_to_end / synthetic`` is the figure to watch (target >= 0.95). Each phase first runs
+``ratio = end_to_end / synthetic`` is the figure to watch (target >= 0.95). With ``baseline``
+(``--baseline mocov3``), the synthetic step of another method on the same model, batch and
+device is measured in the same process, interleaved with this one's (A B A B: drifts of a shared
+machine hit both), and ``ratio_to_baseline = synthetic / baseline synthetic`` is the cost of
+one method's step against the other's. Each phase first runs
 ``warmup`` untimed steps (cuDNN autotuning, ``torch.compile``), then ``steps`` timed ones; the
 clock stops only after the device has finished (``torch.cuda.synchronize``). images/s counts
 samples of the global batch (a MOS sample is 4 views, a UniVIP sample 2 scenes + K instances).
@@ -23,9 +27,10 @@ import torch
 from train.config import TrainConfig, to_dict
 from train.distributed import cleanup_distributed, init_distributed
 from train.loop import build_loader, build_parts, synthetic_loader, train_step
+from train.methods import resolve_config
 from train.runinfo import describe_device, library_versions
 
-__all__ = ["bench_train"]
+__all__ = ["baseline_config", "bench_train"]
 
 
 def _endless(loader: Any) -> Iterator[dict]:
@@ -66,16 +71,53 @@ def _measure(parts, loader: Any, warmup: int, steps: int) -> dict:
     }
 
 
+def baseline_config(cfg: TrainConfig, method: str) -> TrainConfig:
+    """``cfg`` with another method: the same model, data sizes, batch, optimizer and run
+    settings (so a step of each costs what its method adds), the baseline's own loss defaults
+    and view set (``data.views`` cleared: view-set options are per method)."""
+    d = to_dict(cfg)
+    layer = {k: d[k] for k in ("data", "model", "optim", "schedule", "ema", "run")}
+    layer["data"] = {**layer["data"], "views": {}}
+    layer["method"] = method
+    return resolve_config(layer)
+
+
+def _synthetic_parts(cfg: TrainConfig, info) -> tuple[Any, Any]:
+    loader = synthetic_loader(
+        cfg, info, num_samples=max(cfg.data.synthetic_samples, 4 * cfg.data.batch_size), pool=4
+    )
+    parts = build_parts(cfg, info, loader=loader)
+    parts.model.train()
+    return parts, loader
+
+
+def _merge(a: dict, b: dict) -> dict:
+    """Two measurements of one phase as one: total steps over total seconds."""
+    steps, seconds = a["steps"] + b["steps"], a["seconds"] + b["seconds"]
+    images = a["images_per_s"] * a["seconds"] + b["images_per_s"] * b["seconds"]
+    return {
+        "steps": steps,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(images / seconds, 1),
+        "rounds": [a["images_per_s"], b["images_per_s"]],
+        "last_loss": b["last_loss"],
+    }
+
+
 def bench_train(
     cfg: TrainConfig,
     steps: int = 50,
     warmup: int = 10,
     synthetic_only: bool = False,
+    baseline: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Time the trainer on real shards and on on-device synthetic tensors; returns a report."""
+    """Time the trainer on real shards and on on-device synthetic tensors; returns a report.
+    ``baseline``: also time that method's synthetic step (see the module docstring)."""
     info = init_distributed(cfg.run.device)
     try:
+        if baseline is not None:
+            return _bench_against(cfg, baseline_config(cfg, baseline), info, steps, warmup, log)
         ceiling_loader = synthetic_loader(
             cfg, info, num_samples=max(cfg.data.synthetic_samples, 4 * cfg.data.batch_size), pool=4
         )
@@ -116,3 +158,41 @@ def bench_train(
         return report
     finally:
         cleanup_distributed(info)
+
+
+def _bench_against(
+    cfg: TrainConfig, base_cfg: TrainConfig, info, steps: int, warmup: int, log: Callable
+) -> dict:
+    """Synthetic steps of ``cfg`` and ``base_cfg`` interleaved: A B A B, ``steps`` each time."""
+    runs = {"method": _synthetic_parts(cfg, info), "baseline": _synthetic_parts(base_cfg, info)}
+    names = {"method": cfg.method, "baseline": base_cfg.method}
+    log(
+        f"bench train: {cfg.method} against {base_cfg.method}, {cfg.model.backbone}, global "
+        f"batch {cfg.data.batch_size}, synthetic on-device batches, {describe_device(info.device)}"
+    )
+    rounds: dict[str, list[dict]] = {"method": [], "baseline": []}
+    for r in range(2):
+        for key, (parts, loader) in runs.items():
+            rounds[key].append(_measure(parts, loader, warmup if r == 0 else 0, steps))
+            log(f"  round {r + 1} {names[key]}: {rounds[key][-1]['images_per_s']:.1f} images/s")
+    for _, loader in runs.values():
+        loader.close()
+    method, base = (_merge(*rounds[k]) for k in ("method", "baseline"))
+    ratio = round(method["images_per_s"] / base["images_per_s"], 4)
+    log(f"{cfg.method} / {base_cfg.method} = {ratio:.2f} (images/s per step, same model)")
+    return {
+        "method": cfg.method,
+        "baseline": base_cfg.method,
+        "backbone": cfg.model.backbone,
+        "global_batch": cfg.data.batch_size,
+        "world_size": info.world_size,
+        "precision": runs["method"][0].precision,
+        "compile": cfg.run.compile,
+        "device": describe_device(info.device),
+        "versions": library_versions(),
+        "config": to_dict(cfg),
+        "baseline_config": to_dict(base_cfg),
+        "synthetic": method,
+        "baseline_synthetic": base,
+        "ratio_to_baseline": ratio,
+    }

@@ -80,7 +80,12 @@ class ModelConfig:
     predictor: tuple[int, ...] = (4096, 256)  # output sizes of the predictor's layers
     projector_last_bn: bool = True  # BN (no affine) after the projector's last layer (MoCo v3)
     predictor_last_bn: bool = False
-    sync_bn: bool = True  # heads' BatchNorm -> SyncBatchNorm under DDP on CUDA
+    sync_bn: bool = True  # every BatchNorm (backbone and heads) -> SyncBatchNorm, DDP on CUDA
+    # backbone calls: "grouped" concatenates views of equal shape (exact for LayerNorm ViTs),
+    # "per_view" gives each view its own call, so BatchNorm normalises each view as its own
+    # batch (BYOL / ORL); "auto": per_view when the backbone has BatchNorm, else grouped
+    batch_views: Literal["auto", "grouped", "per_view"] = "auto"
+    freeze_patch_embed: bool = False  # MoCo v3 sec. 4.2: random, frozen ViT patch projection
 
 
 @dataclass(frozen=True)
@@ -142,7 +147,9 @@ class EvalConfig:
     k: int = 20  # neighbours (DINO)
     temperature: float = 0.07  # vote weight exp(cos / temperature) (DINO)
     batch_size: int = 256  # images per forward pass, per rank
-    branch: Literal["online", "target"] = "online"  # online backbone, or the EMA one
+    # the momentum (EMA) encoder by default, as the MOS group, MoCo v3 and DINO evaluate (every
+    # registered method has one); "both" also logs the online backbone (eval/knn_online_*)
+    branch: Literal["online", "target", "both"] = "target"
 
     def __post_init__(self) -> None:
         if self.every < 0:

@@ -157,8 +157,12 @@ def synthetic_loader(cfg: TrainConfig, info: DistInfo, **overrides: Any) -> Any:
         "instance_size": cfg.data.instance_size,
         "num_instances": cfg.data.num_instances,
         "num_samples": cfg.data.synthetic_samples,
-        **overrides,
     }
+    if get_method(cfg.method).views == "mos":  # the recipe's r and s sets, as MOSViews reads
+        for key in ("grid_choices", "scale_choices"):
+            if key in cfg.data.views:
+                kwargs[key] = tuple(cfg.data.views[key])
+    kwargs.update(overrides)
     return SyntheticLoader(
         get_method(cfg.method).views, cfg.data.batch_size // info.world_size, **kwargs
     )
@@ -225,6 +229,18 @@ class Parts:
         return torch.autocast(device_type=self.info.device.type, dtype=dtype)
 
 
+def convert_sync_batchnorm(model: SSLModel) -> None:
+    """Every BatchNorm of the model -> SyncBatchNorm, in place: the backbones (ORL's ResNet-50
+    uses ``norm_cfg=dict(type="SyncBN")``, as BYOL does), the projectors, the predictor and the
+    method's extra modules. Weights and running statistics are kept."""
+    for enc in (model.online, model.target):
+        enc.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(enc.backbone)
+        enc.projector = nn.SyncBatchNorm.convert_sync_batchnorm(enc.projector)
+    model.predictor = nn.SyncBatchNorm.convert_sync_batchnorm(model.predictor)
+    for name in list(model.extra):
+        model.extra[name] = nn.SyncBatchNorm.convert_sync_batchnorm(model.extra[name])
+
+
 def build_parts(cfg: TrainConfig, info: DistInfo, loader: Any = None) -> Parts:
     """Model on its device (SyncBN heads under DDP on CUDA, optionally compiled), optimizer,
     scaler, loader and schedules. The model's initial weights depend on ``run.seed`` only, so
@@ -244,9 +260,7 @@ def build_parts(cfg: TrainConfig, info: DistInfo, loader: Any = None) -> Parts:
         model.to(memory_format=torch.channels_last)
     if info.world_size > 1 and cuda and cfg.model.sync_bn:
         # SyncBatchNorm runs on GPUs only; gloo/CPU runs keep per-rank BN statistics
-        for enc in (model.online, model.target):
-            enc.projector = nn.SyncBatchNorm.convert_sync_batchnorm(enc.projector)
-        model.predictor = nn.SyncBatchNorm.convert_sync_batchnorm(model.predictor)
+        convert_sync_batchnorm(model)
     if cfg.run.compile:
         for m in (
             model.online.backbone,
@@ -469,15 +483,25 @@ def knn_step(parts: Parts, monitor: Any, step: int) -> dict:
     """kNN accuracy of the backbone of ``eval.branch`` after ``step`` steps (every rank calls
     it), under the run's autocast. The model is left in train mode and every RNG stream as it
     was (``capture_rng``/``restore_rng``), so an evaluated run trains exactly like one that is
-    not. Returns the metrics line ``{"step", "eval/knn_top1", "eval/knn_top5"}``."""
-    encoder = parts.model.online if parts.cfg.eval.branch == "online" else parts.model.target
+    not. Returns the metrics line ``{"step", "eval/knn_top1", "eval/knn_top5"}`` of the
+    branch (the target's with ``both``, which adds ``eval/knn_online_top1``/``_top5``)."""
+    branch = parts.cfg.eval.branch
+    encoders = {"target": parts.model.target}
+    if branch == "online":
+        encoders = {"online": parts.model.online}
+    elif branch == "both":
+        encoders["online"] = parts.model.online
     rng = capture_rng(parts.info.device)
+    record: dict = {"step": step}
     try:
-        acc = monitor(encoder.backbone, parts.autocast, parts.channels_last)
+        for i, (name, encoder) in enumerate(encoders.items()):
+            acc = monitor(encoder.backbone, parts.autocast, parts.channels_last)
+            prefix = "eval/knn" if i == 0 else f"eval/knn_{name}"
+            record[f"{prefix}_top1"], record[f"{prefix}_top5"] = acc.top1, acc.top5
     finally:
         parts.model.train()
         restore_rng(rng, parts.info.device)
-    return {"step": step, "eval/knn_top1": acc.top1, "eval/knn_top5": acc.top5}
+    return record
 
 
 # -------------------------------------------------------------------------------------- loop
@@ -678,12 +702,17 @@ def _pretrain(cfg: TrainConfig, info: DistInfo, loader: Any, resume: Any, log: C
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(record) + "\n")
                     if writer is not None:
-                        for k in ("eval/knn_top1", "eval/knn_top5"):
-                            writer.add_scalar(k, record[k], done)
+                        for k in record:
+                            if k != "step":
+                                writer.add_scalar(k, record[k], done)
                     with tqdm.external_write_mode():
+                        first = "online" if cfg.eval.branch == "online" else "target"
+                        online = record.get("eval/knn_online_top1")
                         log(
                             f"step {done}/{total} kNN top-1 {record['eval/knn_top1']:.2f}% "
-                            f"top-5 {record['eval/knn_top5']:.2f}% ({seconds:.1f} s)"
+                            f"top-5 {record['eval/knn_top5']:.2f}% ({first}"
+                            + (f"; online top-1 {online:.2f}%" if online is not None else "")
+                            + f", {seconds:.1f} s)"
                         )
 
             if done % cfg.run.ckpt_every == 0 or done == total:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -30,8 +31,21 @@ from train.config import ConfigError, TrainConfig, deep_merge, from_dict
 from train.losses.byol import BYOLLoss
 from train.losses.mocov3 import MoCoV3Loss
 from train.losses.mos import DEFAULT_TEMPERATURE, MOSLoss, global_members, global_single_members
-from train.losses.univip import DEFAULT_EPS, DEFAULT_ITERS, UniVIPLoss
-from train.models import Encoder, SSLModel, build_backbone, mlp
+from train.losses.univip import (
+    DEFAULT_COSINE_MARGINALS,
+    DEFAULT_EPS,
+    DEFAULT_ITERS,
+    DEFAULT_SCENE_FORM,
+    UniVIPLoss,
+)
+from train.models import (
+    Encoder,
+    SSLModel,
+    build_backbone,
+    freeze_patch_embed,
+    has_batchnorm,
+    mlp,
+)
 
 __all__ = [
     "METHODS",
@@ -81,6 +95,8 @@ def build_model(cfg: TrainConfig) -> tuple[SSLModel, nn.Module]:
     """The method's model (backbone + heads + EMA target + extras) and its loss module."""
     method = get_method(cfg.method)
     backbone = build_backbone(cfg.model)
+    if cfg.model.freeze_patch_embed:
+        freeze_patch_embed(backbone)
     feat_dim = backbone.num_features
     projector = mlp(feat_dim, cfg.model.projector, last_bn=cfg.model.projector_last_bn)
     out_dim = cfg.model.projector[-1]
@@ -96,7 +112,12 @@ def build_model(cfg: TrainConfig) -> tuple[SSLModel, nn.Module]:
     def step(model: SSLModel, batch: dict) -> dict[str, Tensor]:
         return method.step(model, loss, batch)
 
-    return SSLModel(Encoder(backbone, projector), predictor, step, extra), loss
+    if cfg.model.batch_views == "auto":
+        group = not has_batchnorm(backbone)
+    else:
+        group = cfg.model.batch_views == "grouped"
+    online = Encoder(backbone, projector, group_views=group)
+    return SSLModel(online, predictor, step, extra), loss
 
 
 # --------------------------------------------------------------------------------------- MOS
@@ -105,8 +126,14 @@ def build_model(cfg: TrainConfig) -> tuple[SSLModel, nn.Module]:
 @dataclass(frozen=True)
 class MOSLossConfig:
     temperature: float = DEFAULT_TEMPERATURE  # MOS appendix D: 0.2
-    scale_by_2tau: bool = True  # MoCo v3's 2 * tau factor (train.losses.mos)
-    weight_m2s: float = 1.0  # eq. 14; 0 drops a term (table 4 ablation)
+    # "paper": section 3.2's 2 + 3 passes, one direction per term (PatchMix main_pretrain.py
+    # feeds the same views); "symmetric": every view through both branches, both directions
+    form: Literal["paper", "symmetric"] = "paper"
+    # MoCo v3's 2 * tau factor: neither MOS eq. 11-13 nor PatchMix has it (docs/methods.md)
+    scale_by_2tau: bool = False
+    # eq. 14 is the plain sum; PatchMix halves the two stitched terms (0.5, 0.5, 1);
+    # 0 drops a term (table 4 ablation)
+    weight_m2s: float = 1.0
     weight_m2m: float = 1.0
     weight_s2s: float = 1.0
 
@@ -128,24 +155,23 @@ def _object_members(batch: dict, view: int) -> Tensor:
 
 
 def _mos_step(model: SSLModel, loss: nn.Module, batch: dict) -> dict[str, Tensor]:
-    """Four views through both branches; members per object, made global for gathered keys."""
-    views = [batch["single1"], batch["single2"], batch["multi1"], batch["multi2"]]
-    p_s1, p_s2, p_m1, p_m2 = model.predict(views)
-    z_s1, z_s2, z_m1, z_m2 = model.project_target(views)
+    """The loss's query views through the base branch, its key views through the momentum one.
+
+    With ``loss.form = "paper"`` (section 3.2) that is ``single1, multi2`` with gradient and
+    ``single1, single2, multi1`` without: 2 + 3 passes. Members per object, made global for
+    the gathered keys.
+    """
     b = batch["single1"].shape[0]
-    return loss(
-        p_m1,
-        p_m2,
-        p_s1,
-        p_s2,
-        z_m1,
-        z_m2,
-        z_s1,
-        z_s2,
-        global_members(_object_members(batch, 1), b),
-        global_members(_object_members(batch, 2), b),
-        global_single_members(b, device=p_s1.device),
-    )
+    single = global_single_members(b, device=batch["single1"].device)
+    members = {
+        "single1": single,
+        "single2": single,
+        "multi1": global_members(_object_members(batch, 1), b),
+        "multi2": global_members(_object_members(batch, 2), b),
+    }
+    queries = dict(zip(loss.query_views, model.predict([batch[v] for v in loss.query_views])))
+    keys = dict(zip(loss.key_views, model.project_target([batch[v] for v in loss.key_views])))
+    return loss(queries, keys, members)
 
 
 register(
@@ -155,6 +181,7 @@ register(
         loss_config=MOSLossConfig,
         build_loss=lambda c: MOSLoss(
             temperature=c.temperature,
+            form=c.form,
             scale_by_2tau=c.scale_by_2tau,
             weight_m2s=c.weight_m2s,
             weight_m2m=c.weight_m2m,
@@ -162,29 +189,38 @@ register(
         ),
         step=_mos_step,
         terms=("m2s", "m2m", "s2s"),
-        # MOS appendix D, ViT-S/16 on ImageNet-1K. The lr value is lost from our copy of the
-        # paper; 5e-4 per 256 (2e-3 at 1024) with min 1e-6 is the authors' PatchMix recipe
-        # (visresearch/patchmix), which appendix D otherwise matches (AdamW, 10 warmup epochs,
-        # wd cosine 0.04 -> 0.4, DropPath 0.1, 3/2-layer heads 4096 -> 256, tau 0.2).
+        # MOS appendix D, ViT-S/16 on ImageNet-1K, value by value. "PatchMix" is the same
+        # group's code (visresearch/patchmix, config/pretrain/vit_small_pretrain.py), cited
+        # where our copy of the paper lost the number.
         recipe={
-            "data": {"batch_size": 1024, "size": 224},
+            "data": {
+                "batch_size": 1024,  # appendix D: "with a batch size of 1024"
+                "size": 224,  # section 4.1: ImageNet images at 224 x 224
+                "views": {
+                    # appendix D: "both r and s are randomly sampled from" a set lost in our
+                    # copy; {1, 2} is our reading of table 5 (pipeline/layout.py)
+                    "grid_choices": [1, 2],
+                    "scale_choices": [1, 2],
+                },
+            },
             "model": {
-                "backbone": "vit_small_patch16_224",
-                "drop_path_rate": 0.1,
-                "projector": [4096, 4096, 256],
-                "predictor": [4096, 256],
-                "projector_last_bn": True,
-                "predictor_last_bn": False,
+                "backbone": "vit_small_patch16_224",  # ViT-S/16
+                "drop_path_rate": 0.1,  # appendix D: "DropConnect with drop rate of 0.1"
+                "projector": [4096, 4096, 256],  # appendix D: 3-layer MLP, 4096 hidden, 256 out
+                "predictor": [4096, 256],  # appendix D: 2-layer MLP
+                "projector_last_bn": True,  # MoCo v3 heads (PatchMix contrast_momentum.py)
+                "predictor_last_bn": False,  # PatchMix builds the predictor without it
             },
             "optim": {
-                "name": "adamw",
-                "base_lr": 5e-4,
-                "min_lr": 1e-6,
-                "weight_decay": 0.04,
-                "weight_decay_end": 0.4,
+                "name": "adamw",  # appendix D: AdamW
+                "base_lr": 5e-4,  # lost in our copy; PatchMix ViT-S: 5e-4 per 256
+                "min_lr": 1e-6,  # PatchMix ViT-S: min_lr 1e-6
+                "weight_decay": 0.04,  # appendix D: cosine from 0.04 ...
+                "weight_decay_end": 0.4,  # ... to 0.4
             },
+            # 300 epochs: tables 1, 3 (ViT-S/16, 300 epochs); appendix D: 10 warmup epochs
             "schedule": {"epochs": 300, "warmup_epochs": 10},
-            "ema": {"start": 0.992, "end": 1.0},
+            "ema": {"start": 0.992, "end": 1.0},  # appendix D: cosine from 0.992 to 1.0
         },
         summary="Multiple Object Stitching: multi-to-single, multi-to-multi, single-to-single",
     )
@@ -196,34 +232,40 @@ register(
 
 @dataclass(frozen=True)
 class UniVIPLossConfig:
-    sinkhorn_eps: float = DEFAULT_EPS
-    sinkhorn_iters: int = DEFAULT_ITERS
-    cosine_marginals: bool = True  # train.losses.univip.instance_marginals
+    # scene-scene (eq. 3) and scene-instance (eq. 6) distance: "mse" = 2 - 2 cos, ORL's
+    # LatentPredictHead and our BYOL's (equal gradients, so UniVIP vs BYOL is not confounded,
+    # table 7); "cosine" = -cos, eq. 2 / 5 as written
+    scene_form: Literal["mse", "cosine"] = DEFAULT_SCENE_FORM
+    sinkhorn_eps: float = DEFAULT_EPS  # OTA (UniVIP's Sinkhorn reference): 0.1
+    sinkhorn_iters: int = DEFAULT_ITERS  # OTA: 50
+    cosine_marginals: bool = DEFAULT_COSINE_MARGINALS  # False: eq. 9-10's raw dot products
 
 
-# UniVIP section 4 "Optimization" on COCO (following ORL, the BYOL COCO setting): SGD,
-# momentum 0.9, wd 1e-4, cosine lr with base 0.2 at batch 512 (0.1 per 256), 4 warmup epochs,
-# 800 epochs, EMA 0.99 -> 1; ResNet-50 with BYOL's heads (2-layer MLPs, 4096 hidden, 256 out).
-# BYOL, the baseline on the same shards, uses the same recipe.
+# UniVIP section 4 "Optimization" on COCO, which "fully follow[s]" ORL (Jiahao000/ORL,
+# configs/selfsup/orl/coco/stage1/r50_bs512_ep800.py, its BYOL stage on COCO), value by value.
+# BYOL, the baseline on the same shards, uses the same recipe (UniVIP table 7 compares them).
 _COCO_R50_RECIPE = {
     "model": {
-        "backbone": "resnet50",
+        "backbone": "resnet50",  # UniVIP section 4, ORL: ResNet-50
         "drop_path_rate": 0.0,
-        "projector": [4096, 256],
-        "predictor": [4096, 256],
-        "projector_last_bn": False,
+        "projector": [4096, 256],  # ORL neck: 2 layers, 4096 hidden, 256 out
+        "predictor": [4096, 256],  # ORL LatentPredictHead: 2 layers, 4096 hidden, 256 out
+        "projector_last_bn": False,  # ORL: with_last_bn=False
         "predictor_last_bn": False,
+        "batch_views": "per_view",  # ORL/BYOL: one online_net(img) call per view
+        "sync_bn": True,  # ORL: norm_cfg=dict(type="SyncBN") in the backbone, sync_bn heads
     },
     "optim": {
-        "name": "sgd",
-        "base_lr": 0.1,
-        "min_lr": 0.0,
-        "weight_decay": 1e-4,
-        "weight_decay_end": 1e-4,
-        "momentum": 0.9,
+        "name": "sgd",  # UniVIP section 4, ORL: SGD
+        "base_lr": 0.2,  # UniVIP: base lr 0.2; ORL: lr 0.4 at batch 512 = 0.2 per 256
+        "min_lr": 0.0,  # ORL: CosineAnnealing, min_lr=0
+        "weight_decay": 1e-4,  # UniVIP section 4, ORL: 0.0001
+        "weight_decay_end": 1e-4,  # constant
+        "momentum": 0.9,  # UniVIP section 4, ORL: 0.9
     },
+    # ORL: total_epochs = 800, linear warmup over 4 epochs (warmup_iters=4, by epoch)
     "schedule": {"epochs": 800, "warmup_epochs": 4},
-    "ema": {"start": 0.99, "end": 1.0},
+    "ema": {"start": 0.99, "end": 1.0},  # ORL: base_momentum=0.99, BYOLHook end_momentum=1
 }
 
 
@@ -251,13 +293,21 @@ register(
         views="univip",
         loss_config=UniVIPLossConfig,
         build_loss=lambda c: UniVIPLoss(
-            eps=c.sinkhorn_eps, iters=c.sinkhorn_iters, cosine_marginals=c.cosine_marginals
+            eps=c.sinkhorn_eps,
+            iters=c.sinkhorn_iters,
+            cosine_marginals=c.cosine_marginals,
+            scene_form=c.scene_form,
         ),
         step=_univip_step,
         terms=("scene", "scene_instance", "instance"),
         build_extra=_univip_extra,
         recipe={
-            "data": {"batch_size": 512, "size": 224, "instance_size": 96, "num_instances": 4},
+            "data": {
+                "batch_size": 512,  # ORL: 64 per GPU x 8 GPUs
+                "size": 224,  # ORL: RandomResizedCrop(224)
+                "instance_size": 96,  # UniVIP section 3.3: instances resized to 96 x 96
+                "num_instances": 4,  # UniVIP table 8(c): K = 4 is best
+            },
             **_COCO_R50_RECIPE,
         },
         summary="UniVIP: scene-scene, scene-instance, instance-instance (optimal transport)",
@@ -296,11 +346,11 @@ register(
         build_loss=lambda c: BYOLLoss(),
         step=_two_view_step,
         terms=(),
-        # BYOL as the baseline on the same shards as UniVIP: UniVIP's COCO optimisation (the
-        # ORL/BYOL COCO setting); BYOL's ImageNet recipe (LARS, base lr 0.2, wd 1.5e-6,
-        # EMA 0.996) is in docs/training.md.
+        # BYOL as the baseline on the same shards as UniVIP, with UniVIP's COCO recipe (the
+        # ORL stage-1 BYOL run on COCO; UniVIP table 7 compares the two on it). BYOL's own
+        # ImageNet recipe (LARS, base lr 0.2, wd 1.5e-6, EMA 0.996) is in docs/training.md.
         recipe={
-            "data": {"batch_size": 512, "size": 224},
+            "data": {"batch_size": 512, "size": 224},  # ORL: batch 512, 224-px crops
             **_COCO_R50_RECIPE,
         },
         summary="BYOL: 2 - 2 cos between online predictions and target projections",
@@ -315,27 +365,30 @@ register(
         build_loss=lambda c: MoCoV3Loss(temperature=c.temperature),
         step=_two_view_step,
         terms=(),
-        # MoCo v3 (Chen, Xie, He 2021) ViT-S/16: AdamW, base lr 1.5e-4, wd 0.1, 40 warmup
-        # epochs, 3-layer projector / 2-layer predictor (4096 -> 256), momentum 0.99 -> 1, tau 0.2.
+        # MoCo v3 (Chen, Xie, He, ICCV 2021) ViT-S/16, value by value from its reference
+        # recipe (facebookresearch/moco-v3, CONFIG.md: main_moco.py -a vit_small -b 1024
+        # --optimizer=adamw --lr=1.5e-4 --weight-decay=.1 --epochs=300 --warmup-epochs=40
+        # --stop-grad-conv1 --moco-m-cos --moco-t=.2) and its paper (section 4.1, table 1).
         recipe={
-            "data": {"batch_size": 1024, "size": 224},
+            "data": {"batch_size": 1024, "size": 224},  # -b 1024; 224-px crops
             "model": {
-                "backbone": "vit_small_patch16_224",
-                "drop_path_rate": 0.0,
-                "projector": [4096, 4096, 256],
-                "predictor": [4096, 256],
-                "projector_last_bn": True,
-                "predictor_last_bn": False,
+                "backbone": "vit_small_patch16_224",  # -a vit_small
+                "drop_path_rate": 0.0,  # MoCo v3 ViTs: no stochastic depth
+                "projector": [4096, 4096, 256],  # section 4.1: 3-layer projector, 4096 -> 256
+                "predictor": [4096, 256],  # section 4.1: 2-layer predictor
+                "projector_last_bn": True,  # moco-v3 _build_mlp(last_bn=True) for the projector
+                "predictor_last_bn": False,  # and last_bn=False for the predictor
+                "freeze_patch_embed": True,  # --stop-grad-conv1 (section 4.2)
             },
             "optim": {
-                "name": "adamw",
-                "base_lr": 1.5e-4,
-                "min_lr": 0.0,
-                "weight_decay": 0.1,
+                "name": "adamw",  # --optimizer=adamw
+                "base_lr": 1.5e-4,  # --lr=1.5e-4 (per 256, main_moco.py scales by batch/256)
+                "min_lr": 0.0,  # main_moco.py: cosine decay to 0
+                "weight_decay": 0.1,  # --weight-decay=.1 (constant)
                 "weight_decay_end": 0.1,
             },
-            "schedule": {"epochs": 300, "warmup_epochs": 40},
-            "ema": {"start": 0.99, "end": 1.0},
+            "schedule": {"epochs": 300, "warmup_epochs": 40},  # --epochs=300 --warmup-epochs=40
+            "ema": {"start": 0.99, "end": 1.0},  # --moco-m 0.99 (default) with --moco-m-cos
         },
         summary="MoCo v3: InfoNCE between predictions and gathered momentum keys",
     )

@@ -5,7 +5,9 @@ Nothing here inherits from a base method. One :class:`SSLModel` holds
 - ``online``: :class:`Encoder` = backbone + projector (trained by gradient);
 - ``predictor``: MLP on the online projections (BYOL / MoCo v3 / MOS / UniVIP all have one);
 - ``target``: a copy of ``online`` updated only by :func:`update_momentum` (the momentum /
-  EMA encoder, stop-gradient);
+  EMA encoder, stop-gradient), built without stochastic depth or dropout
+  (:func:`deterministic_copy`, as MoCo v3, DINO and PatchMix build theirs): a deterministic
+  function of its weights and input, BatchNorm batch statistics aside;
 - ``extra``: method-specific trainable modules (UniVIP's instance linear map, eq. 4);
 
 and ``momentum_pairs``, the explicit list of ``(online, ema)`` module pairs that
@@ -28,6 +30,9 @@ __all__ = [
     "Encoder",
     "SSLModel",
     "build_backbone",
+    "deterministic_copy",
+    "freeze_patch_embed",
+    "has_batchnorm",
     "mlp",
     "update_momentum",
 ]
@@ -59,6 +64,41 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
         raise ValueError(f"timm.create_model({cfg.backbone!r}, **{kwargs}): {e}") from None
 
 
+def freeze_patch_embed(backbone: nn.Module) -> int:
+    """MoCo v3's ViT trick (section 4.2, "random patch projection"): keep the patch projection
+    at its random initialisation (no gradient, so the optimizer never sees it). Returns the
+    number of frozen tensors; a backbone without ``patch_embed`` raises ``ValueError``."""
+    patch_embed = getattr(backbone, "patch_embed", None)
+    if not isinstance(patch_embed, nn.Module):
+        raise ValueError(
+            f"model.freeze_patch_embed needs a ViT-style backbone with a patch_embed module; "
+            f"{type(backbone).__name__} has none (--set model.freeze_patch_embed=false)"
+        )
+    params = list(patch_embed.parameters())
+    for p in params:
+        p.requires_grad_(False)
+    return len(params)
+
+
+def has_batchnorm(module: nn.Module) -> bool:
+    """Whether ``module`` holds BatchNorm layers (whose statistics span the samples of a call)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def deterministic_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` with every stochastic layer switched off: dropout rates and
+    stochastic-depth / drop-block probabilities set to 0 (timm's ``DropPath``, ``DropBlock2d``
+    and the attention dropout read them at call time). Train-mode BatchNorm still uses batch
+    statistics, the one non-determinism the momentum encoders of BYOL and MoCo v3 keep."""
+    copy_ = copy.deepcopy(module)
+    for m in copy_.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.p = 0.0
+        if isinstance(getattr(m, "drop_prob", None), float):
+            m.drop_prob = 0.0
+    return copy_
+
+
 def mlp(in_dim: int, sizes: Sequence[int], last_bn: bool = False) -> nn.Sequential:
     """An MLP from a list of layer output sizes: ``[Linear, BN, ReLU] * (n - 1) + [Linear]``.
 
@@ -86,23 +126,25 @@ class Encoder(nn.Module):
     """Backbone + projector. ``forward(views)`` runs a list of views and returns one projection
     ``[B_i, D]`` per view.
 
-    Views of equal shape share one backbone call (``torch.cat``: one big batch, better GPU use;
-    exact for ViTs, whose LayerNorm is per sample; for ResNets it makes the backbone's BN
-    statistics span those views together). The projector runs per view, so the heads' BN
-    statistics are per view, as in BYOL and MoCo v3.
+    With ``group_views`` views of equal shape share one backbone call (``torch.cat``: one big
+    batch, better GPU use; exact for ViTs, whose LayerNorm is per sample). Without it every
+    view is its own backbone call, so a ResNet's BatchNorm normalises each view as its own
+    batch, as BYOL and ORL do (one ``online_net(img_v)`` per view). The projector always runs
+    per view, so the heads' BN statistics are per view, as in BYOL and MoCo v3.
     """
 
-    def __init__(self, backbone: nn.Module, projector: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, projector: nn.Module, group_views: bool = True) -> None:
         super().__init__()
         self.backbone = backbone
         self.projector = projector
+        self.group_views = group_views
 
     def features(self, views: Sequence[Tensor]) -> list[Tensor]:
-        """Backbone features ``[B_i, F]`` per view, grouping views of equal shape."""
+        """Backbone features ``[B_i, F]`` per view (views of equal shape grouped, if enabled)."""
         out: list[Tensor | None] = [None] * len(views)
         groups: dict[tuple, list[int]] = {}
         for i, v in enumerate(views):
-            groups.setdefault(tuple(v.shape[1:]), []).append(i)
+            groups.setdefault(tuple(v.shape[1:]) if self.group_views else (i,), []).append(i)
         for idx in groups.values():
             x = views[idx[0]] if len(idx) == 1 else torch.cat([views[i] for i in idx])
             feats = self.backbone(x).split([views[i].shape[0] for i in idx])
@@ -131,7 +173,7 @@ class SSLModel(nn.Module):
         super().__init__()
         self.online = online
         self.predictor = predictor
-        self.target = copy.deepcopy(online)
+        self.target = deterministic_copy(online)
         for p in self.target.parameters():
             p.requires_grad_(False)
         self.extra = nn.ModuleDict(extra or {})

@@ -161,8 +161,11 @@ class SyntheticLoader:
         if self.views == "mos":
             batch = {"single1": self._view(bases, s, g), "single2": self._view(bases, s, g)}
             layout_rng = random.Random(_mix(self.seed, 4, epoch, index))  # same on every rank
+            grid = layout_rng.choice(self.grid_choices)  # one r for both views, as MOSViews
             for v in (1, 2):
-                layout = sample_layout(s, self.grid_choices, self.scale_choices, rng=layout_rng)
+                layout = sample_layout(
+                    s, self.grid_choices, self.scale_choices, rng=layout_rng, grid=grid
+                )
                 cells = []
                 for scale, side in zip(layout.scales, layout.crop_sizes, strict=True):
                     crops = [self._view(bases, side, g) for _ in range(scale * scale)]

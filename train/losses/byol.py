@@ -2,8 +2,9 @@
 
 ``L(p, z) = || p / ||p|| - z / ||z|| ||^2 = 2 - 2 cos(p, z)``, with ``p`` the online prediction and
 ``z`` the target projection (stop-gradient). The total is ``L(p1, z2) + L(p2, z1)`` (the paper's
-``L + L~``), each averaged over the batch. UniVIP writes the same loss as ``-cos`` (see
-``train.losses.univip.scene_loss``); the two differ by a constant and a factor 2.
+``L + L~``), each averaged over the batch. UniVIP's scene terms use this loss by default
+(``train.losses.univip.scene_loss``, ORL's head); UniVIP eq. 2 writes ``-cos``, which differs by
+a constant and a factor 2 (``loss.scene_form: cosine``).
 """
 
 from __future__ import annotations

@@ -1,16 +1,20 @@
 """MOS losses: Multiple Object Stitching (Shen, Liu, Wang; arXiv 2506.07364), section 3.2.
 
-Four views of a batch of ``B`` single-object samples feed the loss:
+Four views of a batch of ``B`` single-object samples:
 
-- ``m1``, ``m2``: two stitched (multi-object) views; image ``i`` of a stitched view holds the
-  samples ``members[i]`` (``[B, grid * grid]``, one sample index per cell);
-- ``s1``, ``s2``: two plain single-object views, image ``i`` holds sample ``i``
+- ``multi1``, ``multi2``: two stitched (multi-object) views; image ``i`` of a stitched view
+  holds the samples ``members[i]`` (``[B, r * r]``, one sample index per object / coarse cell);
+- ``single1``, ``single2``: two plain single-object views, image ``i`` holds sample ``i``
   (``members = arange(B)[:, None]``).
 
-The base encoder + projector + predictor gives predictions ``p_*`` and the momentum encoder +
-projector gives projections ``z_*`` (stop-gradient). Every term is a cross-entropy between soft
-targets, built from which samples two images share (paper eq. 8-10, appendix B eq. 16-17), and
-the softmax of cosine similarities over temperature (eq. 11-13); the total is their sum (eq. 14).
+The base encoder + projector + predictor gives predictions (queries) and the momentum encoder +
+projector gives projections (keys, stop-gradient). Every term is a cross-entropy between soft
+targets, built from which samples two images share (eq. 8-10, appendix B eq. 16-17), and the
+softmax of cosine similarities over temperature (eq. 11-13); the total is their weighted sum
+(eq. 14). Section 3.2 sends one stitched and one single view through the base branch and the
+other stitched view and both single views through the momentum branch (``form="paper"``,
+:data:`MOS_FORMS`); ``form="symmetric"`` sends every view through both and symmetrises every
+term.
 
 Conventions (decided here, the trainer relies on them):
 
@@ -18,16 +22,12 @@ Conventions (decided here, the trainer relies on them):
   (:func:`global_members`, :func:`global_single_members`). Keys and their members are gathered
   from every rank, so targets are built against the global batch, and a query only ever shares
   samples with keys built from the same samples, whichever rank holds them.
-- :func:`soft_contrastive` is the plain cross-entropy; the MoCo v3 factor ``2 * temperature``
-  (``contrastive_loss(...) * 2T`` in facebookresearch/moco-v3, whose base-momentum framework
-  the paper adopts, sec. 3.2 and 4.1) is applied by :class:`MOSLoss` (and
-  ``train.losses.mocov3``), so that :func:`soft_contrastive` stays comparable with
-  ``F.cross_entropy``. ``MOSLoss(scale_by_2tau=False)`` gives the unscaled sum. (The MOS
-  reference code, github.com/visresearch/MultipleObjectStitching, could not be read when this
-  was written; the factor and the symmetrisation below follow MoCo v3.)
-- Each term is symmetrised the MoCo v3 way, ``loss(q1, k2) + loss(q2, k1)`` (a sum, not a mean):
-  a query from one augmentation pipeline is contrasted with keys from the other one (the paper's
-  Aug. 1/3 vs. Aug. 2/4 of table 6, BYOL's asymmetric blur/solarize pairs).
+- :func:`soft_contrastive` is the plain cross-entropy of eq. 11-13 (PatchMix's
+  ``MultiTempContrastiveLoss``: ``SoftTargetCrossEntropy`` of cosine logits over tau). MoCo v3's
+  factor ``2 * temperature`` is an option of :class:`MOSLoss` (``scale_by_2tau``), off by
+  default; ``train.losses.mocov3`` applies it, as MoCo v3 does.
+- Every (query, key) pair crosses the two augmentation pipelines (table 6: Aug. 1/3 vs. 2/4,
+  BYOL's asymmetric blur/solarize): the ``1`` views use the first, the ``2`` views the second.
 """
 
 from __future__ import annotations
@@ -193,25 +193,57 @@ def soft_contrastive(
     return (per_row * has_positive).sum() / has_positive.sum().clamp_min(1.0)
 
 
+# which (query, key) view pairs each term contrasts, per form of the loss
+MOS_FORMS: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
+    # MOS section 3.2: the base branch sees one stitched and one single view (q^, q), the
+    # momentum branch the other stitched view and both single views (k^, k, k'):
+    # L_m2s = H(q^, k) (eq. 11), L_m2m = H(q^, k^) (eq. 12), L_s2s = H(q, k') (eq. 13).
+    # PatchMix (visresearch/patchmix, main_pretrain.py) feeds exactly these views: base
+    # single 1 + mix 2, momentum single 1 + single 2 + mix 1.
+    "paper": {
+        "m2s": (("multi2", "single1"),),
+        "m2m": (("multi2", "multi1"),),
+        "s2s": (("single1", "single2"),),
+    },
+    # every view through both branches, every term symmetrised the MoCo v3 way
+    # (loss(q1, k2) + loss(q2, k1)): 4 passes with gradient + 4 without, against 2 + 3
+    "symmetric": {
+        "m2s": (("multi1", "single2"), ("multi2", "single1")),
+        "m2m": (("multi1", "multi2"), ("multi2", "multi1")),
+        "s2s": (("single1", "single2"), ("single2", "single1")),
+    },
+}
+MOS_VIEWS = ("single1", "single2", "multi1", "multi2")
+
+
 class MOSLoss(nn.Module):
-    """Sum of the three MOS terms (eq. 14), each symmetrised over the two view pairs.
+    """The three MOS terms (eq. 11-13), weighted and summed (eq. 14).
 
-    - multiple-to-single (eq. 11): ``H(p_m1, z_s2) + H(p_m2, z_s1)``, targets stitched vs. single;
-    - multiple-to-multiple (eq. 12): ``H(p_m1, z_m2) + H(p_m2, z_m1)``, targets by overlap count;
-    - single-to-single (eq. 13): ``H(p_s1, z_s2) + H(p_s2, z_s1)``, identity targets (MoCo v3).
+    ``form`` says which views each term contrasts (:data:`MOS_FORMS`):
 
-    ``H`` is :func:`soft_contrastive` times ``2 * temperature`` when ``scale_by_2tau`` (the MoCo v3
-    convention MOS inherits; it keeps the gradient scale independent of ``tau``). A weight of 0
-    skips a term (the paper's ablation, table 4); weights 1 are eq. 14.
+    - ``"paper"`` (default, section 3.2): ``m2s = H(p_multi2, z_single1)``,
+      ``m2m = H(p_multi2, z_multi1)``, ``s2s = H(p_single1, z_single2)``; the step needs the
+      predictions of ``single1, multi2`` and the momentum projections of ``single1, single2,
+      multi1`` only (:attr:`query_views`, :attr:`key_views`);
+    - ``"symmetric"``: each term summed over both directions, every view through both branches.
 
-    All members are global sample indices (:func:`global_members`); key members are gathered
-    here, like the keys, so the caller passes only this rank's ``[B, M]`` tensors.
+    ``H`` is :func:`soft_contrastive` (a plain cross-entropy, as eq. 11-13 and PatchMix's
+    ``MultiTempContrastiveLoss``), times ``2 * temperature`` with ``scale_by_2tau`` (MoCo v3's
+    convention, off by default: neither the paper nor PatchMix has it). ``weight_*`` multiply
+    the terms in the total (eq. 14 is the plain sum: 1, 1, 1; PatchMix halves the two stitched
+    terms: ``weight_m2s = weight_m2m = 0.5``); a weight of 0 skips a term (table 4 ablation).
+
+    All members are global sample indices (:func:`global_members`); keys and their members are
+    gathered here, so the caller passes only this rank's ``[B, D]`` / ``[B, M]`` tensors.
     """
+
+    terms = ("m2s", "m2m", "s2s")
 
     def __init__(
         self,
         temperature: float = DEFAULT_TEMPERATURE,
-        scale_by_2tau: bool = True,
+        form: str = "paper",
+        scale_by_2tau: bool = False,
         weight_m2s: float = 1.0,
         weight_m2m: float = 1.0,
         weight_s2s: float = 1.0,
@@ -220,42 +252,53 @@ class MOSLoss(nn.Module):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if form not in MOS_FORMS:
+            raise ValueError(f"unknown MOS loss form {form!r}; choose one of: {sorted(MOS_FORMS)}")
         self.temperature = temperature
+        self.form = form
         self.scale = 2.0 * temperature if scale_by_2tau else 1.0
         self.weights = {"m2s": weight_m2s, "m2m": weight_m2m, "s2s": weight_s2s}
         self.gather = gather
+        pairs = [p for t in self.terms if self.weights[t] for p in MOS_FORMS[form][t]]
+        # views in MOS_VIEWS order, so that the step's passes have a fixed order
+        self.query_views = tuple(v for v in MOS_VIEWS if any(q == v for q, _ in pairs))
+        self.key_views = tuple(v for v in MOS_VIEWS if any(k == v for _, k in pairs))
 
-    def _term(
+    def _direction(
         self, q: Tensor, k_all: Tensor, members_q: Tensor, members_k_all: Tensor, num_samples
     ) -> Tensor:
-        """One direction of one term; keys and their members already gathered (``[W*Bk, .]``)."""
+        """One (query, key) pair; keys and their members already gathered (``[W*Bk, .]``)."""
         targets = soft_targets(members_q, members_k_all, num_samples)  # [Bq, W * Bk]
         return self.scale * soft_contrastive(q, k_all, targets, self.temperature, gather=False)
 
     def forward(
         self,
-        p_m1: Tensor,
-        p_m2: Tensor,
-        p_s1: Tensor,
-        p_s2: Tensor,
-        z_m1: Tensor,
-        z_m2: Tensor,
-        z_s1: Tensor,
-        z_s2: Tensor,
-        members_m1: Tensor,
-        members_m2: Tensor,
-        members_s: Tensor,
+        queries: dict[str, Tensor],
+        keys: dict[str, Tensor],
+        members: dict[str, Tensor],
     ) -> dict[str, Tensor]:
-        """Predictions ``p_*`` and momentum projections ``z_*`` are ``[B, D]``; members are
-        ``[B, grid * grid]`` (stitched views) and ``[B, 1]`` (single views, shared by s1 and s2),
-        global int64 indices.
+        """The loss from views by name.
+
+        Args:
+            queries: base-branch predictions ``[B, D]`` for (at least) :attr:`query_views`.
+            keys: momentum projections ``[B, D]`` (stop-gradient) for :attr:`key_views`.
+            members: ``[B, M]`` global int64 sample indices per view name: ``[B, r*r]`` for
+                ``multi1``/``multi2`` (one entry per object), ``[B, 1]`` for ``single1`` and
+                ``single2`` (:func:`global_single_members`; one tensor may serve both).
 
         Returns ``{"loss": total, "m2s": ..., "m2m": ..., "s2s": ...}``; backpropagate ``loss``,
         log the others (skipped terms are 0).
         """
-        zero = p_m1.new_zeros((), dtype=torch.float32)
+        missing = [v for v in self.query_views if v not in queries]
+        missing += [v for v in self.key_views if v not in keys]
+        missing += [v for v in set(self.query_views + self.key_views) if v not in members]
+        if missing:
+            raise ValueError(f"MOSLoss(form={self.form!r}) needs views {sorted(set(missing))}")
+        first = queries[self.query_views[0]]
+        zero = first.new_zeros((), dtype=torch.float32)
         world, _ = _world_and_rank()
-        n = world * members_s.shape[0] if self.gather else None  # global indices < W * B
+        b = members[self.query_views[0]].shape[0]
+        n = world * b if self.gather else None  # global indices < W * B
         # every key tensor (and its members) is gathered once, however many terms use it
         gathered: dict[int, Tensor] = {}
 
@@ -266,23 +309,17 @@ class MOSLoss(nn.Module):
                 gathered[id(x)] = all_gather_no_grad(x)
             return gathered[id(x)]
 
-        terms: dict[str, Tensor] = {}
-        if self.weights["m2s"]:  # eq. 11
-            terms["m2s"] = self._term(p_m1, g(z_s2), members_m1, g(members_s), n) + self._term(
-                p_m2, g(z_s1), members_m2, g(members_s), n
-            )
-        if self.weights["m2m"]:  # eq. 12
-            terms["m2m"] = self._term(p_m1, g(z_m2), members_m1, g(members_m2), n) + self._term(
-                p_m2, g(z_m1), members_m2, g(members_m1), n
-            )
-        if self.weights["s2s"]:  # eq. 13
-            terms["s2s"] = self._term(p_s1, g(z_s2), members_s, g(members_s), n) + self._term(
-                p_s2, g(z_s1), members_s, g(members_s), n
-            )
-        total = zero
-        for name, value in terms.items():  # eq. 14
-            total = total + self.weights[name] * value
-        out = {"loss": total}
-        for name in ("m2s", "m2m", "s2s"):
-            out[name] = terms.get(name, zero)
+        out: dict[str, Tensor] = {"loss": zero}
+        for name in self.terms:
+            weight = self.weights[name]
+            if not weight:
+                out[name] = zero
+                continue
+            value = zero
+            for qv, kv in MOS_FORMS[self.form][name]:
+                value = value + self._direction(
+                    queries[qv], g(keys[kv]), members[qv], g(members[kv]), n
+                )
+            out[name] = value
+            out["loss"] = out["loss"] + weight * value  # eq. 14
         return out

@@ -12,8 +12,21 @@ Inputs, per image of a batch of ``B`` scene pairs with ``K`` instances in their 
 
 Conventions decided here:
 
-- Scene terms use the paper's negative cosine (eq. 2, 5), not BYOL's ``2 - 2 cos``: values lie in
-  ``[-1, 1]`` per direction, and the gradient is half that of ``2 - 2 cos``.
+- **Scene terms (eq. 3, 6) default to BYOL's normalised MSE** ``2 - 2 cos`` per direction
+  (``form="mse"``), not the paper's literal negative cosine of eq. 2 / 5 (``form="cosine"``).
+  UniVIP section 4 "fully follows" ORL (Xie et al., NeurIPS 2021) on COCO, and ORL's head
+  (Jiahao000/ORL, ``openselfsup/models/heads/latent_pred_head.py``) computes
+  ``2 * (1 - mean(cos(pred, target)))``, summed over the two directions by its BYOL. The two
+  forms differ by a constant and a factor 2, so ``-cos`` halves the gradient at the same
+  learning rate; with ``"mse"`` the scene term is exactly :func:`train.losses.byol.byol_loss`,
+  and the UniVIP-vs-BYOL comparison (UniVIP table 7, BYOL trained by the same recipe) is not
+  confounded by a gradient scale.
+- **Instance term (eq. 11) stays the paper's** ``-sum_mn cos(o_m, t_n) y_mn``. It is a cosine
+  weighted by the transport plan; no reference implementation writes it otherwise (ORL has no
+  such term). As the plan has total mass 1, ``2 - 2 sum cos y = sum y |o^ - t^|^2`` would only add
+  a constant and double the gradient. Hence with the default ``"mse"`` scene form each scene
+  cosine weighs twice a plan-weighted instance cosine; ``form="cosine"`` gives eq. 12's equal
+  weighting literally.
 - Every target-network tensor (``z1, z2, t``) is detached inside the loss.
 - The transport plan (eq. 7) is computed without gradient, like the assignments of SwAV and the
   flows of DeepEMD's Sinkhorn layer: the cost (eq. 8) and marginals (eq. 9-10) are detached, the
@@ -21,43 +34,77 @@ Conventions decided here:
 - Plan layout: ``plan[b, m, n]``, row ``m`` = online instance ``o_m`` (supplier, mass ``b_m`` of
   eq. 9), column ``n`` = target instance ``t_n`` (demander, mass ``a_n`` of eq. 10), as in eq. 7
   (``sum_n y_mn = b_m``, ``sum_m y_mn = a_n``).
-- Marginal features are L2-normalised before the dot products of eq. 9-10 (see
-  :func:`instance_marginals`); the plan is normalised to total mass 1 per image, so eq. 11 is a
-  weighted mean of cosines in ``[-1, 1]`` per image.
+- **Sinkhorn as in OTA** (Ge et al., CVPR 2021, "Optimal transport assignment for object
+  detection"), which UniVIP follows for eq. 7 ("Following [15]"): entropic regularisation
+  ``eps = 0.1`` and 50 iterations (:data:`DEFAULT_EPS`, :data:`DEFAULT_ITERS`).
+- **Marginals are the raw dot products of eq. 9-10** by default (``cosine_marginals=False``),
+  computed in float32 outside autocast (projection norms are not bounded; under fp16 autocast a
+  product of two norm-300 vectors overflows). Masses are normalised per image, so a common
+  scale of the features cancels; an image whose masses all clamp to 0 gets uniform masses.
+  ``cosine_marginals=True`` L2-normalises the vectors first (see :func:`instance_marginals`).
+  The plan has total mass 1 per image, so eq. 11 is a weighted mean of cosines in ``[-1, 1]``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-DEFAULT_EPS = 0.05  # entropic regularisation; costs lie in [0, 2]
-DEFAULT_ITERS = 100
+from train.losses.byol import normalized_mse
+
+DEFAULT_EPS = 0.1  # OTA's entropic regularisation; costs (eq. 8) lie in [0, 2]
+DEFAULT_ITERS = 50  # OTA's Sinkhorn iterations
+DEFAULT_COSINE_MARGINALS = False  # eq. 9-10 as written: raw dot products
+DEFAULT_SCENE_FORM = "mse"  # ORL / BYOL 2 - 2 cos; "cosine" is eq. 2 / 5 literally
 
 
 def negative_cosine(x: Tensor, y: Tensor) -> Tensor:
-    """``-cos(x, sg(y))`` per row (eq. 2 and eq. 5): ``[B, D], [B, D] -> [B]``."""
+    """``-cos(x, sg(y))`` per row (eq. 2 and eq. 5): ``[B, D], [B, D] -> [B]``, in ``[-1, 1]``."""
     return -F.cosine_similarity(x, y.detach(), dim=-1)
 
 
-def scene_loss(p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor) -> Tensor:
-    """Symmetric scene-scene loss (eq. 3) of BYOL's negative cosine (eq. 2), batch mean.
+# form name -> per-row distance ``[B, D], [B, D] -> [B]`` (target detached)
+SCENE_FORMS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "mse": normalized_mse,  # BYOL eq. 2 / ORL's head: 2 - 2 cos, in [0, 4]
+    "cosine": negative_cosine,  # UniVIP eq. 2 / 5: -cos, in [-1, 1]
+}
+
+
+def _scene_distance(form: str) -> Callable[[Tensor, Tensor], Tensor]:
+    if form not in SCENE_FORMS:
+        raise ValueError(f"unknown scene form {form!r}; choose one of: {', '.join(SCENE_FORMS)}")
+    return SCENE_FORMS[form]
+
+
+def scene_loss(
+    p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor, form: str = DEFAULT_SCENE_FORM
+) -> Tensor:
+    """Symmetric scene-scene loss (eq. 3), batch mean.
 
     ``p1, p2`` ``[B, D]`` online predictions of s1, s2; ``z1, z2`` ``[B, D]`` target projections.
-    Returns ``mean(-cos(p1, z2)) + mean(-cos(p2, z1))``, in ``[-2, 2]``.
+    Returns ``mean d(p1, z2) + mean d(p2, z1)`` with ``d`` from :data:`SCENE_FORMS`: ``"mse"``
+    ``2 - 2 cos`` (equal to :func:`train.losses.byol.byol_loss`, in ``[0, 8]``) or ``"cosine"``
+    ``-cos`` (eq. 2, in ``[-2, 2]``).
     """
-    return negative_cosine(p1, z2).mean() + negative_cosine(p2, z1).mean()  # eq. 3
+    d = _scene_distance(form)
+    return d(p1, z2).mean() + d(p2, z1).mean()  # eq. 3
 
 
-def scene_instance_loss(inst: Tensor, z1: Tensor, z2: Tensor) -> Tensor:
+def scene_instance_loss(
+    inst: Tensor, z1: Tensor, z2: Tensor, form: str = DEFAULT_SCENE_FORM
+) -> Tensor:
     """Scene-instance affinity (eq. 5-6), batch mean.
 
     ``inst`` ``[B, D]`` is ``I = f_linear(concat(o_1..o_K))`` (eq. 4, computed by the model);
     ``z1, z2`` ``[B, D]`` target projections of the two scene views. Both views hold the same K
-    instances, so ``I`` is pulled towards both: ``mean(-cos(I, z1)) + mean(-cos(I, z2))``.
+    instances, so ``I`` is pulled towards both: ``mean d(I, z1) + mean d(I, z2)``, ``d`` as in
+    :func:`scene_loss` (``"cosine"`` is eq. 5 literally).
     """
-    return negative_cosine(inst, z1).mean() + negative_cosine(inst, z2).mean()  # eq. 6
+    d = _scene_distance(form)
+    return d(inst, z1).mean() + d(inst, z2).mean()  # eq. 6
 
 
 def _normalise_marginal(x: Tensor) -> Tensor:
@@ -74,6 +121,7 @@ def sinkhorn(
     b: Tensor,
     eps: float = DEFAULT_EPS,
     iters: int = DEFAULT_ITERS,
+    rounded: bool = True,
 ) -> Tensor:
     """Entropic optimal transport by log-domain Sinkhorn-Knopp (eq. 7, appendix A.4).
 
@@ -89,7 +137,13 @@ def sinkhorn(
             so ``eps = 1e-3`` (near-exact transport) stays finite.
         iters: number of (row, column) update pairs. Convergence is slow when ``eps`` is small
             against the cost range, so the iterate is then rounded onto the marginals
-            (:func:`_round_to_marginals`), which makes both marginals exact.
+            (:func:`_round_to_marginals`), which makes both marginals exact. With OTA's
+            ``eps = 0.1, iters = 50`` (the defaults), about one random 4 x 4 problem (costs in
+            ``[0, 2]``) in ten stays over 1e-3, at worst about 1e-2, entrywise from the converged
+            entropic plan; the rounding still makes the marginals exact.
+        rounded: with ``False``, return the Sinkhorn iterate itself, before that rounding: it
+            meets the column masses (the last update) and the row masses only approximately.
+            Same as POT's ``ot.sinkhorn`` after ``iters`` iterations on the transposed problem.
 
     Returns:
         ``[B, M, N]`` float32 plan, rows summing to normalised ``a``, columns to normalised ``b``
@@ -119,7 +173,7 @@ def sinkhorn(
         u = log_a - torch.logsumexp(v[:, None, :] - scaled, dim=2)  # fit rows
         v = log_b - torch.logsumexp(u[:, :, None] - scaled, dim=1)  # fit columns
     plan = torch.exp(u[:, :, None] + v[:, None, :] - scaled)  # y_mn
-    return _round_to_marginals(plan, a, b)
+    return _round_to_marginals(plan, a, b) if rounded else plan
 
 
 def _round_to_marginals(plan: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -154,28 +208,32 @@ def instance_marginals(
     f_o2: Tensor,
     f_t1: Tensor,
     f_t2: Tensor,
-    cosine: bool = True,
+    cosine: bool = DEFAULT_COSINE_MARGINALS,
 ) -> tuple[Tensor, Tensor]:
     """Eq. 9-10: masses of the online (rows) and target (columns) instances.
 
     ``b_m = max(o_m . (f_t1 + f_t2) / 2, 0)`` (eq. 9) and ``a_n = max(t_n . (f_o1 + f_o2) / 2, 0)``
     (eq. 10): an instance weighs by how much it agrees with the *other* network's view of the
     whole scene. ``o, t`` ``[B, K, D]``, scene features ``[B, D]``; returns ``(b, a)``, both
-    ``[B, K]``, non-negative, unnormalised (:func:`sinkhorn` normalises).
+    ``[B, K]`` float32, non-negative, unnormalised (:func:`sinkhorn` normalises per image).
 
-    With ``cosine`` (default) every vector is L2-normalised first, so masses depend on direction
-    only. The paper writes raw dot products; since the masses are renormalised per image, the
-    two differ only in letting feature norms (arbitrary after the projection heads) reweight
-    instances. ``cosine=False`` gives the literal formula.
+    Default (``cosine=False``): the raw dot products as written. Masses are renormalised per
+    image, so only their ratios matter: a common scale of all features cancels, while an
+    instance with a larger projection norm weighs more. The products run in float32 with
+    autocast off, since projection norms are unbounded and fp16 overflows past 65504.
+    With ``cosine=True`` every vector is L2-normalised first, so masses depend on direction only.
     """
-    if cosine:
-        o, t = F.normalize(o, dim=-1), F.normalize(t, dim=-1)
-        f_o1, f_o2 = F.normalize(f_o1, dim=-1), F.normalize(f_o2, dim=-1)
-        f_t1, f_t2 = F.normalize(f_t1, dim=-1), F.normalize(f_t2, dim=-1)
-    scene_t = (f_t1 + f_t2) / 2  # [B, D]
-    scene_o = (f_o1 + f_o2) / 2
-    row_mass = torch.einsum("bkd,bd->bk", o, scene_t).clamp_min(0)  # eq. 9, b_m
-    col_mass = torch.einsum("bkd,bd->bk", t, scene_o).clamp_min(0)  # eq. 10, a_n
+    with torch.autocast(device_type=o.device.type, enabled=False):
+        o, t = o.float(), t.float()
+        f_o1, f_o2, f_t1, f_t2 = f_o1.float(), f_o2.float(), f_t1.float(), f_t2.float()
+        if cosine:
+            o, t = F.normalize(o, dim=-1), F.normalize(t, dim=-1)
+            f_o1, f_o2 = F.normalize(f_o1, dim=-1), F.normalize(f_o2, dim=-1)
+            f_t1, f_t2 = F.normalize(f_t1, dim=-1), F.normalize(f_t2, dim=-1)
+        scene_t = (f_t1 + f_t2) / 2  # [B, D]
+        scene_o = (f_o1 + f_o2) / 2
+        row_mass = torch.einsum("bkd,bd->bk", o, scene_t).clamp_min(0)  # eq. 9, b_m
+        col_mass = torch.einsum("bkd,bd->bk", t, scene_o).clamp_min(0)  # eq. 10, a_n
     return row_mass, col_mass
 
 
@@ -188,7 +246,7 @@ def instance_loss(
     f_t2: Tensor,
     eps: float = DEFAULT_EPS,
     iters: int = DEFAULT_ITERS,
-    cosine_marginals: bool = True,
+    cosine_marginals: bool = DEFAULT_COSINE_MARGINALS,
 ) -> Tensor:
     """Instance-instance discrimination by optimal transport (eq. 8-11), batch mean.
 
@@ -196,8 +254,10 @@ def instance_loss(
     instance projections (detached); ``f_o1, f_o2`` ``[B, D]`` online scene outputs, ``f_t1,
     f_t2`` ``[B, D]`` target scene projections (marginals only, no gradient).
 
-    Returns ``mean_b -sum_{m, n} cos(o_m, t_n) * y_mn`` (eq. 11) with ``y`` the Sinkhorn plan for
-    cost eq. 8 and masses eq. 9 (rows) / eq. 10 (columns), in ``[-1, 1]``.
+    Returns ``mean_b -sum_{m, n} cos(o_m, t_n) * y_mn`` (eq. 11, the paper's weighted cosine;
+    see the module docstring) with ``y`` the Sinkhorn plan (``eps``, ``iters``) for cost eq. 8
+    and masses eq. 9 (rows) / eq. 10 (columns) (``cosine_marginals``: see
+    :func:`instance_marginals`), in ``[-1, 1]``.
     """
     if o.dim() != 3 or o.shape != t.shape:
         raise ValueError(
@@ -222,6 +282,12 @@ def instance_loss(
 class UniVIPLoss(nn.Module):
     """Eq. 12: ``L_scene + L_scene-instance + L_instance``, equally weighted.
 
+    Args:
+        eps, iters: Sinkhorn regularisation and iterations (eq. 7; OTA's 0.1 and 50).
+        cosine_marginals: L2-normalise before the dot products of eq. 9-10 (default: raw).
+        scene_form: ``"mse"`` (BYOL / ORL ``2 - 2 cos``, default) or ``"cosine"`` (``-cos``,
+            eq. 2 / 5 literally) for the scene (eq. 3) and scene-instance (eq. 6) terms.
+
     ``forward`` returns ``{"loss": total, "scene": ..., "scene_instance": ..., "instance": ...}``;
     backpropagate ``loss``, log the others.
     """
@@ -230,14 +296,17 @@ class UniVIPLoss(nn.Module):
         self,
         eps: float = DEFAULT_EPS,
         iters: int = DEFAULT_ITERS,
-        cosine_marginals: bool = True,
+        cosine_marginals: bool = DEFAULT_COSINE_MARGINALS,
+        scene_form: str = DEFAULT_SCENE_FORM,
     ) -> None:
         super().__init__()
         if eps <= 0 or iters < 1:
             raise ValueError(f"need eps > 0 and iters >= 1, got eps={eps}, iters={iters}")
+        _scene_distance(scene_form)  # fail early on an unknown form
         self.eps = eps
         self.iters = iters
         self.cosine_marginals = cosine_marginals
+        self.scene_form = scene_form
 
     def forward(
         self,
@@ -253,8 +322,8 @@ class UniVIPLoss(nn.Module):
         The online scene predictions ``p1, p2`` are eq. 10's ``f_o1, f_o2``; ``z1, z2`` are
         eq. 9's ``f_t1, f_t2``."""
         terms = {
-            "scene": scene_loss(p1, p2, z1, z2),  # eq. 3
-            "scene_instance": scene_instance_loss(inst, z1, z2),  # eq. 6
+            "scene": scene_loss(p1, p2, z1, z2, self.scene_form),  # eq. 3
+            "scene_instance": scene_instance_loss(inst, z1, z2, self.scene_form),  # eq. 6
             "instance": instance_loss(
                 o, t, p1, p2, z1, z2, self.eps, self.iters, self.cosine_marginals
             ),  # eq. 11
