@@ -368,6 +368,7 @@ def plot_cmd(run, out) -> None:
 
 from cli.eval_cmds import eval_group  # noqa: E402
 from cli.pipeline_cmds import bench_pipeline, preview  # noqa: E402
+from cli.quality_cmds import bench_quality  # noqa: E402
 from cli.train_cmds import bench_train, pretrain  # noqa: E402
 
 main.add_command(preview)
@@ -375,6 +376,7 @@ main.add_command(eval_group, name="eval")
 main.add_command(pretrain)
 bench.add_command(bench_pipeline, name="pipeline")
 bench.add_command(bench_train, name="train")
+bench.add_command(bench_quality, name="quality")
 
 if __name__ == "__main__":
     main()
