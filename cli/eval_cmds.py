@@ -7,6 +7,10 @@ A :class:`click.Group`, registered in ``cli/main.py``::
 The commands parse options and call :func:`train.evaluation.knn_eval` /
 :func:`train.evaluation.linear_eval`, which extract the features, score them and write the JSON
 report into the run; nothing else here. Under ``torchrun`` every rank extracts its part.
+
+``--branch auto`` (the default) evaluates the momentum (target) encoder when the checkpoint has
+one, as DINO and the MOS evaluation do; ``--branch both`` evaluates the online and the target
+backbone and prints one row per branch.
 """
 
 from __future__ import annotations
@@ -46,15 +50,17 @@ def _options(f):
         ),
         click.option(
             "--branch",
-            type=click.Choice(["online", "target"]),
-            default="online",
-            help="Online backbone, or the momentum (EMA) one.",
+            type=click.Choice(["auto", "online", "target", "both"]),
+            default="auto",
+            help="auto: the momentum (EMA target) encoder when the checkpoint has one (every "
+            "ssl-cli method), else the online one; both: each, reported side by side.",
         ),
         click.option(
             "--size",
             type=click.IntRange(min=1),
             default=None,
-            help="Centre-crop side [default: the checkpoint's data.size].",
+            help="Input side: centre crops (and the paper probe's random resized crops) "
+            "[default: the checkpoint's data.size].",
         ),
         click.option(
             "--batch-size",
@@ -85,7 +91,7 @@ def _options(f):
             "json_out",
             type=click.Path(dir_okay=False),
             default=None,
-            help="Report path [default: RUN/eval/<kind>-step-N.json].",
+            help="Report path [default: RUN/eval/<kind>[-target|-both]-step-N.json].",
         ),
         click.option(
             "--progress/--no-progress", default=True, help="Progress bars (terminals only)."
@@ -115,12 +121,22 @@ def _check(device: str, precision: str) -> None:
 
 
 def _show(report: dict, what: str) -> None:
-    click.echo(
-        f"{what}: top-1 {report['top1']:.2f}%  top-5 {report['top5']:.2f}%  "
-        f"({report['n_val']} val, {report['n_train']} train, {report['num_classes']} classes; "
-        f"{report['backbone']} {report['branch']} step {report['step']}, {report['size']} px, "
-        f"{report['elapsed_s']:.1f} s)"
-    )
+    """One line for one branch; a table with a row per branch for ``--branch both``."""
+    counts = f"{report['n_val']} val, {report['n_train']} train, {report['num_classes']} classes"
+    if "branches" not in report:
+        click.echo(
+            f"{what}: top-1 {report['top1']:.2f}%  top-5 {report['top5']:.2f}%  ({counts}; "
+            f"{report['backbone']} {report['branch']} step {report['step']}, "
+            f"{report['size']} px, {report['elapsed_s']:.1f} s)"
+        )
+    else:
+        click.echo(
+            f"{what}: {report['backbone']} step {report['step']}, {report['size']} px ({counts}; "
+            f"{report['elapsed_s']:.1f} s)"
+        )
+        click.echo(f"  {'branch':<8} {'top-1':>8} {'top-5':>8}")
+        for name, r in report["branches"].items():
+            click.echo(f"  {name:<8} {r['top1']:>7.2f}% {r['top5']:>7.2f}%")
     click.echo(f"wrote {report['path']}")
 
 
@@ -163,7 +179,8 @@ def knn(
     temperature,
 ) -> None:
     """Weighted kNN (DINO) on L2-normalised backbone features of centre crops: TRAIN is the
-    memory bank, VAL is scored. Prints top-1 / top-5 and writes RUN/eval/knn-step-N.json."""
+    memory bank, VAL is scored. Prints top-1 / top-5 and writes RUN/eval/knn-target-step-N.json
+    (knn-step-N.json for --branch online, knn-both-step-N.json for both)."""
     from train.evaluation import knn_eval
 
     _check(device, precision)
@@ -188,15 +205,27 @@ def knn(
 
 @eval_group.command("linear")
 @_options
+@click.option(
+    "--protocol",
+    type=click.Choice(["fast", "paper"]),
+    default="fast",
+    help="fast: probe on centre-crop features extracted once (seconds to minutes). paper: "
+    "the MoCo v3 / DINO protocol, random resized crops + flips decoded and run through the "
+    "frozen backbone every epoch (an epoch costs about a feature extraction of TRAIN).",
+)
 @click.option("--epochs", type=click.IntRange(min=1), default=100, help="Probe epochs.")
 @click.option(
     "--lr",
     type=click.FloatRange(min=0, min_open=True),
     default=0.1,
-    help="Probe learning rate per 256 (scaled by --probe-batch-size / 256), cosine to 0.",
+    help="Probe learning rate per 256 (scaled by the probe batch / 256), cosine to 0 "
+    "(MoCo v3 main_lincls.py; our choice for both protocols).",
 )
 @click.option(
-    "--probe-batch-size", type=click.IntRange(min=2), default=256, help="Probe SGD batch."
+    "--probe-batch-size",
+    type=click.IntRange(min=2),
+    default=256,
+    help="Probe SGD batch (per process); with --protocol paper also the training forward batch.",
 )
 @click.option("--momentum", type=click.FloatRange(0, 1), default=0.9, help="SGD momentum.")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, help="Probe wd.")
@@ -216,17 +245,20 @@ def linear(
     epochs,
     lr,
     probe_batch_size,
+    protocol,
     momentum,
     weight_decay,
     seed,
 ) -> None:
-    """Linear probe on frozen centre-crop features (BatchNorm without affine + Linear, SGD,
-    cosine lr): fit on TRAIN, score VAL. Prints top-1 / top-5 and writes
-    RUN/eval/linear-step-N.json."""
-    from train.evaluation import LinearProbeConfig, linear_eval
+    """Linear probe on the frozen backbone (BatchNorm without affine + Linear, SGD, cosine
+    lr): fit on TRAIN, score VAL's centre crops. Prints top-1 / top-5 and writes
+    RUN/eval/linear-target-step-N.json (named like knn's). --protocol paper logs a line per
+    epoch on stderr."""
+    from train.evaluation import LinearProbeConfig, PaperProbeConfig, linear_eval
 
     _check(device, precision)
-    probe = LinearProbeConfig(
+    config = LinearProbeConfig if protocol == "fast" else PaperProbeConfig
+    probe = config(
         epochs=epochs,
         batch_size=probe_batch_size,
         lr=lr,
@@ -248,5 +280,7 @@ def linear(
         precision=precision,
         out=json_out,
         progress=progress,
+        protocol=protocol,
+        log=lambda line: click.echo(line, err=True),
     )
-    _show(report, f"linear probe ({epochs} epochs)")
+    _show(report, f"linear probe ({protocol}, {epochs} epochs)")

@@ -114,8 +114,9 @@ def bench_quality(
       ssl-cli bench quality ... --methods mos,mocov3 --seeds 0,1,2 --budget-fe 2000000
       ssl-cli bench quality ... --recipe gpu --device cuda
     """
-    from train.config import ConfigError
     from train.quality import QualityPlan, run_quality
+
+    from train.config import ConfigError
 
     try:
         plan = QualityPlan.build(

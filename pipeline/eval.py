@@ -23,6 +23,17 @@ Labels: each sample's ``KEY.cls`` (ASCII decimal) read from the tars at the offs
 DALI ``.idx`` files, checked against the ``label`` column of ``proposals.parquet``. A shard set
 with unlabelled samples raises :class:`UnlabelledShardsError` naming the folder.
 
+Training inputs of the paper linear probe (``ssl-cli eval linear --protocol paper``):
+:class:`ProbeTrainLoader` gives random resized crops (area 0.08..1 of the image, aspect ratio
+3/4..4/3, resized to ``size``) flipped horizontally with probability 0.5, the training
+transform of MoCo v3 ``main_lincls.py`` and DINO ``eval_linear.py`` (torchvision
+``RandomResizedCrop(224)`` + ``RandomHorizontalFlip()``). It is the trainer's
+:class:`~pipeline.loader.ViewLoader` with one more view set (:class:`ProbeViews`): boxes drawn
+on the host per ``(seed, epoch, row)`` (:func:`pipeline.univip.random_resized_crop_boxes`),
+the crop, flip and resize done by DALI's ``fn.resize`` (:func:`pipeline.graph.view_pipeline`),
+so every epoch decodes and crops the shards again and sees other crops; a seeded shuffle per
+epoch, full batches (the remainder opens the next epoch, :mod:`pipeline.source`).
+
 Reading reuses :class:`pipeline.source.ShardIndex` (memory-mapped tars, nothing decoded in
 Python); the source is a batch-mode ``fn.external_source`` in the pipeline's own thread: it
 only slices bytes, which costs microseconds per sample, so it needs no worker processes.
@@ -30,8 +41,10 @@ only slices bytes, which costs microseconds per sample, so it needs no worker pr
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +53,18 @@ import torch
 
 from shards.verify import load_manifest
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD
-from .loader import _device, _to_torch
+from .augment import IMAGENET_MEAN, IMAGENET_STD, NO_AUGMENT, Augment
+from .loader import ViewLoader, _device, _to_torch
 from .source import ShardIndex, _parse_index
+from .univip import random_resized_crop_boxes
+from .views import RATIO, Bank, SamplePlan, _bank, _check_range, _check_size, _Group, _plan
 
 __all__ = [
     "DEFAULT_CROP_PCT",
+    "PROBE_SCALE",
     "EvalLoader",
+    "ProbeTrainLoader",
+    "ProbeViews",
     "UnlabelledShardsError",
     "eval_pipeline",
     "rank_rows",
@@ -57,6 +75,10 @@ __all__ = [
 # Centre crop / resized side: 224 of 256 (DINO eval_knn.py and eval_linear.py, MoCo v3
 # main_lincls.py: Resize(256) then CenterCrop(224)).
 DEFAULT_CROP_PCT = 0.875
+
+# Area range of the probe's random resized crops: torchvision RandomResizedCrop's default,
+# used by MoCo v3 main_lincls.py and DINO eval_linear.py.
+PROBE_SCALE = (0.08, 1.0)
 
 _MEAN = [255.0 * m for m in IMAGENET_MEAN]
 _STD = [255.0 * s for s in IMAGENET_STD]
@@ -330,3 +352,130 @@ class EvalLoader:
             self._release()
         except Exception:
             pass
+
+
+# --------------------------------------------------------------- paper linear probe (train)
+
+
+@dataclass(frozen=True)
+class ProbeViews:
+    """View set of the paper linear probe's training inputs: one random resized crop of area
+    ``scale`` and aspect ratio ``ratio`` resized to ``size``, flipped with probability ``flip``,
+    no photometric augmentation (MoCo v3 ``main_lincls.py``, DINO ``eval_linear.py``:
+    ``RandomResizedCrop(224)``, ``RandomHorizontalFlip()``). The view-set protocol of
+    :mod:`pipeline.views` (banks, per-sample plans, assembly), read by
+    :class:`~pipeline.loader.ViewLoader`."""
+
+    size: int = 224
+    scale: tuple[float, float] = PROBE_SCALE
+    ratio: tuple[float, float] = RATIO
+    flip: float = 0.5
+
+    name = "probe"
+    needs_boxes = False
+
+    def __post_init__(self) -> None:
+        _check_size(self.size, "size")
+        object.__setattr__(self, "scale", _check_range(self.scale, "scale", 1.0))
+        object.__setattr__(self, "ratio", _check_range(self.ratio, "ratio"))
+        _ = self.augment  # Augment checks the flip probability
+
+    @property
+    def augment(self) -> Augment:
+        """Crop, flip, resize and normalize only: no colour, blur or solarization."""
+        return dataclasses.replace(NO_AUGMENT, flip=self.flip)
+
+    def banks(self) -> tuple[Bank, ...]:
+        return (_bank("image", self.size, 1, self.augment),)
+
+    def plan_batch(self, rng: np.random.Generator) -> None:
+        return None
+
+    def plan_sample(self, width, height, boxes, rng, batch_plan) -> SamplePlan:
+        box = random_resized_crop_boxes(width, height, 1, rng, self.scale, self.ratio)
+        return _plan([_Group("image", box, self.augment)], rng)[0]
+
+    def assemble(self, banks: dict, extras: dict, index) -> dict[str, Any]:
+        return {"image": banks["image"][:, 0], "index": index}
+
+
+class ProbeTrainLoader:
+    """Augmented training batches of a labelled shard set for the paper linear probe (module
+    docstring): ``{"image" [b, 3, size, size] float32, "label" [b], "index" [b] int64}``.
+
+    Epoch ``e`` (:meth:`set_epoch`) is a seeded permutation of the rows cut into
+    ``len(self)`` full batches per rank; its crops and flips are a pure function of
+    ``(seed, e, row)``, so two epochs see different crops of a sample and a rerun sees the
+    same ones. Labels as :class:`EvalLoader` (``KEY.cls``, checked against the Parquet).
+
+    Args: as :class:`EvalLoader`, plus ``seed``, the crop's ``scale``, ``ratio``, ``flip``, and
+    ``workers``: view-source processes (:class:`~pipeline.loader.ViewLoader`). Default 0, on
+    the GPU too: a sample's plan is one box and one flip (microseconds, like
+    :class:`EvalLoader`'s source), and a worker would import torch with this module.
+    """
+
+    def __init__(
+        self,
+        shards_dir: str | Path,
+        size: int = 224,
+        batch_size: int = 256,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        num_threads: int | None = None,
+        workers: int = 0,
+        scale: tuple[float, float] = PROBE_SCALE,
+        ratio: tuple[float, float] = RATIO,
+        flip: float = 0.5,
+        prefetch: int = 2,
+    ):
+        self.views = ProbeViews(size, scale, ratio, flip)
+        self.root = Path(shards_dir)
+        self._loader = ViewLoader(
+            shards_dir,
+            self.views,
+            batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            device=device,
+            num_threads=num_threads,
+            workers=workers,
+            prefetch=prefetch,
+        )
+        try:
+            self.labels = torch.from_numpy(read_labels(self._loader.index))
+        except BaseException:
+            self._loader.close()
+            raise
+        classes = load_manifest(self.root).get("classes")
+        self.num_classes = max(len(classes or ()), int(self.labels.max()) + 1)
+        self.device, self.size, self.batch_size = self._loader.device, size, batch_size
+
+    def __len__(self) -> int:
+        """Batches per epoch (the same on every rank)."""
+        return len(self._loader)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self._loader.index)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._loader.set_epoch(epoch)
+
+    def __iter__(self):
+        """The batches of the current epoch; afterwards the loader stands at the next one."""
+        for batch in self._loader:
+            index = batch["index"]
+            label = self.labels[index.cpu()].to(self.device, non_blocking=True)
+            yield {"image": batch["image"], "label": label, "index": index}
+
+    def close(self) -> None:
+        self._loader.close()
+
+    def __enter__(self) -> ProbeTrainLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

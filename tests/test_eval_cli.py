@@ -81,39 +81,48 @@ def common(run=None):
 
 
 def test_knn_prints_accuracy_and_writes_the_report():
+    # the default branch (auto) is the momentum encoder: the checkpoint has target weights
     run = tiny_run()
     result = invoke("knn", *common(), "--k", 5)
     assert result.exit_code == 0, result.output
     assert "kNN (k=5, T=0.07): top-1" in result.output and "top-5" in result.output
-    path = run / "eval" / f"knn-step-{STEPS:08d}.json"
+    assert "vit_tiny_patch16_224 target step 3" in result.output
+    path = run / "eval" / f"knn-target-step-{STEPS:08d}.json"
     assert f"wrote {path}" in result.output
     report = json.loads(path.read_text())
-    assert report["eval"] == "knn" and report["step"] == STEPS and report["branch"] == "online"
+    assert report["eval"] == "knn" and report["step"] == STEPS and report["branch"] == "target"
+    assert report["branch_requested"] == "auto"
     assert (report["n_train"], report["n_val"], report["num_classes"]) == (10, 5, 4)
     assert (report["k"], report["temperature"], report["size"]) == (5, 0.07, 32)
     assert report["feature_dim"] == 192 and report["backbone"] == "vit_tiny_patch16_224"
     assert "git" in report["run"] and "versions" in report["run"]
-    # the numbers: DINO's weighted kNN on the checkpoint's online backbone
-    bank, bank_y, classes = reference_features(run, labelled_shards("train"))
-    queries, query_y, _ = reference_features(run, labelled_shards("val"))
+    # the numbers: DINO's weighted kNN on the checkpoint's target (momentum) backbone
+    bank, bank_y, classes = reference_features(run, labelled_shards("train"), "target")
+    queries, query_y, _ = reference_features(run, labelled_shards("val"), "target")
     acc = knn_accuracy(bank, bank_y, queries, query_y, max(classes, 4), k=5, temperature=0.07)
     assert report["top1"] == pytest.approx(acc.top1) and report["top5"] == pytest.approx(acc.top5)
     assert f"top-1 {acc.top1:.2f}%" in result.output
 
 
-def test_knn_of_the_target_branch_and_an_explicit_report_path(tmp_path):
+def test_knn_of_the_online_branch_and_an_explicit_report_path(tmp_path):
     run = tiny_run()
     ckpt = latest_checkpoint(run)
     out = tmp_path / "r.json"
-    result = invoke("knn", *common(ckpt), "--branch", "target", "--json", out)
+    result = invoke("knn", *common(ckpt), "--branch", "online", "--json", out)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    assert report["branch"] == "target" and report["checkpoint"] == str(ckpt)
-    bank, bank_y, _ = reference_features(run, labelled_shards("train"), "target")
-    queries, query_y, _ = reference_features(run, labelled_shards("val"), "target")
+    assert report["branch"] == "online" and report["checkpoint"] == str(ckpt)
+    assert report["branch_requested"] == "online"
+    bank, bank_y, _ = reference_features(run, labelled_shards("train"), "online")
+    queries, query_y, _ = reference_features(run, labelled_shards("val"), "online")
     acc = knn_accuracy(bank, bank_y, queries, query_y, 4)
     assert report["top1"] == pytest.approx(acc.top1) and report["top5"] == pytest.approx(acc.top5)
+    # the report paths of every resolved branch
+    assert report_path(ckpt, "knn", 3) == run / "eval" / "knn-step-00000003.json"
     assert report_path(ckpt, "knn", 3, "target") == run / "eval" / "knn-target-step-00000003.json"
+    assert report_path(ckpt, "linear", 3, "both") == run / "eval" / "linear-both-step-00000003.json"
+    with pytest.raises(ValueError, match="resolved branch"):
+        report_path(ckpt, "knn", 3, "auto")
 
 
 def test_linear_probe_prints_accuracy_and_writes_the_report():
@@ -122,9 +131,10 @@ def test_linear_probe_prints_accuracy_and_writes_the_report():
         "linear", *common(), "--epochs", 5, "--probe-batch-size", 4, "--lr", 0.5, "--seed", 1
     )
     assert result.exit_code == 0, result.output
-    assert "linear probe (5 epochs): top-1" in result.output
-    report = json.loads((run / "eval" / f"linear-step-{STEPS:08d}.json").read_text())
+    assert "linear probe (fast, 5 epochs): top-1" in result.output
+    report = json.loads((run / "eval" / f"linear-target-step-{STEPS:08d}.json").read_text())
     assert report["eval"] == "linear" and report["n_val"] == 5
+    assert report["protocol"] == "fast" and report["branch"] == "target"
     assert report["probe"] == {
         "epochs": 5,
         "batch_size": 4,
@@ -133,8 +143,8 @@ def test_linear_probe_prints_accuracy_and_writes_the_report():
         "weight_decay": 0.0,
         "seed": 1,
     }
-    bank, bank_y, _ = reference_features(run, labelled_shards("train"))
-    queries, query_y, _ = reference_features(run, labelled_shards("val"))
+    bank, bank_y, _ = reference_features(run, labelled_shards("train"), "target")
+    queries, query_y, _ = reference_features(run, labelled_shards("val"), "target")
     probe = train_linear_probe(
         bank, bank_y, 4, LinearProbeConfig(epochs=5, batch_size=4, lr=0.5, seed=1)
     )
@@ -165,6 +175,16 @@ def test_usage_errors(tmp_path):
         assert result.exit_code == 2 and "no CUDA GPU" in result.output
         result = invoke("linear", *common(), "--precision", "bf16")
         assert result.exit_code == 2 and "bf16 autocast needs a CUDA GPU" in result.output
+    # probe options: checked by click before any work
+    result = invoke("linear", *common(), "--epochs", 0)
+    assert result.exit_code == 2 and "Invalid value for '--epochs'" in result.output
+    result = invoke("linear", *common(), "--protocol", "papers")
+    assert result.exit_code == 2 and "Invalid value for '--protocol'" in result.output
+    assert "'fast', 'paper'" in result.output
+    result = invoke("linear", *common(), "--protocol", "paper", "--probe-batch-size", 1)
+    assert result.exit_code == 2 and "--probe-batch-size" in result.output
+    result = invoke("knn", *common(), "--branch", "ema")
+    assert result.exit_code == 2 and "Invalid value for '--branch'" in result.output
 
 
 @pytest.mark.gpu

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 
 import numpy as np
@@ -68,7 +69,8 @@ def test_pretrain_cli_logs_knn_lines(tmp_path):
         catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output
-    assert "step 2/5 kNN top-1" in result.output
+    # "kNN top-1 ..." or, naming the evaluated branch, "kNN (target) top-1 ..."
+    assert re.search(r"step 2/5 kNN (\((online|target)\) )?top-1", result.output), result.output
     train, evals = records(tmp_path / "run")
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5]
     assert [r["step"] for r in evals] == [2, 4, 5]  # every 2 steps and at the end
@@ -94,7 +96,7 @@ def test_the_knn_line_is_the_knn_of_the_checkpoint(tmp_path):
     )
     result = pretrain(cfg, log=quiet)
     assert [r["step"] for r in result["eval"]] == [2]
-    backbone, _ = load_backbone(tmp_path)
+    backbone, _ = load_backbone(tmp_path, branch=cfg.eval.branch)
     feats = []
     for split in ("train", "val"):
         with EvalLoader(labelled_shards(split), size=32, batch_size=3, num_threads=1) as loader:

@@ -147,8 +147,9 @@ class EvalConfig:
     k: int = 20  # neighbours (DINO)
     temperature: float = 0.07  # vote weight exp(cos / temperature) (DINO)
     batch_size: int = 256  # images per forward pass, per rank
-    # the momentum (EMA) encoder by default, as the MOS group, MoCo v3 and DINO evaluate (every
-    # registered method has one); "both" also logs the online backbone (eval/knn_online_*)
+    # the momentum (EMA) encoder by default, as the MOS group and DINO (its teacher) evaluate;
+    # every registered method has one. MoCo v3 and BYOL report their online encoder: "online".
+    # "both" also logs the online backbone (eval/knn_online_*)
     branch: Literal["online", "target", "both"] = "target"
 
     def __post_init__(self) -> None:

@@ -1,7 +1,9 @@
 """Frozen backbone features of a checkpoint over a labelled shard set.
 
-- :func:`load_backbone`: the timm backbone of a run's checkpoint (online or EMA target branch),
-  with its config (so the input size is the checkpoint's ``data.size``).
+- :func:`load_backbone` / :func:`load_backbones`: the timm backbone(s) of a run's checkpoint
+  (online or momentum / EMA target branch; ``auto``: the target when the checkpoint holds one,
+  :func:`resolve_branches`), with its config (so the input size is the checkpoint's
+  ``data.size``).
 - :func:`extract_features`: ``[N, D]`` features, labels and rows of every sample of a shard set
   through :class:`pipeline.eval.EvalLoader` (centre crop, DALI, GPU or CPU). Under DDP every
   rank extracts its contiguous part of the rows and the parts are gathered, so every rank ends
@@ -32,12 +34,18 @@ from train.distributed import is_distributed
 from train.evaluation import Accuracy, knn_accuracy
 
 __all__ = [
+    "BRANCH_CHOICES",
     "Features",
     "KNNMonitor",
     "extract_features",
     "gather_rows",
     "load_backbone",
+    "load_backbones",
+    "resolve_branches",
 ]
+
+# What ``--branch`` accepts: ``auto`` resolves per checkpoint (:func:`resolve_branches`).
+BRANCH_CHOICES = ("auto", "online", "target", "both")
 
 
 @dataclass
@@ -53,27 +61,80 @@ class Features:
         return self.features.shape[0]
 
 
-def load_backbone(run_or_ckpt: str | Path, branch: str = "online") -> tuple[nn.Module, dict]:
-    """The backbone of a run's newest checkpoint (or of a checkpoint file), on the CPU in eval
-    mode, and ``{"checkpoint", "step", "method", "branch", "config"}`` (config: the resolved
-    :class:`~train.config.TrainConfig`)."""
+def resolve_branches(checkpoint: dict, branch: str = "auto") -> list[str]:
+    """The branches ``branch`` names in ``checkpoint`` (a loaded checkpoint dict), in order.
+
+    ``auto``: ``["target"]`` when the checkpoint holds momentum-encoder (target) backbone
+    weights, else ``["online"]``. Every method of :mod:`train.methods` trains a momentum
+    encoder, so ``auto`` is the target for every ssl-cli checkpoint. Sources: DINO evaluates
+    its momentum teacher (``eval_linear.py`` / ``eval_knn.py``: ``--checkpoint_key teacher``);
+    the MOS group the momentum encoder too (as the issue behind this default states; not
+    checked against MOS code here). Not every reference does: MoCo v3's ``main_lincls.py``
+    loads ``module.base_encoder`` (the online encoder) and BYOL keeps the online encoder
+    (§3.1); ``online`` reproduces those. ``both``: ``["online", "target"]``. ``online`` /
+    ``target``: themselves; a branch the checkpoint lacks is a ``ValueError``.
+    """
+    from train.export import BRANCHES
+
+    if branch not in BRANCH_CHOICES:
+        raise ValueError(f"unknown branch {branch!r}; choose one of {', '.join(BRANCH_CHOICES)}")
+    present = [
+        name
+        for name, prefix in BRANCHES.items()
+        if any(k.startswith(prefix) for k in checkpoint["model"])
+    ]
+    if branch == "auto":
+        return ["target"] if "target" in present else ["online"]
+    wanted = ["online", "target"] if branch == "both" else [branch]
+    missing = [b for b in wanted if b not in present]
+    if missing:
+        raise ValueError(
+            f"branch {branch!r}: the checkpoint has no {' / '.join(missing)} backbone weights "
+            f"(it holds: {', '.join(present) or 'none'})"
+        )
+    return wanted
+
+
+def load_backbones(
+    run_or_ckpt: str | Path, branch: str = "auto"
+) -> tuple[dict[str, nn.Module], dict]:
+    """The backbones of ``branch`` (:func:`resolve_branches`) of a run's newest checkpoint (or
+    of a checkpoint file), loaded once: ``{branch name: backbone}`` on the CPU in eval mode,
+    and ``{"checkpoint", "step", "method", "branches", "branch_requested", "config"}``
+    (config: the resolved :class:`~train.config.TrainConfig`)."""
     from train.export import backbone_state_dict, resolve_checkpoint
     from train.methods import resolve_config
     from train.models import build_backbone
 
     path = resolve_checkpoint(run_or_ckpt)
     ckpt = load_checkpoint(path)
+    names = resolve_branches(ckpt, branch)
     cfg = resolve_config(ckpt["config"])
-    backbone = build_backbone(cfg.model)
-    backbone.load_state_dict(backbone_state_dict(ckpt, branch), strict=True)
+    backbones = {}
+    for name in names:
+        backbone = build_backbone(cfg.model)
+        backbone.load_state_dict(backbone_state_dict(ckpt, name), strict=True)
+        backbones[name] = backbone.eval()
     info = {
         "checkpoint": str(path),
         "step": int(ckpt["step"]),
         "method": ckpt.get("method", cfg.method),
-        "branch": branch,
+        "branches": names,
+        "branch_requested": branch,
         "config": cfg,
     }
-    return backbone.eval(), info
+    return backbones, info
+
+
+def load_backbone(run_or_ckpt: str | Path, branch: str = "auto") -> tuple[nn.Module, dict]:
+    """One backbone (:func:`load_backbones` with ``branch`` other than ``both``) and its info,
+    with ``"branch"``: the resolved name (``auto`` -> ``target`` for every ssl-cli checkpoint)."""
+    if branch == "both":
+        raise ValueError("load_backbone returns one branch; use load_backbones for 'both'")
+    backbones, info = load_backbones(run_or_ckpt, branch)
+    ((name, backbone),) = backbones.items()
+    info["branch"] = name
+    return backbone, info
 
 
 def gather_rows(x: Tensor, counts: list[int]) -> Tensor:
