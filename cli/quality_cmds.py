@@ -38,6 +38,14 @@ def _csv(kind: type):
     help="Labelled held-out shards: kNN queries and probe test set.",
 )
 @click.option(
+    "--bank",
+    "bank_shards",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Labelled shards for the kNN memory bank and the probe's training set [default: "
+    "--train]; a subset of the training split makes the evaluations of a CPU table cheap.",
+)
+@click.option(
     "--out",
     type=click.Path(file_okay=False),
     required=True,
@@ -93,6 +101,7 @@ def _csv(kind: type):
 def bench_quality(
     train_shards,
     val_shards,
+    bank_shards,
     out,
     methods,
     seeds,
@@ -114,14 +123,14 @@ def bench_quality(
       ssl-cli bench quality ... --methods mos,mocov3 --seeds 0,1,2 --budget-fe 2000000
       ssl-cli bench quality ... --recipe gpu --device cuda
     """
-    from train.quality import QualityPlan, run_quality
-
     from train.config import ConfigError
+    from train.quality import QualityPlan, run_quality
 
     try:
         plan = QualityPlan.build(
             train=train_shards,
             val=val_shards,
+            bank=bank_shards,
             out=out,
             methods=methods,
             seeds=seeds,

@@ -30,7 +30,7 @@ from train.loop import build_loader, build_parts, synthetic_loader, train_step
 from train.methods import resolve_config
 from train.runinfo import describe_device, library_versions
 
-__all__ = ["baseline_config", "bench_train"]
+__all__ = ["baseline_config", "bench_train", "measure_steps"]
 
 
 def _endless(loader: Any) -> Iterator[dict]:
@@ -46,7 +46,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _measure(parts, loader: Any, warmup: int, steps: int) -> dict:
+def measure_steps(parts, loader: Any, warmup: int, steps: int) -> dict:
     """Images/s of ``steps`` training steps after ``warmup`` untimed ones."""
     batches = _endless(loader)
     total = parts.schedules.total_steps
@@ -140,12 +140,12 @@ def bench_train(
             f"{parts.precision}{', compiled' if cfg.run.compile else ''}, {report['device']}"
         )
         log(f"synthetic (on-device tensors, the ceiling): {warmup} warm-up + {steps} steps ...")
-        report["synthetic"] = _measure(parts, ceiling_loader, warmup, steps)
+        report["synthetic"] = measure_steps(parts, ceiling_loader, warmup, steps)
         log(f"  {report['synthetic']['images_per_s']:.1f} images/s")
         if real_loader is not None:
             source = "synthetic batches made per step" if cfg.data.synthetic else cfg.data.shards
             log(f"end to end ({source}): {warmup} warm-up + {steps} steps ...")
-            report["end_to_end"] = _measure(parts, real_loader, warmup, steps)
+            report["end_to_end"] = measure_steps(parts, real_loader, warmup, steps)
             report["ratio"] = round(
                 report["end_to_end"]["images_per_s"] / report["synthetic"]["images_per_s"], 4
             )
@@ -173,7 +173,7 @@ def _bench_against(
     rounds: dict[str, list[dict]] = {"method": [], "baseline": []}
     for r in range(2):
         for key, (parts, loader) in runs.items():
-            rounds[key].append(_measure(parts, loader, warmup if r == 0 else 0, steps))
+            rounds[key].append(measure_steps(parts, loader, warmup if r == 0 else 0, steps))
             log(f"  round {r + 1} {names[key]}: {rounds[key][-1]['images_per_s']:.1f} images/s")
     for _, loader in runs.values():
         loader.close()

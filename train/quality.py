@@ -1,0 +1,621 @@
+"""``ssl-cli bench quality``: representation quality of each method at an equal compute budget.
+
+One plan (:class:`QualityPlan`) trains every ``(method, seed)`` on the same labelled shards for
+the same budget, then evaluates frozen features of the final checkpoint:
+
+- weighted kNN (k = 20, T = 0.07, DINO) on the **online** and the **momentum** branch;
+- the fast linear probe (:func:`train.evaluation.train_linear_probe`) on both branches;
+- two references, measured once per backbone: the same backbone at random initialisation,
+  and kNN on raw pixels (the centre crops, flattened).
+
+The budget is equal **compute** per run, stated two ways, and both are reported with the steps
+each method got:
+
+- ``--budget-fe N``: forward-equivalents per run. A backbone pass with gradient counts 3
+  (forward + backward), one without gradient 1, each scaled by its pixels against a
+  ``data.size`` view (:func:`forward_equivalents`): MOS (section 3.2's 2 + 3 passes) costs 9
+  per sample, MoCo v3 and BYOL 8, UniVIP 8 + K instance passes.
+- ``--budget-seconds S`` (default of the recipes): wall-clock training time. Each method's step
+  time is measured once on the real loader (a few steps after a warm-up), and its step count
+  is ``S / step time``, fixed in ``OUT/plan.json`` so that a resumed or re-run table trains the
+  same schedules.
+
+Every run is an ordinary ``ssl-cli pretrain`` run directory (``OUT/runs/METHOD-seedN``) with
+exact resume, and its evaluation is written next to it (``quality.json``): a killed table
+re-run with the same command resumes the run in flight and skips finished ones. kNN against
+steps is logged during each run (``eval.every``, both branches). ``report.json``,
+``table.md`` (mean, standard deviation and spread over seeds) and ``curves.png`` (kNN against
+step per method, references as horizontal lines) are written at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from train.config import ConfigError, TrainConfig, deep_merge, parse_assignment, to_dict
+
+__all__ = [
+    "RECIPES",
+    "QualityPlan",
+    "forward_equivalents",
+    "run_quality",
+]
+
+# The CPU recipe: ~10 minutes per run on 2 cores, 32-px inputs. Our choices, for a budget a
+# paper's recipe was not written for: small backbones (a 4-block ViT-Ti/4 for the ViT methods,
+# ResNet-18 for the ResNet ones), 1024-wide heads, a short warm-up (10% of the steps, set by
+# the plan), the EMA from 0.99 (at a few hundred steps 0.992-0.996 would leave the momentum
+# encoder near its initialisation). Optimisers are the methods' own kinds: AdamW at PatchMix's
+# ViT-T CIFAR lr (2e-3 per 256) for the ViTs, SGD at the ORL lr (0.2 per 256) for the ResNets.
+_VIT_CPU = {
+    "model": {
+        "backbone": "vit_tiny_patch16_224",
+        "img_size": 32,
+        "patch_size": 4,
+        "backbone_kwargs": {"depth": 4},
+        "drop_path_rate": 0.1,
+        "projector": [1024, 1024, 256],
+        "predictor": [1024, 256],
+        "freeze_patch_embed": False,
+    },
+    "optim": {
+        "name": "adamw",
+        "base_lr": 2e-3,
+        "min_lr": 1e-6,
+        "weight_decay": 0.05,
+        "weight_decay_end": 0.05,
+    },
+}
+_RESNET_CPU = {
+    "model": {"backbone": "resnet18", "projector": [1024, 256], "predictor": [1024, 256]},
+    "optim": {
+        "name": "sgd",
+        "base_lr": 0.2,
+        "min_lr": 0.0,
+        "weight_decay": 1e-4,
+        "weight_decay_end": 1e-4,
+    },
+}
+_CPU_COMMON = {
+    "data": {"batch_size": 128, "size": 32, "instance_size": 16, "num_instances": 4},
+    "ema": {"start": 0.99, "end": 1.0},
+    "run": {"device": "cpu", "log_every": 10, "tensorboard": False, "progress": False},
+}
+# The GPU recipe: the methods' own recipes (heads, optimisers, EMA) on 32-px inputs with
+# ViT-S/4 and ResNet-18 (CIFAR-sized inputs), batch 512, compiled, bf16.
+_GPU_COMMON = {
+    "data": {"batch_size": 512, "size": 32, "instance_size": 16, "num_instances": 4},
+    "run": {"device": "cuda", "precision": "auto", "compile": True, "log_every": 50},
+}
+_VIT_GPU = {
+    "model": {
+        "backbone": "vit_small_patch16_224",
+        "img_size": 32,
+        "patch_size": 4,
+        "drop_path_rate": 0.1,
+        "freeze_patch_embed": False,
+    }
+}
+_RESNET_GPU = {"model": {"backbone": "resnet18"}}
+
+VIT_METHODS = ("mos", "mocov3")
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "common": _CPU_COMMON,
+        "vit": _VIT_CPU,
+        "resnet": _RESNET_CPU,
+        "budget_seconds": 600.0,
+        "eval_evals": 4,  # kNN evaluations during a run
+    },
+    "gpu": {
+        "common": _GPU_COMMON,
+        "vit": _VIT_GPU,
+        "resnet": _RESNET_GPU,
+        "budget_seconds": 1800.0,
+        "eval_evals": 8,
+    },
+}
+
+KNN_K, KNN_T = 20, 0.07  # DINO's weighted kNN
+_CALIBRATION_WARMUP, _CALIBRATION_STEPS = 3, 8
+
+
+def forward_equivalents(cfg: TrainConfig) -> float:
+    """Backbone cost of one training sample of ``cfg``: a pass with gradient counts 3, one
+    without 1, each times its pixels over ``data.size ** 2``. MOS (paper form) 9, symmetric
+    16; MoCo v3 and BYOL 8; UniVIP 8 + 4 K (instance_size / size)^2."""
+    from train.methods import get_method
+
+    d = cfg.data
+    if cfg.method == "mos":
+        loss = get_method("mos").build_loss(cfg.loss)  # the loss knows which views it needs
+        return 3.0 * len(loss.query_views) + 1.0 * len(loss.key_views)
+    if cfg.method == "univip":
+        area = (d.instance_size / d.size) ** 2
+        return 3.0 * 2 + 2 + d.num_instances * area * (3 + 1)
+    if cfg.method in ("byol", "mocov3"):
+        return 3.0 * 2 + 2
+    raise ValueError(f"no forward-equivalent count for method {cfg.method!r}")
+
+
+def _manifest_samples(shards: Path) -> int:
+    path = shards / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+        return int(manifest["counts"]["samples"])
+    except FileNotFoundError:
+        raise ValueError(
+            f"{shards}: no manifest.json (not a finished `ssl-cli shards build`)"
+        ) from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: unreadable manifest ({e})") from None
+
+
+@dataclass
+class QualityPlan:
+    """What a table trains and evaluates; ``OUT/plan.json`` once calibrated."""
+
+    train: str
+    val: str
+    out: str
+    methods: tuple[str, ...]
+    seeds: tuple[int, ...]
+    bank: str | None = None  # kNN memory bank / probe training set [default: train]
+    recipe: str = "cpu"
+    budget_seconds: float | None = None
+    budget_fe: int | None = None
+    eval_every: int | None = None
+    device: str = "auto"
+    assignments: tuple[str, ...] = ()
+    steps: dict[str, int] = field(default_factory=dict)  # per method, once calibrated
+    calibration: dict[str, dict] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, **kwargs: Any) -> QualityPlan:
+        from train.methods import get_method
+
+        plan = cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()})
+        if plan.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {plan.recipe!r}; choose one of {sorted(RECIPES)}")
+        for m in plan.methods:
+            try:
+                get_method(m)
+            except ValueError as e:
+                raise ConfigError(f"--methods: {e}") from None
+        if len(set(plan.methods)) != len(plan.methods) or len(set(plan.seeds)) != len(plan.seeds):
+            raise ConfigError("--methods and --seeds must not repeat an entry")
+        plan.bank = plan.bank or plan.train
+        for name in ("train", "val", "bank"):
+            path = Path(getattr(plan, name))
+            if not path.is_dir():
+                raise ConfigError(f"--{name}: {path} is not a directory")
+            _manifest_samples(path)
+        if plan.budget_fe is None and plan.budget_seconds is None:
+            plan.budget_seconds = RECIPES[plan.recipe]["budget_seconds"]
+        if plan.budget_fe is not None:
+            plan.budget_seconds = None
+        for m in plan.methods:  # every layer resolves now, not after an hour of training
+            plan.config(m, plan.seeds[0], steps=1)
+        saved = Path(plan.out) / "plan.json"
+        if saved.exists():
+            plan._adopt(json.loads(saved.read_text()))
+        return plan
+
+    # ---------------------------------------------------------------------------- configs
+
+    def _identity(self) -> dict:
+        """What must match for a saved plan's step counts to be reused."""
+        keys = (
+            "train",
+            "val",
+            "bank",
+            "recipe",
+            "budget_seconds",
+            "budget_fe",
+            "device",
+            "assignments",
+        )
+        d = asdict(self)
+        return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in keys}
+
+    def _adopt(self, saved: dict) -> None:
+        if saved.get("identity") != self._identity():
+            raise ValueError(
+                f"{self.out}/plan.json was made with other options ({saved.get('identity')}); "
+                "use another --out, or the same options to resume"
+            )
+        self.steps = {k: int(v) for k, v in saved.get("steps", {}).items()}
+        self.calibration = saved.get("calibration", {})
+
+    def save(self) -> None:
+        out = Path(self.out)
+        out.mkdir(parents=True, exist_ok=True)
+        data = {"identity": self._identity(), "steps": self.steps, "calibration": self.calibration}
+        tmp = out / "plan.json.tmp"
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        tmp.replace(out / "plan.json")
+
+    def run_dir(self, method: str, seed: int) -> Path:
+        return Path(self.out) / "runs" / f"{method}-seed{seed}"
+
+    def config(self, method: str, seed: int, steps: int) -> TrainConfig:
+        """The resolved config of one run of ``steps`` steps."""
+        from train.methods import resolve_config
+
+        r = RECIPES[self.recipe]
+        arch = r["vit"] if method in VIT_METHODS else r["resnet"]
+        samples = _manifest_samples(Path(self.train))
+        layer = deep_merge(r["common"], arch)
+        batch = layer["data"]["batch_size"]
+        steps_per_epoch = max(samples // batch, 1)
+        every = self.eval_every
+        if every is None:
+            every = max(steps // r["eval_evals"], 1)
+        layer = deep_merge(
+            layer,
+            {
+                "method": method,
+                "data": {"shards": self.train},
+                "schedule": {
+                    "steps": steps,
+                    "epochs": max(math.ceil(steps / steps_per_epoch), 1),
+                    "warmup_epochs": 0.1 * steps / steps_per_epoch,  # 10% of the steps
+                },
+                "run": {"seed": seed, "out": str(self.run_dir(method, seed)),
+                        "ckpt_every": max(steps // 4, 1), "keep_last": 1},
+                "eval": {"every": every, "train": self.bank, "val": self.val,
+                         "k": KNN_K, "temperature": KNN_T, "branch": "both"},
+            },
+        )  # fmt: skip
+        if self.device != "auto":
+            layer = deep_merge(layer, {"run": {"device": self.device}})
+        layers = [layer] + [parse_assignment(a) for a in self.assignments]
+        return resolve_config(*layers)
+
+    def describe(self) -> str:
+        lines = [
+            f"bench quality: {len(self.methods)} methods x {len(self.seeds)} seeds, "
+            f"recipe {self.recipe}, train {self.train}, bank {self.bank}, val {self.val}, "
+            f"out {self.out}",
+            (
+                f"budget: {self.budget_fe} forward-equivalents per run"
+                if self.budget_fe
+                else f"budget: {self.budget_seconds:g} s of training per run (step time measured "
+                "per method)"
+            ),
+        ]
+        for m in self.methods:
+            cfg = self.config(m, self.seeds[0], steps=self.steps.get(m, 1))
+            fe = forward_equivalents(cfg)
+            steps = self.steps.get(m) or (
+                self._fe_steps(cfg) if self.budget_fe else "measured at the start"
+            )
+            lines.append(
+                f"  {m}: {cfg.model.backbone}, batch {cfg.data.batch_size}, {fe:g} "
+                f"forward-equivalents per sample, steps {steps}"
+            )
+        return "\n".join(lines)
+
+    def _fe_steps(self, cfg: TrainConfig) -> int:
+        per_step = forward_equivalents(cfg) * cfg.data.batch_size
+        return max(int(self.budget_fe // per_step), 1)
+
+
+# ----------------------------------------------------------------------------------- running
+
+
+def _calibrate(plan: QualityPlan, method: str, log: Callable[[str], None]) -> int:
+    """Steps that fit ``budget_seconds`` for ``method``: its end-to-end step time measured on
+    the real loader after a warm-up."""
+    from train.bench import measure_steps
+    from train.distributed import cleanup_distributed, init_distributed
+    from train.loop import build_loader, build_parts
+
+    if plan.budget_fe is not None:
+        steps = plan._fe_steps(plan.config(method, plan.seeds[0], steps=1))
+        plan.calibration[method] = {"forward_equivalents_budget": plan.budget_fe}
+        return steps
+    cfg = plan.config(method, plan.seeds[0], steps=1000)
+    info = init_distributed(cfg.run.device)
+    try:
+        loader = build_loader(cfg, info)
+        parts = build_parts(cfg, info, loader=loader)
+        parts.model.train()
+        m = measure_steps(parts, loader, _CALIBRATION_WARMUP, _CALIBRATION_STEPS)
+        loader.close()
+    finally:
+        cleanup_distributed(info)
+    step_seconds = m["seconds"] / m["steps"]
+    steps = max(int(plan.budget_seconds / step_seconds), 1)
+    plan.calibration[method] = {"step_seconds": round(step_seconds, 4), **m}
+    log(f"  {method}: {step_seconds:.3f} s per step -> {steps} steps in {plan.budget_seconds:g} s")
+    return steps
+
+
+@torch.no_grad()
+def _evaluate_backbones(
+    backbones: dict[str, torch.nn.Module], plan: QualityPlan, size: int, device: torch.device
+) -> dict[str, dict]:
+    """kNN and the fast linear probe of each backbone on the plan's train/val shards."""
+    from pipeline.eval import EvalLoader
+    from train.evaluation import (
+        LinearProbeConfig,
+        knn_accuracy,
+        probe_accuracy,
+        train_linear_probe,
+    )
+    from train.features import extract_features
+
+    results = {}
+    for name, backbone in backbones.items():
+        backbone.to(device)
+        feats = []
+        for split in (plan.bank, plan.val):
+            with EvalLoader(split, size=size, batch_size=256, device=str(device)) as loader:
+                feats.append(extract_features(backbone, loader))
+        bank, queries = feats
+        classes = max(bank.num_classes, queries.num_classes)
+        knn = knn_accuracy(
+            bank.features, bank.labels, queries.features, queries.labels, classes, KNN_K, KNN_T
+        )
+        with torch.enable_grad():
+            probe = train_linear_probe(bank.features, bank.labels, classes, LinearProbeConfig())
+        lin = probe_accuracy(probe, queries.features, queries.labels)
+        results[name] = {"knn_top1": knn.top1, "knn_top5": knn.top5, "linear_top1": lin.top1}
+        backbone.to("cpu")
+    return results
+
+
+def _pixel_knn(plan: QualityPlan, size: int, device: torch.device) -> dict:
+    """kNN on raw pixels: the centre crops, flattened (cosine similarity, as every kNN here)."""
+    from pipeline.eval import EvalLoader
+    from train.evaluation import knn_accuracy
+
+    def pixels(split: str):
+        xs, ys = [], []
+        with EvalLoader(split, size=size, batch_size=256, device=str(device)) as loader:
+            classes = loader.num_classes
+            for batch in loader:
+                xs.append(batch["image"].flatten(1).float())
+                ys.append(batch["label"])
+        return torch.cat(xs), torch.cat(ys), classes
+
+    bx, by, c1 = pixels(plan.bank)
+    qx, qy, c2 = pixels(plan.val)
+    acc = knn_accuracy(bx, by, qx, qy, max(c1, c2), KNN_K, KNN_T)
+    return {"knn_top1": acc.top1, "knn_top5": acc.top5}
+
+
+def _references(plan: QualityPlan, log: Callable[[str], None]) -> dict:
+    """Random-init backbones (one per architecture, seed 0) and raw-pixel kNN, cached."""
+    from train.distributed import resolve_device
+    from train.methods import build_model
+
+    path = Path(plan.out) / "references.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    refs: dict[str, Any] = {}
+    done_arch: dict[str, str] = {}
+    for m in plan.methods:
+        cfg = plan.config(m, 0, steps=1)
+        device = resolve_device(cfg.run.device)
+        arch = cfg.model.backbone
+        if arch in done_arch:
+            refs[f"random_init/{m}"] = refs[f"random_init/{done_arch[arch]}"]
+            continue
+        torch.manual_seed(0)
+        model, _ = build_model(cfg)
+        log(f"reference: {arch} at random init")
+        res = _evaluate_backbones({"online": model.online.backbone}, plan, cfg.data.size, device)
+        refs[f"random_init/{m}"] = {"backbone": arch, **res["online"]}
+        done_arch[arch] = m
+    cfg = plan.config(plan.methods[0], 0, steps=1)
+    log("reference: kNN on raw pixels")
+    refs["raw_pixels"] = _pixel_knn(plan, cfg.data.size, resolve_device(cfg.run.device))
+    path.write_text(json.dumps(refs, indent=1) + "\n")
+    return refs
+
+
+def _one_run(plan: QualityPlan, method: str, seed: int, log: Callable[[str], None]) -> dict:
+    from train.distributed import resolve_device
+    from train.features import load_backbones
+    from train.loop import pretrain
+
+    run_dir = plan.run_dir(method, seed)
+    result_path = run_dir / "quality.json"
+    if result_path.exists():
+        log(f"{method} seed {seed}: done ({result_path})")
+        return json.loads(result_path.read_text())
+    steps = plan.steps[method]
+    cfg = plan.config(method, seed, steps)
+    log(f"{method} seed {seed}: {steps} steps")
+    t0 = time.perf_counter()
+    out = pretrain(cfg, log=lambda msg: None)
+    seconds = time.perf_counter() - t0
+    backbones, info = load_backbones(run_dir, "both")
+    device = resolve_device(cfg.run.device)
+    results = _evaluate_backbones(backbones, plan, cfg.data.size, device)
+    fe = forward_equivalents(cfg)
+    curve = []
+    metrics = run_dir / "metrics.jsonl"
+    for line in metrics.read_text().splitlines():
+        record = json.loads(line)
+        if "eval/knn_top1" in record:
+            curve.append(
+                {
+                    "step": record["step"],
+                    "target": record["eval/knn_top1"],
+                    "online": record.get("eval/knn_online_top1"),
+                }
+            )
+    result = {
+        "method": method,
+        "seed": seed,
+        "backbone": cfg.model.backbone,
+        "steps": steps,
+        "step_reached": info["step"],
+        "train_seconds_this_call": round(seconds, 1),
+        "forward_equivalents_per_sample": fe,
+        "forward_equivalents": fe * steps * cfg.data.batch_size,
+        "images": steps * cfg.data.batch_size,
+        "branches": results,
+        "knn_curve": curve,
+        "final_step": out["step"],
+    }
+    tmp = result_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(result_path)
+    t, o = results["target"], results["online"]
+    log(
+        f"  kNN target {t['knn_top1']:.2f} online {o['knn_top1']:.2f}, linear target "
+        f"{t['linear_top1']:.2f} online {o['linear_top1']:.2f} ({seconds:.0f} s of training)"
+    )
+    return result
+
+
+def _spread(values: Sequence[float]) -> dict:
+    return {
+        "mean": round(statistics.fmean(values), 2),
+        "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0,
+        "min": round(min(values), 2),
+        "max": round(max(values), 2),
+        "n": len(values),
+    }
+
+
+def summarise(runs: list[dict], refs: dict) -> dict:
+    """Per method: mean / std / range over seeds of every metric, steps and budget."""
+    table: dict[str, dict] = {}
+    for m in dict.fromkeys(r["method"] for r in runs):
+        rs = [r for r in runs if r["method"] == m]
+        row = {
+            "backbone": rs[0]["backbone"],
+            "steps": rs[0]["steps"],
+            "forward_equivalents": rs[0]["forward_equivalents"],
+            "train_seconds": _spread([r["train_seconds_this_call"] for r in rs]),
+        }
+        for branch in ("target", "online"):
+            for metric in ("knn_top1", "linear_top1"):
+                row[f"{branch}/{metric}"] = _spread([r["branches"][branch][metric] for r in rs])
+        table[m] = row
+    return {"methods": table, "references": refs}
+
+
+def _markdown(summary: dict, plan: QualityPlan) -> str:
+    def cell(s: dict) -> str:
+        return f"{s['mean']:.2f} ± {s['std']:.2f} ({s['min']:.1f}–{s['max']:.1f})"
+
+    lines = [
+        "| method | backbone | steps | forward-equivalents | train s | kNN target | kNN online "
+        "| linear target | linear online |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for m, row in summary["methods"].items():
+        lines.append(
+            f"| {m} | {row['backbone']} | {row['steps']} | {row['forward_equivalents']:.3g} "
+            f"| {row['train_seconds']['mean']:.0f} | {cell(row['target/knn_top1'])} "
+            f"| {cell(row['online/knn_top1'])} | {cell(row['target/linear_top1'])} "
+            f"| {cell(row['online/linear_top1'])} |"
+        )
+    refs = summary["references"]
+    lines.append("")
+    lines.append(f"References: kNN on raw pixels {refs['raw_pixels']['knn_top1']:.2f}.")
+    seen = set()
+    for key, ref in refs.items():
+        if key.startswith("random_init/") and ref["backbone"] not in seen:
+            seen.add(ref["backbone"])
+            lines.append(
+                f"Random init {ref['backbone']}: kNN {ref['knn_top1']:.2f}, linear "
+                f"{ref['linear_top1']:.2f}."
+            )
+    lines.append("")
+    lines.append(
+        f"Mean ± standard deviation (min–max) over seeds {', '.join(map(str, plan.seeds))}; "
+        f"kNN k = {KNN_K}, T = {KNN_T}; budget "
+        + (
+            f"{plan.budget_fe} forward-equivalents"
+            if plan.budget_fe
+            else f"{plan.budget_seconds:g} s"
+        )
+        + " of training per run."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _plot(runs: list[dict], refs: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    for i, m in enumerate(methods):
+        for j, r in enumerate(x for x in runs if x["method"] == m):
+            xs = [p["step"] for p in r["knn_curve"]]
+            ax.plot(xs, [p["target"] for p in r["knn_curve"]], color=colours[i % len(colours)],
+                    alpha=0.8, label=f"{m} (target)" if j == 0 else None)  # fmt: skip
+            online = [p["online"] for p in r["knn_curve"]]
+            if all(v is not None for v in online):
+                ax.plot(xs, online, color=colours[i % len(colours)], ls=":", alpha=0.6,
+                        label=f"{m} (online)" if j == 0 else None)  # fmt: skip
+    ax.axhline(refs["raw_pixels"]["knn_top1"], color="k", ls="--", lw=1, label="raw pixels")
+    seen = set()
+    for key, ref in refs.items():
+        if key.startswith("random_init/") and ref["backbone"] not in seen:
+            seen.add(ref["backbone"])
+            ax.axhline(ref["knn_top1"], color="grey", ls="-.", lw=1,
+                       label=f"random init {ref['backbone']}")  # fmt: skip
+    ax.set_xlabel("step")
+    ax.set_ylabel("kNN top-1 (%)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_quality(plan: QualityPlan, log: Callable[[str], None] = print) -> dict:
+    """Calibrate, train and evaluate every run of ``plan`` (resuming), write the report."""
+    from train.runinfo import describe_device, library_versions
+
+    out = Path(plan.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log(plan.describe())
+    for m in plan.methods:
+        if m not in plan.steps:
+            plan.steps[m] = _calibrate(plan, m, log)
+            plan.save()
+    plan.save()
+    refs = _references(plan, log)
+    runs = [_one_run(plan, m, s, log) for m in plan.methods for s in plan.seeds]
+    summary = summarise(runs, refs)
+    from train.distributed import resolve_device
+
+    device = resolve_device(plan.config(plan.methods[0], 0, steps=1).run.device)
+    report = {
+        "plan": {**plan._identity(), "methods": list(plan.methods), "seeds": list(plan.seeds),
+                 "steps": plan.steps, "calibration": plan.calibration},
+        "device": describe_device(device),
+        "versions": library_versions(),
+        "summary": summary,
+        "runs": runs,
+        "configs": {m: to_dict(plan.config(m, plan.seeds[0], plan.steps[m])) for m in plan.methods},
+        "files": {"json": str(out / "report.json"), "table": str(out / "table.md"),
+                  "png": str(out / "curves.png")},
+    }  # fmt: skip
+    (out / "table.md").write_text(_markdown(summary, plan))
+    _plot(runs, refs, out / "curves.png")
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
