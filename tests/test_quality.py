@@ -1,0 +1,135 @@
+"""``ssl-cli bench quality``: the plan, the compute budget, and the harness end to end."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from cli.main import main
+from train.methods import resolve_config
+from train.quality import QualityPlan, forward_equivalents
+
+
+def stripes(root, per_class: int, seed: int) -> None:
+    """An easy 4-class task in an ImageNet layout: stripe orientation (vertical, horizontal,
+    diagonal, checker) at a random frequency, phase and colour pair."""
+    rng = np.random.default_rng(seed)
+    side = 40
+    y, x = np.mgrid[0:side, 0:side] / side
+    for c in range(4):
+        folder = root / f"class{c}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            f, ph = rng.uniform(3, 6), rng.uniform(0, 2 * np.pi)
+            wave = [
+                np.sin(2 * np.pi * f * x + ph),
+                np.sin(2 * np.pi * f * y + ph),
+                np.sin(2 * np.pi * f * (x + y) / 1.4 + ph),
+                np.sin(2 * np.pi * f * x + ph) * np.sin(2 * np.pi * f * y + ph),
+            ][c]
+            img = rng.uniform(0, 0.5, 3) + (wave[..., None] > 0) * rng.uniform(0.2, 1.0, 3)
+            img = np.clip(img + rng.normal(0, 0.05, img.shape), 0, 1)
+            Image.fromarray((img * 255).astype(np.uint8)).save(folder / f"{i}.JPEG", quality=95)
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quality")
+    out = {}
+    for split, n, seed in (("train", 40, 0), ("val", 16, 1)):
+        stripes(root / split / "train", n, seed)
+        args = ["shards", "build", str(root / split / "train"), str(root / split / "shards")]
+        args += ["--layout", "imagenet", "--min-side", "8", "--workers", "1", "--no-progress"]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        out[split] = root / split / "shards"
+    return out
+
+
+def test_forward_equivalents_count_the_papers_passes():
+    layer = {"data": {"size": 32, "instance_size": 16, "num_instances": 4}}
+    assert forward_equivalents(resolve_config({"method": "mos", **layer})) == 9  # 2*3 + 3
+    symmetric = {"method": "mos", "loss": {"form": "symmetric"}, **layer}
+    assert forward_equivalents(resolve_config(symmetric)) == 16  # 4*3 + 4
+    assert forward_equivalents(resolve_config({"method": "mocov3", **layer})) == 8
+    assert forward_equivalents(resolve_config({"method": "byol", **layer})) == 8
+    # UniVIP: 2 scenes both branches + K = 4 instances at a quarter of the pixels
+    assert forward_equivalents(resolve_config({"method": "univip", **layer})) == 8 + 4
+
+
+def test_dry_run_states_the_budget_per_method(task, tmp_path):
+    args = ["bench", "quality", "--train", str(task["train"]), "--val", str(task["val"])]
+    args += ["--out", str(tmp_path / "q"), "--budget-fe", "100000", "--dry-run"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "budget: 100000 forward-equivalents per run" in result.output
+    # batch 128 in the CPU recipe: 100000 // (9 * 128) = 86 MOS steps, // (8 * 128) = 97
+    assert "mos: vit_tiny_patch16_224, batch 128, 9 forward-equivalents per sample, steps 86" in (
+        result.output
+    )
+    assert (
+        "mocov3: vit_tiny_patch16_224, batch 128, 8 forward-equivalents per sample, steps 97"
+        in (result.output)
+    )
+    assert "byol: resnet18" in result.output and "univip: resnet18" in result.output
+    assert not (tmp_path / "q").exists()  # a dry run writes nothing
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--methods", "mos,simclr"], "unknown method 'simclr'"),
+        (["--methods", "mos,mos"], "must not repeat"),
+        (["--seeds", "0,x"], "comma-separated list"),
+        (["--set", "optim.bogus=1"], "unknown key 'optim.bogus'"),
+    ],
+)
+def test_bad_options_are_usage_errors(task, tmp_path, extra, message):
+    args = ["bench", "quality", "--train", str(task["train"]), "--val", str(task["val"])]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path), "--dry-run", *extra])
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+@pytest.mark.slow
+def test_harness_end_to_end_resumes_and_learns(task, tmp_path):
+    out = tmp_path / "q"
+    plan_args = dict(
+        train=str(task["train"]),
+        val=str(task["val"]),
+        out=str(out),
+        methods=("mocov3",),
+        seeds=(0, 1),
+        budget_fe=8 * 32 * 100,  # 100 steps of batch 32
+        device="cpu",
+        assignments=("data.batch_size=32",),
+    )
+    from train.quality import run_quality
+
+    report = run_quality(QualityPlan.build(**plan_args), log=lambda m: None)
+    for name in ("report.json", "table.md", "curves.png", "plan.json", "references.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "report.json").read_text())["plan"]["steps"] == {"mocov3": 100}
+    row = report["summary"]["methods"]["mocov3"]
+    assert row["steps"] == 100 and row["forward_equivalents"] == 8 * 32 * 100
+    for key in ("target/knn_top1", "online/knn_top1", "target/linear_top1", "online/linear_top1"):
+        assert row[key]["n"] == 2 and row[key]["min"] <= row[key]["mean"] <= row[key]["max"]
+    runs = report["runs"]
+    assert [(r["method"], r["seed"]) for r in runs] == [("mocov3", 0), ("mocov3", 1)]
+    assert all(len(r["knn_curve"]) == 4 and r["knn_curve"][-1]["step"] == 100 for r in runs)
+    assert all(r["knn_curve"][-1]["online"] is not None for r in runs)  # both branches logged
+    refs = report["summary"]["references"]
+    assert refs["raw_pixels"]["knn_top1"] > 50  # the task is easy in pixel space
+    # trained features beat the same backbone at random init (linear probe, best branch)
+    random_init = refs["random_init/mocov3"]["linear_top1"]
+    best = max(row["online/linear_top1"]["mean"], row["target/linear_top1"]["mean"])
+    assert best > random_init + 5, (best, random_init)
+    table = (out / "table.md").read_text()
+    assert "| mocov3 | vit_tiny_patch16_224 | 100 |" in table and "raw pixels" in table
+
+    # a re-run with the same options trains nothing again; other options are refused
+    again = run_quality(QualityPlan.build(**plan_args), log=lambda m: None)
+    assert again["runs"] == runs
+    with pytest.raises(ValueError, match="other options"):
+        QualityPlan.build(**{**plan_args, "budget_fe": 1000})
