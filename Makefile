@@ -18,7 +18,7 @@ CONFIG ?= $(firstword $(wildcard configs/$(METHOD)_*_$(DATASET).yaml))
 RUN ?= runs/$(METHOD)_$(DATASET)
 PRETRAIN_ARGS ?=
 
-.PHONY: setup test lint demo shards pretrain bench clean
+.PHONY: setup test lint demo shards pretrain bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -68,3 +68,8 @@ bench: $(STAMP)
 	for m in mos univip multicrop; do $(BIN)/ssl-cli bench pipeline $(BENCH_SHARDS) --method $$m --json $(BENCH_OUT)/pipeline_$$m.json || exit 1; done
 	$(BIN)/ssl-cli bench train --config configs/demo_mos_cpu.yaml --data $(BENCH_SHARDS) --json $(BENCH_OUT)/train_mos.json
 	$(BIN)/ssl-cli bench train --config configs/demo_univip_cpu.yaml --data $(BENCH_SHARDS) --json $(BENCH_OUT)/train_univip.json
+
+# Every GPU check in one call (pytest -m gpu, pipeline/train/quality benchmarks; JSON figures in
+# GPU_CHECK_OUT, default runs/gpu-check). DRY_RUN=1 checks the command lines on any machine.
+gpu-check: $(STAMP)
+	BIN=$(BIN) DRY_RUN=$(DRY_RUN) bash scripts/gpu-check.sh
