@@ -12,21 +12,12 @@ from torch import nn
 
 from cli.train_cmds import pretrain
 from pipeline.views import MOSViews
+from tests.test_train_loop import RESNET, VIT  # the tiny models of the loop tests
 from train.loop import convert_sync_batchnorm, synthetic_loader
 from train.methods import build_model, resolve_config
 from train.optim import build_optimizer
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-
-VIT = {
-    "backbone": "vit_tiny_patch16_224",
-    "img_size": 32,
-    "patch_size": 8,
-    "backbone_kwargs": {"depth": 2},
-    "projector": [64, 64, 32],
-    "predictor": [64, 32],
-}
-RESNET = {"backbone": "resnet18", "projector": [64, 32], "predictor": [64, 32]}
 
 
 def tiny_cfg(method: str, **sections):
@@ -272,3 +263,12 @@ def test_unknown_mos_form_is_a_config_error():
         pretrain, ["--method", "mos", "--set", "loss.form=both", "--print-config"]
     )
     assert result.exit_code == 2 and "loss.form" in result.output
+
+
+@pytest.mark.parametrize("key", ["base_lr", "min_lr", "weight_decay", "clip_grad"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -1.0])
+def test_optimizer_values_must_be_finite(key, value):
+    from train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"optim.{key}: must be finite"):
+        resolve_config({"method": "mos", "optim": {key: value}})

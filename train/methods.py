@@ -20,6 +20,7 @@ backbone -> EMA projector, stop-gradient):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -452,14 +453,22 @@ def validate_config(cfg: TrainConfig) -> None:
             "non-empty, sizes >= 1",
         ),
         ("model.drop_path_rate", 0.0 <= cfg.model.drop_path_rate < 1.0, "in [0, 1)"),
-        ("optim.base_lr", cfg.optim.base_lr >= 0, ">= 0"),
-        ("optim.min_lr", cfg.optim.min_lr >= 0, ">= 0"),
-        ("optim.weight_decay", cfg.optim.weight_decay >= 0, ">= 0"),
-        ("optim.weight_decay_end", cfg.optim.weight_decay_end >= 0, ">= 0"),
+        ("optim.base_lr", 0 <= cfg.optim.base_lr < math.inf, "finite and >= 0"),
+        ("optim.min_lr", 0 <= cfg.optim.min_lr < math.inf, "finite and >= 0"),
+        ("optim.weight_decay", 0 <= cfg.optim.weight_decay < math.inf, "finite and >= 0"),
+        (
+            "optim.weight_decay_end",
+            0 <= cfg.optim.weight_decay_end < math.inf,
+            "finite and >= 0",
+        ),
         ("optim.momentum", 0.0 <= cfg.optim.momentum < 1.0, "in [0, 1)"),
         ("optim.betas", all(0.0 <= b < 1.0 for b in cfg.optim.betas), "in [0, 1)"),
         ("optim.lars_eta", cfg.optim.lars_eta > 0, "> 0"),
-        ("optim.clip_grad", cfg.optim.clip_grad >= 0, ">= 0 (0 disables clipping)"),
+        (
+            "optim.clip_grad",
+            0 <= cfg.optim.clip_grad < math.inf,
+            "finite and >= 0 (0 disables clipping)",
+        ),
         ("schedule.epochs", cfg.schedule.epochs >= 1, ">= 1"),
         ("schedule.steps", cfg.schedule.steps is None or cfg.schedule.steps >= 1, ">= 1 or null"),
         ("schedule.warmup_epochs", cfg.schedule.warmup_epochs >= 0, ">= 0"),
