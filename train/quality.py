@@ -599,7 +599,9 @@ def run_quality(plan: QualityPlan, log: Callable[[str], None] = print) -> dict:
             plan.save()
     plan.save()
     refs = _references(plan, log)
-    runs = [_one_run(plan, m, s, log) for m in plan.methods for s in plan.seeds]
+    # seed-major: an interrupted table holds every method at the seeds it reached
+    runs = [_one_run(plan, m, s, log) for s in plan.seeds for m in plan.methods]
+    runs.sort(key=lambda r: (plan.methods.index(r["method"]), plan.seeds.index(r["seed"])))
     summary = summarise(runs, refs)
     from train.distributed import resolve_device
 
