@@ -37,17 +37,17 @@ def shards() -> None:
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option(
     "--layout",
-    type=click.Choice(["auto", "folder", "coco", "imagenet", "wds", "cifar"]),
+    type=click.Choice(["auto", "folder", "coco", "imagenet", "wds", "cifar", "idx"]),
     default="auto",
-    help="How SRC is organised. auto: .tar archives -> wds, CIFAR python batches -> cifar, "
-    "a train2017/ folder -> coco, otherwise a folder of images. imagenet (class folders -> "
-    "labels) must be asked for.",
+    help="How SRC is organised. auto: .tar archives -> wds, the CIFAR python file set -> cifar, "
+    "the IDX file set (MNIST family) -> idx, a train2017/ folder -> coco, otherwise a folder of "
+    "images. imagenet (class folders -> labels) must be asked for.",
 )
 @click.option(
     "--split",
     type=click.Choice(["train", "test"]),
     default="train",
-    help="CIFAR: which batches to read.",
+    help="CIFAR and IDX: which split to read (build each split into its own OUT).",
 )
 @click.option(
     "--mode",
@@ -76,8 +76,33 @@ def shards() -> None:
 @click.option(
     "--min-side",
     type=click.IntRange(min=1),
-    default=DEFAULT_FILTER.min_side,
-    help="Minimum box side in pixels (also the minimum image side).",
+    default=None,
+    help=f"Sets both --min-image-side and --min-box-side [default: {DEFAULT_FILTER.min_side}].",
+)
+@click.option(
+    "--min-image-side",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Reject images whose shorter side is below this (too_small) "
+    f"[default: --min-side, else {ImageParams().min_side}; CIFAR and IDX: 1].",
+)
+@click.option(
+    "--min-box-side",
+    type=click.IntRange(min=1),
+    default=None,
+    help=f"Minimum box side in pixels [default: --min-side, else {DEFAULT_FILTER.min_side}].",
+)
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(min=1),
+    default=ImageParams().max_pixels,
+    help="Reject images of more pixels than this (too_large).",
+)
+@click.option(
+    "--max-file-bytes",
+    type=click.IntRange(min=1),
+    default=ImageParams().max_file_bytes,
+    help="Reject input files larger than this without reading them (too_large).",
 )
 @click.option(
     "--min-aspect",
@@ -129,6 +154,13 @@ def shards() -> None:
     default=None,
     help="Ray cluster address (with --engine ray); default: a local Ray instance.",
 )
+@click.option(
+    "--retry-rejects",
+    is_flag=True,
+    default=False,
+    help="Redo the shards holding transient rejects (worker_crashed, unreadable), also on a "
+    "finished build.",
+)
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def shards_build(
     src,
@@ -140,6 +172,10 @@ def shards_build(
     base_k,
     scale_k,
     min_side,
+    min_image_side,
+    min_box_side,
+    max_pixels,
+    max_file_bytes,
     min_aspect,
     max_aspect,
     max_iou,
@@ -149,32 +185,41 @@ def shards_build(
     workers,
     engine,
     ray_address,
+    retry_rejects,
     progress,
 ) -> None:
     """Run selective search over SRC and write WebDataset shards + proposals.parquet into OUT.
 
     SRC is a folder of images (recursive), a COCO root or train2017/, an ImageNet train/ folder
-    (--layout imagenet), WebDataset .tar archives, CIFAR-10/100 python batches (--split
-    train|test: build each split into its own OUT), or @sample (photographs shipped with
-    scikit-image and scikit-learn). Re-running the same command resumes an interrupted build
-    and does nothing on a finished one.
+    (--layout imagenet), WebDataset .tar archives, CIFAR-10/100 python batches or IDX files of
+    the MNIST family (--split train|test: build each split into its own OUT), or @sample
+    (photographs shipped with scikit-image and scikit-learn). Re-running the same command
+    resumes an interrupted build and does nothing on a finished one. Exits non-zero when every
+    input, or most for one reason, was rejected, or transient rejects remain.
     """
     from shards.build import BuildParams, build_shards
 
+    image_side = min_image_side or min_side or ImageParams().min_side
+    box_side = min_box_side or min_side or DEFAULT_FILTER.min_side
     try:
         params = BuildParams(
             search=SearchParams(mode=mode, max_side=max_side, base_k=base_k, scale_k=scale_k),
             filter=FilterParams(
-                min_side=min_side,
+                min_side=box_side,
                 min_aspect=min_aspect,
                 max_aspect=max_aspect,
                 max_iou=max_iou,
                 top_n=top_n,
             ),
-            image=ImageParams(min_side=min_side, transcode_quality=jpeg_quality),
+            image=ImageParams(
+                min_side=image_side,
+                max_pixels=max_pixels,
+                max_file_bytes=max_file_bytes,
+                transcode_quality=jpeg_quality,
+            ),
             shard_size=shard_size,
         )
-        build_shards(
+        result = build_shards(
             src,
             out,
             params,
@@ -185,9 +230,14 @@ def shards_build(
             ray_address=ray_address,
             progress=progress,
             log=click.echo,
+            retry_rejects=retry_rejects,
         )
     except (ValueError, RuntimeError, OSError) as e:
         raise _fail(e) from None
+    if result.problems:
+        raise click.ClickException(
+            f"{result.out}: the build finished, but:\n  " + "\n  ".join(result.problems)
+        )
 
 
 @shards.command("verify")

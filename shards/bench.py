@@ -76,6 +76,8 @@ def bench_search(
     items = source.items[:limit] if limit else source.items
     images = []
     for item in items:
+        if item.reject is not None:
+            continue
         try:
             images.append((item.key, decode_image(item.read(), ImageParams()).rgb))
         except (RejectedImage, OSError):

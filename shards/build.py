@@ -3,35 +3,56 @@
 Inputs are cut into fixed chunks of ``shard_size`` inputs; chunk ``c`` becomes
 ``shard-{c:06d}.tar`` (absent when every input of the chunk was rejected). Per chunk the build
 commits, in this order, the tar (with its index), the chunk's Parquet rows and rejects under
-``.parts/``, and last the chunk summary, which marks it done. A build killed at any moment and
-started again redoes at most the chunks in flight; the final files (``proposals.parquet``,
-``rejects.jsonl``, ``manifest.json``) are written once every chunk is done, the manifest last.
+``.ssl-cli/parts/``, and last the chunk summary, which marks it done. A build killed at any
+moment and started again redoes at most the chunks in flight; the final files
+(``proposals.parquet``, ``rejects.jsonl``, ``ignored.jsonl``, ``manifest.json``) are written once
+every chunk is done, the manifest last.
+
+OUT belongs to the build: it must be empty, new, or an earlier ssl-cli build. The work state
+lives in ``OUT/.ssl-cli/`` (``lock``: an exclusive ``fcntl.flock`` held for the whole build,
+naming its PID; ``build.json``: the inputs and parameters; ``inputs.jsonl.gz``: one line per
+input with its size and mtime, to say what changed; ``parts/``: per-chunk summaries and rejects,
+kept so that ``--retry-rejects`` can redo single chunks). Only files of our own naming are ever
+deleted or overwritten.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import gzip
 import json
+import os
 import platform
-import shutil
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from .engines import make_engine
 from .process import BuildParams, Reject, Sample, process_item
 from .proposals import load_cv2
-from .sources import Source, SourceError, SourceItem, open_source
+from .sources import SAMPLE_SOURCE, Source, SourceError, SourceItem, open_source, printable
 from .writer import ShardWriter, atomic_write_bytes
 
 FORMAT = "ssl-cli-shards/1"
-PARTS = ".parts"
-
+WORK = ".ssl-cli"
+LEGACY_PARTS = ".parts"  # the work folder of builds before .ssl-cli/
+# Rejects that a second attempt may turn into samples (--retry-rejects).
+TRANSIENT_REASONS = ("worker_crashed", "unreadable")
+# Every file name the build writes into OUT (and the temporary names it renames from).
+_OUR_FILES = re.compile(
+    r"^(shard-\d{6}\.(tar|idx)|proposals\.parquet|rejects\.jsonl|ignored\.jsonl|classes\.json"
+    r"|manifest\.json)(\.tmp)?$"
+)
+_OUR_PARTS = re.compile(r"^(build\.json|shard-\d{6}\.tar\.(json|parquet|rejects\.jsonl))(\.tmp)?$")
 PROPOSALS_SCHEMA = pa.schema(
     [
         pa.field("key", pa.string(), nullable=False),
@@ -114,31 +135,11 @@ def _reject_line(r: Reject) -> str:
     )
 
 
-@dataclass
-class BuildResult:
-    out: Path
-    manifest: dict
-    processed: int  # inputs processed by this invocation (0 when already complete)
-    up_to_date: bool
-
-
-def _build_state(source: Source, params: BuildParams, src: str, split: str) -> dict:
-    return {
-        "format": FORMAT,
-        "source": src,
-        "layout": source.layout,
-        "split": split if source.layout == "cifar" else None,
-        "inputs": len(source.items),
-        "fingerprint": source.fingerprint(),
-        "parameters": params.to_dict(),
-    }
-
-
 def _chunk_done(parts: Path, out: Path, chunk: int) -> dict | None:
     summary = parts / f"{shard_name(chunk)}.json"
     if not summary.exists():
         return None
-    info = json.loads(summary.read_text())
+    info = _read_json(summary)
     if info["samples"] and not (out / shard_name(chunk)).exists():
         return None
     return info
@@ -205,7 +206,7 @@ def _run_chunks(
 
 
 def _finalize(out: Path, parts: Path, state: dict, source: Source, n_chunks: int) -> dict:
-    infos = [json.loads((parts / f"{shard_name(c)}.json").read_text()) for c in range(n_chunks)]
+    infos = [_read_json(parts / f"{shard_name(c)}.json") for c in range(n_chunks)]
     tables = [pq.read_table(parts / f"{shard_name(c)}.parquet") for c in range(n_chunks)]
     proposals = pa.concat_tables(tables).cast(PROPOSALS_SCHEMA)
     write_parquet_atomic(proposals, out / "proposals.parquet")
@@ -213,6 +214,10 @@ def _finalize(out: Path, parts: Path, state: dict, source: Source, n_chunks: int
         (parts / f"{shard_name(c)}.rejects.jsonl").read_bytes() for c in range(n_chunks)
     )
     atomic_write_bytes(out / "rejects.jsonl", rejects)
+    ignored = "".join(
+        json.dumps({"entry": e, "reason": r}, ensure_ascii=False) + "\n" for e, r in source.ignored
+    )
+    atomic_write_bytes(out / "ignored.jsonl", ignored.encode())
     if source.classes is not None:
         atomic_write_bytes(out / "classes.json", json.dumps(source.classes, indent=1).encode())
     reasons: Counter = Counter()
@@ -231,14 +236,21 @@ def _finalize(out: Path, parts: Path, state: dict, source: Source, n_chunks: int
             "zero_box_samples": sum(i["zero_box_samples"] for i in infos),
             "transcoded": sum(i["transcoded"] for i in infos),
             "labelled": int(proposals.column("label").null_count == 0 and samples > 0),
-            "ignored_files": source.ignored,
+            "ignored_files": len(source.ignored),
+            "symlinks_followed": source.symlinks,
+            "symlinks_outside_src": source.symlinks_outside,
         },
         "rejects_by_reason": dict(sorted(reasons.items())),
+        "ignored_by_reason": dict(
+            sorted(Counter(r.split(":")[0] for _, r in source.ignored).items())
+        ),
+        "warnings": source.warnings,
         "shards": [i["shard"] for i in infos if i["shard"] is not None],
         "classes": source.classes,
         "files": {
             "proposals": "proposals.parquet",
             "rejects": "rejects.jsonl",
+            "ignored": "ignored.jsonl",
             "classes": "classes.json" if source.classes is not None else None,
         },
         "boxes_format": "KEY.boxes: raw little-endian int32 [N, 4] xyxy, decoded-image pixels, "
@@ -250,8 +262,266 @@ def _finalize(out: Path, parts: Path, state: dict, source: Source, n_chunks: int
             f"internal accounting error: {samples} samples + {n_rejects} rejects != {len(source.items)} inputs"
         )
     atomic_write_bytes(out / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
-    shutil.rmtree(parts)
+    _drop_parquet_parts(parts)
     return manifest
+
+
+def _drop_parquet_parts(parts: Path) -> None:
+    """After the manifest: per-chunk rows are in proposals.parquet (summaries and rejects stay)."""
+    for p in parts.glob("shard-*.tar.parquet"):
+        p.unlink()
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise BuildError(
+            f"{path}: not readable as JSON ({e}); delete OUT (or use another one) to rebuild"
+        ) from None
+
+
+# ----------------------------------------------------------------------------- output folder
+
+
+def _inside(child: str, parent: str) -> bool:
+    return os.path.commonpath([child, parent]) == parent
+
+
+def check_paths(src: str, out: Path) -> None:
+    """Refuse an OUT that is SRC, lies inside SRC, or holds SRC (inputs overwritten or read
+    back as inputs)."""
+    if src == SAMPLE_SOURCE:
+        return
+    s, o = os.path.realpath(src), os.path.realpath(out)
+    if s == o:
+        raise BuildError(f"OUT {out} is SRC {src}: the build would overwrite its own inputs")
+    if _inside(o, s):
+        raise BuildError(f"OUT {out} lies inside SRC {src}; choose an output folder outside it")
+    if _inside(s, o):
+        raise BuildError(f"SRC {src} lies inside OUT {out}; choose an output folder outside it")
+
+
+def _is_our_build(out: Path) -> bool:
+    if (out / WORK).is_dir() or (out / LEGACY_PARTS / "build.json").is_file():
+        return True
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return json.loads((out / "manifest.json").read_text()).get("format") == FORMAT
+    return False
+
+
+def _check_out(out: Path) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise BuildError(f"OUT {out} exists and is not a folder")
+    entries = sorted(p.name for p in out.iterdir())
+    if entries and not _is_our_build(out):
+        shown = ", ".join(printable(e) for e in entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise BuildError(
+            f"OUT {out} is not empty ({shown}) and holds no ssl-cli build; "
+            "choose a new or empty output folder"
+        )
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """An exclusive lock on OUT for the whole build; a second build fails at once."""
+    work = out / WORK
+    work.mkdir(parents=True, exist_ok=True)
+    fd = os.open(work / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise BuildError(
+                f"{out} is being written by another build (PID {holder}); "
+                "wait for it to finish or use another output folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _clean_stale(out: Path, parts: Path, finished: bool) -> None:
+    """Remove what a killed run left: our temporary files, and after a finished build the
+    per-chunk rows and a legacy ``.parts/``. Nothing of another name is touched."""
+    for folder, pattern in ((out, _OUR_FILES), (parts, _OUR_PARTS)):
+        if folder.is_dir():
+            for p in folder.iterdir():
+                if p.name.endswith(".tmp") and pattern.match(p.name):
+                    p.unlink()
+    legacy = out / LEGACY_PARTS
+    if legacy.is_dir() and all(_OUR_PARTS.match(p.name) for p in legacy.iterdir()):
+        for p in legacy.iterdir():
+            p.unlink()
+        legacy.rmdir()
+    if finished and parts.is_dir():
+        _drop_parquet_parts(parts)
+
+
+# ------------------------------------------------------------------------- what has changed
+
+
+def _flatten(d, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _read_inputs(path: Path) -> dict[str, dict] | None:
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            return {e["source"]: e for e in map(json.loads, f)}
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+
+
+def _describe_stamp(old: str, new: str) -> str:
+    (os_, om), (ns, nm) = old.split(":", 1), new.split(":", 1)
+    parts = []
+    if os_ != ns:
+        parts.append(f"size {os_} -> {ns} bytes")
+    if om != nm:
+        parts.append("modified")
+    return ", ".join(parts) or f"{old} -> {new}"
+
+
+def _input_changes(work: Path, source: Source, limit: int = 5) -> list[str]:
+    old = _read_inputs(work / "inputs.jsonl.gz")
+    if old is None:
+        return ["the inputs differ (no record of the earlier inputs to compare)"]
+    new = {e["source"]: e for e in map(Source.entry, source.items)}
+    changed = []
+    for s, e in new.items():
+        o = old.get(s)
+        if o is not None and o != e:
+            what = []
+            if o["stamp"] != e["stamp"]:
+                what.append(_describe_stamp(o["stamp"], e["stamp"]))
+            if o["label"] != e["label"]:
+                what.append(f"label {o['label']} -> {e['label']}")
+            if o["key"] != e["key"]:
+                what.append(f"key {o['key']} -> {e['key']}")
+            changed.append(f"{s} ({', '.join(what)})")
+    added = [s for s in new if s not in old]
+    removed = [s for s in old if s not in new]
+    lines = []
+    for what, names in (("changed", changed), ("added", added), ("removed", removed)):
+        if names:
+            more = f" and {len(names) - limit} more" if len(names) > limit else ""
+            lines.append(f"{len(names)} input(s) {what}: {'; '.join(names[:limit])}{more}")
+    return lines or ["the input order differs"]
+
+
+def _differences(old: dict, new: dict, work: Path, source: Source) -> str:
+    a, b = _flatten(old), _flatten(new)
+    lines = []
+    for k in sorted(set(a) | set(b)):
+        if k in ("fingerprint", "inputs"):
+            continue
+        if a.get(k) != b.get(k):
+            lines.append(f"{k}: {a.get(k, '(absent)')!r} then, {b.get(k, '(absent)')!r} now")
+    if a.get("fingerprint") != b.get("fingerprint") or a.get("inputs") != b.get("inputs"):
+        lines.extend(_input_changes(work, source))
+    return "; ".join(lines) or "the build state differs"
+
+
+# -------------------------------------------------------------------------------- diagnosis
+
+_FIXES = {
+    "too_small": "small-image datasets: --min-image-side 8 (or at most the shorter side of the images)",
+    "too_large": "raise --max-pixels (or --max-file-bytes for big files)",
+    "worker_crashed": "rerun the same command with --retry-rejects (workers killed from outside, "
+    "e.g. by the OOM killer: try fewer --workers)",
+    "unreadable": "rerun the same command with --retry-rejects once the files can be read",
+    "not_an_image": "check that SRC holds images and --layout is right",
+    "unsupported_format": "convert the inputs to JPEG, PNG, WebP or BMP",
+    "bad_label": "fix the labels (.cls must be an integer in [0, number of classes))",
+}
+
+
+def diagnose(manifest: dict) -> list[str]:
+    """Problems that make a finished build non-zero: every input rejected, most inputs rejected
+    for one reason, or transient rejects left (each with the fix)."""
+    c = manifest["counts"]
+    reasons = manifest.get("rejects_by_reason", {})
+    params = manifest["build"]["parameters"]
+    problems = []
+
+    def detail(reason: str, n: int) -> str:
+        if reason == "too_small":
+            return f"smaller than --min-image-side {params['image']['min_side']}"
+        if reason == "too_large":
+            return f"over --max-pixels {params['image']['max_pixels']} or --max-file-bytes"
+        return f"rejected as {reason}"
+
+    for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
+        if n == c["inputs"] or 2 * n > c["inputs"]:
+            share = f"all {n}" if n == c["inputs"] else f"{n} of {c['inputs']}"
+            fix = _FIXES.get(reason, "see rejects.jsonl")
+            problems.append(f"{share} images are {detail(reason, n)}; {fix}")
+    if c["samples"] == 0 and not problems:
+        problems.append(f"all {c['inputs']} inputs were rejected; see rejects.jsonl")
+    for reason in TRANSIENT_REASONS:
+        n = reasons.get(reason, 0)
+        if n and not any(p.endswith(_FIXES[reason]) for p in problems):
+            problems.append(f"{n} input(s) {detail(reason, n)}; {_FIXES[reason]}")
+    return problems
+
+
+# ------------------------------------------------------------------------------------ build
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    manifest: dict
+    processed: int  # inputs processed by this invocation (0 when already complete)
+    up_to_date: bool
+    problems: list[str] = field(default_factory=list)  # non-empty: the CLI exits non-zero
+
+
+def _build_state(source: Source, params: BuildParams, src: str, split: str) -> dict:
+    return {
+        "format": FORMAT,
+        "source": src,
+        "layout": source.layout,
+        "split": split if source.layout in ("cifar", "idx") else None,
+        "inputs": len(source.items),
+        "fingerprint": source.fingerprint(),
+        "parameters": params.to_dict(),
+    }
+
+
+def _transient_chunks(parts: Path, n_chunks: int) -> set[int]:
+    out = set()
+    for c in range(n_chunks):
+        path = parts / f"{shard_name(c)}.rejects.jsonl"
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            if line.strip() and json.loads(line)["reason"] in TRANSIENT_REASONS:
+                out.add(c)
+                break
+    return out
+
+
+def _reopen(out: Path, parts: Path, manifest: dict, n_chunks: int) -> None:
+    """Turn a finished build back into an unfinished one whose chunks are all done: the
+    per-chunk rows come back from proposals.parquet, then the manifest goes."""
+    table = pq.read_table(out / manifest["files"]["proposals"])
+    for c in range(n_chunks):
+        name = shard_name(c)
+        rows = table.filter(pc.equal(table.column("shard"), name))
+        write_parquet_atomic(rows.cast(PROPOSALS_SCHEMA), parts / f"{name}.parquet")
+    (out / "manifest.json").unlink()
 
 
 def build_shards(
@@ -265,45 +535,83 @@ def build_shards(
     ray_address: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    retry_rejects: bool = False,
 ) -> BuildResult:
-    """Build (or resume, or confirm) the shards of ``src`` in ``out``."""
+    """Build (or resume, or confirm) the shards of ``src`` in ``out``.
+
+    ``retry_rejects``: redo the chunks holding transient rejects (``worker_crashed``,
+    ``unreadable``), also on a finished build.
+    """
     load_cv2()  # fail before any work when the contrib module is missing
+    if src != SAMPLE_SOURCE:
+        src = os.path.abspath(src)  # normalised: a trailing slash or ./ is the same source
+    out = Path(os.path.abspath(out))
+    check_paths(src, out)
+    _check_out(out)
     source = open_source(src, layout, split=split, jpeg_quality=params.image.transcode_quality)
-    if source.layout == "cifar":
-        # 32x32 images: accept them (MOS uses no boxes; with the default filter none survive)
+    if source.layout in ("cifar", "idx"):
+        # 32/28-px images: accept them (MOS uses no boxes; with the default filter none survive)
         params = replace(params, image=replace(params.image, min_side=1))
     if not source.items:
         raise SourceError(f"{src}: no images found (extensions: .jpg .jpeg .png .webp .bmp)")
-    out = Path(out)
+    for w in source.warnings:
+        log(f"warning: {w}")
+    if source.symlinks_outside:
+        log(f"note: {source.symlinks_outside} input(s) are symlinks to files outside {src}")
     out.mkdir(parents=True, exist_ok=True)
+    with _locked(out):
+        return _build_locked(
+            src, out, source, params, split, workers, engine, ray_address, progress, log,
+            retry_rejects,
+        )  # fmt: skip
+
+
+def _build_locked(
+    src, out, source, params, split, workers, engine, ray_address, progress, log, retry_rejects
+) -> BuildResult:
     state = _build_state(source, params, src, split)
+    work = out / WORK
+    parts = work / "parts"
+    n_chunks = (len(source.items) + params.shard_size - 1) // params.shard_size
 
     manifest_path = out / "manifest.json"
     if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("build") == state:
-            log(f"{out}: up to date ({manifest['counts']['samples']} samples), nothing to do")
-            return BuildResult(out, manifest, processed=0, up_to_date=True)
-        raise BuildError(
-            f"{out} already holds a finished build of other inputs or parameters; "
-            "use another output folder or delete this one"
-        )
-
-    parts = out / PARTS
-    parts.mkdir(exist_ok=True)
-    state_path = parts / "build.json"
-    if state_path.exists():
-        if json.loads(state_path.read_text()) != state:
+        manifest = _read_json(manifest_path)
+        if not isinstance(manifest, dict) or manifest.get("build") != state:
+            old = manifest.get("build", {}) if isinstance(manifest, dict) else {}
             raise BuildError(
-                f"{out} holds an unfinished build of other inputs or parameters; "
-                "resume it with the same command, or use another output folder"
+                f"{out} already holds a finished build of other inputs or parameters: "
+                f"{_differences(old, state, work, source)}. "
+                "Use another output folder, or delete this one to rebuild"
+            )
+        _clean_stale(out, parts, finished=True)
+        redo = _transient_chunks(parts, n_chunks) if retry_rejects else set()
+        if not redo:
+            problems = diagnose(manifest)
+            log(f"{out}: up to date ({manifest['counts']['samples']} samples), nothing to do")
+            return BuildResult(out, manifest, 0, up_to_date=True, problems=problems)
+        _reopen(out, parts, manifest, n_chunks)
+
+    parts.mkdir(parents=True, exist_ok=True)
+    state_path = work / "build.json"
+    if state_path.exists():
+        old = _read_json(state_path)
+        if old != state:
+            raise BuildError(
+                f"{out} holds an unfinished build of other inputs or parameters: "
+                f"{_differences(old, state, work, source)}. "
+                "Resume it with the same command, or use another output folder"
             )
     else:
+        lines = "".join(map(Source.entry_line, source.items)).encode("utf-8", "backslashreplace")
+        atomic_write_bytes(work / "inputs.jsonl.gz", gzip.compress(lines, mtime=0))
         atomic_write_bytes(state_path, json.dumps(state, sort_keys=True).encode())
-    for stale in list(out.glob("*.tmp")) + list(parts.glob("*.tmp")):
-        stale.unlink()  # left by a killed run: never renamed, so never part of the output
+    _clean_stale(out, parts, finished=False)
 
-    n_chunks = (len(source.items) + params.shard_size - 1) // params.shard_size
+    if retry_rejects:
+        for c in _transient_chunks(parts, n_chunks):
+            (parts / f"{shard_name(c)}.json").unlink(missing_ok=True)
+            log(f"retrying {shard_name(c)}: it holds transient rejects")
     todo: dict[int, list[SourceItem]] = {}
     for c in range(n_chunks):
         if _chunk_done(parts, out, c) is None:
@@ -335,4 +643,4 @@ def build_shards(
         f"{out}: {c['samples']} samples in {len(manifest['shards'])} shards, "
         f"{c['rejects']} rejected (see rejects.jsonl), {c['boxes']} boxes"
     )
-    return BuildResult(out, manifest, processed=n_todo, up_to_date=False)
+    return BuildResult(out, manifest, n_todo, up_to_date=False, problems=diagnose(manifest))

@@ -58,11 +58,15 @@ class LocalEngine:
         return ProcessPoolExecutor(workers, mp_context=self._ctx, initializer=_init_worker)
 
     def _isolated(self, fn: ItemFn, item: SourceItem, params: Any) -> Any:
+        """``item`` alone in a fresh process: the retry of an image whose worker died."""
         with self._pool(1) as pool:
             try:
                 return pool.submit(fn, item, params).result()
             except BrokenProcessPool:
-                return _crash_reject(item, "the worker process died while processing this image")
+                return _crash_reject(
+                    item,
+                    "the worker process died while processing this image, also when retried alone",
+                )
 
     def map(self, fn: ItemFn, items: Iterable[SourceItem], params: Any) -> Iterator[Any]:
         it = iter(items)
@@ -105,11 +109,14 @@ def _in_clean_child(fn: ItemFn, item: SourceItem, params: Any) -> Any:
         _ray_child = ProcessPoolExecutor(
             1, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
         )
-    try:
-        return _ray_child.submit(fn, item, params).result()
-    except BrokenProcessPool:
-        _ray_child = None
-        return _crash_reject(item, "the worker process died while processing this image")
+    for _ in range(2):  # a crash is retried once, in a fresh child
+        try:
+            return _ray_child.submit(fn, item, params).result()
+        except BrokenProcessPool:
+            _ray_child = ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
+            )
+    return _crash_reject(item, "the worker process died twice while processing this image")
 
 
 class RayEngine:

@@ -73,8 +73,12 @@ class Reject:
 
 def process_item(item: SourceItem, params: BuildParams) -> Sample | Reject:
     """One input -> a :class:`Sample` or a :class:`Reject`; never raises for a bad input."""
+    if item.reject is not None:  # known while listing the source (see shards.sources)
+        return Reject(item.key, item.source, *item.reject)
     try:
-        data = item.read()
+        data = item.read(params.image.max_file_bytes)
+    except RejectedImage as e:
+        return Reject(item.key, item.source, e.reason, e.detail)
     except OSError as e:
         return Reject(item.key, item.source, "unreadable", str(e))
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from collections import Counter
@@ -11,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from .build import FORMAT, PROPOSALS_SCHEMA
+from .build import FORMAT, PROPOSALS_SCHEMA, WORK
+from .sources import parse_label
 from .writer import index_path_for, read_index, sha256_file
 
 
@@ -24,11 +24,19 @@ def load_manifest(out: str | Path) -> dict:
     if not path.exists():
         hint = (
             " (an unfinished build: run the same build command again)"
-            if (Path(out) / ".parts").exists()
+            if (Path(out) / WORK / "build.json").exists() or (Path(out) / ".parts").exists()
             else ""
         )
         raise ShardsNotFound(f"{path} not found: not a finished shard folder{hint}")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable manifest (broken JSON: {e})") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: not a manifest (a JSON {type(manifest).__name__})")
+    for key in ("build", "counts", "shards", "files"):
+        if key not in manifest:
+            raise ValueError(f"{path}: not a complete manifest (no {key!r})")
     if manifest.get("format") != FORMAT:
         raise ValueError(
             f"{path}: unsupported format {manifest.get('format')!r}, expected {FORMAT!r}"
@@ -37,23 +45,35 @@ def load_manifest(out: str | Path) -> dict:
 
 
 def _read_tar_samples(
-    path: Path,
+    path: Path, problems: list[str]
 ) -> tuple[dict[str, dict[str, bytes]], dict[str, dict[str, tuple[int, int]]], list[str]]:
-    """key -> {ext: bytes}, key -> {ext: (offset, size)}, keys in order."""
+    """key -> {ext: bytes}, key -> {ext: (offset, size)}, keys in order: every member that
+    reads; what does not (a truncated tar, a duplicate member) goes to ``problems``."""
     samples: dict[str, dict[str, bytes]] = {}
     offsets: dict[str, dict[str, tuple[int, int]]] = {}
     order: list[str] = []
     with tarfile.open(path, "r:") as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
+        while True:
+            try:
+                m = tf.next()
+                if m is None:
+                    break
+                if not m.isfile():
+                    problems.append(f"{path.name}:{m.name}: not a regular file member")
+                    continue
+                data = tf.extractfile(m).read()
+            except (tarfile.TarError, OSError) as e:
+                problems.append(f"{path.name}: unreadable from byte {tf.offset}: {e}")
+                break
             base = m.name.rsplit("/", 1)[-1]
             key, _, ext = base.partition(".")
             if key not in samples:
                 samples[key] = {}
                 offsets[key] = {}
                 order.append(key)
-            samples[key][ext] = tf.extractfile(m).read()
+            if ext in samples[key]:
+                problems.append(f"{path.name}:{m.name}: member appears twice")
+            samples[key][ext] = data
             offsets[key][ext] = (m.offset_data, m.size)
     return samples, offsets, order
 
@@ -64,10 +84,16 @@ def verify_shards(out: str | Path, decode: bool = False) -> list[str]:
     Checks checksums, sizes and sample counts of every shard against the manifest, every DALI
     index against its tar, that tar samples and Parquet rows match one to one (boxes and labels
     included), that samples + rejects add up to the inputs, and with ``decode`` that every image
-    decodes to the recorded size.
+    decodes to the recorded size with DALI's own decoder (as the training pipeline decodes it).
     """
     out = Path(out)
     manifest = load_manifest(out)
+    classes = manifest.get("classes")
+    decoder = None
+    if decode:
+        from .dali_decode import DaliDecoder
+
+        decoder = DaliDecoder()
     problems: list[str] = []
     listed = {s["name"] for s in manifest["shards"]}
     for stray in sorted(p.name for p in out.glob("shard-*.tar")):
@@ -102,7 +128,7 @@ def verify_shards(out: str | Path, decode: bool = False) -> list[str]:
         if digest != shard["sha256"]:
             problems.append(f"{shard['name']}: sha256 {digest[:12]}… differs from the manifest")
         try:
-            samples, offsets, order = _read_tar_samples(path)
+            samples, offsets, order = _read_tar_samples(path, problems)
         except (tarfile.TarError, OSError) as e:
             problems.append(f"{shard['name']}: unreadable tar: {e}")
             continue
@@ -119,6 +145,7 @@ def verify_shards(out: str | Path, decode: bool = False) -> list[str]:
         if index is not None:
             if [offsets[k] for k in order] != index:
                 problems.append(f"{idx_path.name}: offsets or sizes do not match {shard['name']}")
+        to_decode: list[tuple[str, bytes, int, int]] = []
         for key in order:
             comps = samples[key]
             where = f"{shard['name']}:{key}"
@@ -152,20 +179,26 @@ def verify_shards(out: str | Path, decode: bool = False) -> list[str]:
                 problems.append(f"{where}: boxes outside the {w}x{h} image or empty")
             label = rows["label"][i]
             cls = comps.get("cls")
-            if (cls is None) != (label is None) or (cls is not None and int(cls) != label):
-                problems.append(f"{where}: .cls {cls!r} disagrees with label {label!r}")
-            if decode:
-                from PIL import Image, ImageOps
-
-                try:
-                    img = ImageOps.exif_transpose(Image.open(io.BytesIO(comps["jpg"])))
-                    img.load()
-                    if img.size != (w, h):
-                        problems.append(
-                            f"{where}: decodes to {img.size[0]}x{img.size[1]}, recorded {w}x{h}"
-                        )
-                except Exception as e:  # noqa: BLE001
-                    problems.append(f"{where}: image does not decode: {e}")
+            if cls is not None:
+                parsed, why = parse_label(cls, classes)
+                if why:
+                    problems.append(f"{where}: .cls {cls[:20]!r}: {why}")
+                elif parsed != label:
+                    problems.append(f"{where}: .cls {cls!r} disagrees with label {label!r}")
+            elif label is not None:
+                problems.append(f"{where}: no .cls, but label {label!r} in proposals.parquet")
+            if decoder is not None:
+                to_decode.append((where, comps["jpg"], w, h))
+        if decoder is not None:
+            sizes = decoder.sizes([j for _, j, _, _ in to_decode])
+            for (where, _, w, h), size in zip(to_decode, sizes):
+                if isinstance(size, str):
+                    problems.append(f"{where}: image does not decode: {size}")
+                elif size != (w, h):
+                    problems.append(
+                        f"{where}: decodes to {size[0]}x{size[1]} (DALI), recorded {w}x{h}"
+                    )
+            to_decode = []
     for key in keys:
         if key not in seen_rows and key in row_of:
             problems.append(f"proposals.parquet: row {key!r} has no sample in any shard")
@@ -176,11 +209,18 @@ def verify_shards(out: str | Path, decode: bool = False) -> list[str]:
             f"proposals.parquet: {len(keys)} rows, manifest says {counts['samples']} samples"
         )
     rejects_path = out / manifest["files"]["rejects"]
-    n_rejects = (
-        sum(1 for line in rejects_path.read_text().splitlines() if line.strip())
-        if rejects_path.exists()
-        else None
-    )
+    n_rejects = None
+    if rejects_path.exists():
+        n_rejects = 0
+        for n, line in enumerate(rejects_path.read_text(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            n_rejects += 1
+            try:
+                entry = json.loads(line)
+                entry["key"], entry["source"], entry["reason"]  # noqa: B018 - must be present
+            except (ValueError, KeyError, TypeError) as e:
+                problems.append(f"{rejects_path.name}: line {n} is not a reject entry: {e}")
     if n_rejects is None:
         problems.append(f"{rejects_path.name}: missing")
     elif n_rejects != counts["rejects"]:
@@ -210,6 +250,15 @@ def inspect_shards(out: str | Path, examples: int = 5) -> str:
     ]
     for reason, n in manifest["rejects_by_reason"].items():
         lines.append(f"    rejected  {reason}: {n}")
+    for reason, n in manifest.get("ignored_by_reason", {}).items():
+        lines.append(f"    ignored   {reason}: {n} (not inputs; see ignored.jsonl)")
+    if c.get("symlinks_followed"):
+        lines.append(
+            f"  symlinks    {c['symlinks_followed']} followed, "
+            f"{c.get('symlinks_outside_src', 0)} of them to files outside SRC"
+        )
+    for w in manifest.get("warnings", []):
+        lines.append(f"  warning     {w}")
     total_bytes = sum(s["bytes"] for s in manifest["shards"])
     lines.append(f"  shards      {len(manifest['shards'])} ({total_bytes / 2**20:.1f} MiB)")
     if len(n_boxes):

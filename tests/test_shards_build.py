@@ -307,7 +307,7 @@ def test_resume_after_kill_9(tmp_path):
         cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        assert _wait_for(out / ".parts", "shard-000001.tar.json", timeout=120), (
+        assert _wait_for(out / ".ssl-cli" / "parts", "shard-000001.tar.json", timeout=120), (
             "build made no progress"
         )
     finally:
@@ -421,8 +421,9 @@ def _write_cifar10(root: Path, per_batch: int = 3) -> np.ndarray:
 def test_cifar10_pickles_round_trip_with_labels(tmp_path):
     root = tmp_path / "cifar-10-batches-py"
     labels = _write_cifar10(root)
-    train = _build(root, tmp_path / "train")
-    test = _build(root, tmp_path / "test", split="test")
+    # two of the five training batches: not the full CIFAR file set, so asked for by name
+    train = _build(root, tmp_path / "train", layout="cifar")
+    test = _build(root, tmp_path / "test", layout="cifar", split="test")
     assert (
         train.manifest["build"]["layout"] == "cifar" and train.manifest["build"]["split"] == "train"
     )
