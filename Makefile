@@ -5,9 +5,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 DATASET ?= sample
-OUT ?= data/shards/$(DATASET)
+OUT ?= data/shards/$(DATASET)$(if $(filter fmnist,$(DATASET)),_$(SPLIT))
 COCO_DIR ?= data/coco/train2017
 IMAGENET_DIR ?=
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+SPLIT ?= train
 SRC ?=
 WORKERS ?=
 SHARDS_ARGS ?=
@@ -44,7 +46,8 @@ shards: $(STAMP)
 	  coco)     test -d "$(COCO_DIR)" || { echo "error: COCO images not found at '$(COCO_DIR)'; set COCO_DIR=/path/to/coco/train2017" >&2; exit 2; }; src="$(COCO_DIR)" ;; \
 	  imagenet) test -n "$(IMAGENET_DIR)" -a -d "$(IMAGENET_DIR)" || { echo "error: ImageNet not found at '$(IMAGENET_DIR)'; set IMAGENET_DIR=/path/to/imagenet/train" >&2; exit 2; }; src="$(IMAGENET_DIR) --layout imagenet" ;; \
 	  folder)   test -n "$(SRC)" -a -d "$(SRC)" || { echo "error: folder '$(SRC)' not found; set SRC=/path/to/images" >&2; exit 2; }; src="$(SRC)" ;; \
-	  *) echo "error: unknown DATASET='$(DATASET)'; choose one of: sample coco imagenet folder" >&2; exit 2 ;; \
+	  fmnist)   test -d "$(FMNIST_DIR)" || { echo "error: Fashion-MNIST not found at '$(FMNIST_DIR)'; apt-get install dataset-fashion-mnist, or set FMNIST_DIR" >&2; exit 2; }; src="$(FMNIST_DIR) --layout idx --split $(SPLIT)" ;; \
+	  *) echo "error: unknown DATASET='$(DATASET)'; choose one of: sample coco imagenet folder fmnist" >&2; exit 2 ;; \
 	esac; \
 	$(BIN)/ssl-cli shards build $$src $(OUT) $(if $(WORKERS),--workers $(WORKERS)) $(SHARDS_ARGS); \
 	$(BIN)/ssl-cli shards verify $(OUT)
