@@ -137,6 +137,8 @@ def _show(report: dict, what: str) -> None:
         click.echo(f"  {'branch':<8} {'top-1':>8} {'top-5':>8}")
         for name, r in report["branches"].items():
             click.echo(f"  {name:<8} {r['top1']:>7.2f}% {r['top5']:>7.2f}%")
+    if report.get("input_size_change"):
+        click.echo(f"note: {report['input_size_change']}")
     click.echo(f"wrote {report['path']}")
 
 

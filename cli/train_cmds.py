@@ -233,6 +233,12 @@ def _common_flags(
     default=None,
     help="Labelled shards: the kNN queries.",
 )
+@click.option(
+    "--verify-shards/--no-verify-shards",
+    default=True,
+    help="Before training, check every shard's sha256 against manifest.json (digests of "
+    "unchanged files are cached in RUN/shards-checked.json); sizes are checked either way.",
+)
 @click.option("--print-config", is_flag=True, help="Print the resolved config and exit.")
 def pretrain(
     method,
@@ -249,6 +255,7 @@ def pretrain(
     eval_every,
     eval_train,
     eval_val,
+    verify_shards,
     print_config,
     **common,
 ) -> None:
@@ -294,7 +301,7 @@ def pretrain(
         if ckpt is not None:  # the checkpoint's config is the base; options given now override
             cfg = resolve_config(read_checkpoint_config(ckpt), *layers)
         _check_device(cfg.run.device, cfg.run.precision)
-        run_pretrain(cfg, resume=ckpt, log=click.echo)
+        run_pretrain(cfg, resume=ckpt, log=click.echo, verify_shards=verify_shards)
     except NonFiniteLossError as e:
         raise click.ClickException(str(e)) from None
     except (ConfigError, FileNotFoundError) as e:

@@ -54,7 +54,7 @@ import torch
 from shards.verify import load_manifest
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, NO_AUGMENT, Augment
-from .loader import ViewLoader, _device, _to_torch
+from .loader import ViewLoader, _dali_reason, _device, _to_torch, first_undecodable
 from .source import ShardIndex, _parse_index
 from .univip import random_resized_crop_boxes
 from .views import RATIO, Bank, SamplePlan, _bank, _check_range, _check_size, _Group, _plan
@@ -308,6 +308,21 @@ class EvalLoader:
             pipe._shutdown()
             del pipe
 
+    def _explain(self, error: BaseException, batch: int) -> Exception:
+        """The sample of batch ``batch`` (or of the ``prefetch`` batches after it) that DALI's
+        decoder refuses, as a ``ShardError`` naming its key and shard; else the DALI error."""
+        rows = self.rows[batch * self.batch_size : (batch + 1 + self.prefetch) * self.batch_size]
+        found = first_undecodable(self.index, [int(r) for r in rows], self.device.index)
+        if found is None:
+            return RuntimeError(
+                f"the evaluation pipeline on {self.root} failed at batch {batch}: "
+                f"{_dali_reason(error)}"
+            )
+        row, reason = found
+        return self.index.sample_error(
+            row, f"its .jpg cannot be decoded by DALI's image decoder ({reason})"
+        )
+
     def __iter__(self):
         """This rank's batches in row order: ``{"image" [b, 3, S, S] float32, "label" [b]
         int64, "index" [b] int64}`` on the loader's device. Iterable again afterwards."""
@@ -318,8 +333,12 @@ class EvalLoader:
         if self._pipe is None or not self._clean:
             self._build()
         self._clean = False
-        for _ in range(len(self)):
-            images, rows = self._pipe.run()
+        for i in range(len(self)):
+            try:
+                images, rows = self._pipe.run()
+            except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError or its own types
+                self._release()  # a pipeline that failed cannot run again
+                raise self._explain(e, i) from None
             index = _to_torch(rows, torch.device("cpu")).reshape(-1).clone()
             label = torch.from_numpy(self.labels[index.numpy()])
             yield {

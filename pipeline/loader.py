@@ -27,6 +27,12 @@ indices int64):
 Epochs: ``len(loader) = N // (world_size * batch_size)``; the remainder opens the next epoch
 (:mod:`pipeline.source`). The DALI pipeline is built once and runs from epoch to epoch; it is
 rebuilt only when the position jumps (``load_state_dict``, ``set_epoch`` to another epoch).
+
+Errors name the sample: DALI reports a failed decode without saying which sample; the loader
+then decodes the samples of the failed batch (and the batches prefetched after it) one by one
+with the same decoder and raises :class:`~pipeline.source.ShardError` naming the key and the
+shard file of the first that fails. An error of the view source (boxes outside the image, a
+truncated shard) is re-raised as the same ``ShardError``.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from typing import Any
 
 import torch
 
-from .source import EpochPlan, ShardIndex, ViewSource
+from .source import EpochPlan, ShardError, ShardIndex, ViewSource
 from .views import DecodeCropViews, MOSViews, MultiCropViews, UniVIPViews, view_set
 
 __all__ = [
@@ -78,6 +84,52 @@ def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
     out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=device)
     feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(device))
     return out
+
+
+def _decode_probe(device_id: int | None) -> Any:
+    """A one-image pipeline with the view pipelines' decoder (``fn.decoders.image``, "mixed"
+    on a GPU, "cpu" otherwise), fed through ``feed_input("jpeg", ...)``."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def
+    def probe():
+        jpeg = fn.external_source(name="jpeg", dtype=types.UINT8)
+        return fn.decoders.image(
+            jpeg, device="mixed" if device_id is not None else "cpu", output_type=types.RGB
+        )
+
+    pipe = probe(batch_size=1, num_threads=1, device_id=device_id, prefetch_queue_depth=1)
+    pipe.build()
+    return pipe
+
+
+def first_undecodable(
+    index: ShardIndex, rows: list[int], device_id: int | None = None
+) -> tuple[int, str] | None:
+    """The first of ``rows`` whose ``KEY.jpg`` DALI's decoder refuses, with its error; ``None``
+    when every one decodes. One pipeline per failure (a failed DALI pipeline is unusable)."""
+    pipe = None
+    try:
+        for row in rows:
+            if pipe is None:
+                pipe = _decode_probe(device_id)
+            pipe.feed_input("jpeg", [index.read_jpeg(row).copy()])
+            try:
+                pipe.run()
+            except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError or its own types
+                return row, _dali_reason(e)
+    finally:
+        del pipe
+    return None
+
+
+def _dali_reason(error: BaseException) -> str:
+    """The informative lines of a DALI error (without its traceback of the graph)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    noise = ("Critical error", "Current pipeline object", "which was used", "File ", "Error in ")
+    noise += ("return ", "image = ")
+    kept = [ln for ln in lines if not ln.startswith(noise) and ln != "encountered:"]
+    return "; ".join(dict.fromkeys(kept)) or type(error).__name__
 
 
 class ViewLoader:
@@ -220,7 +272,7 @@ class ViewLoader:
         while self._epoch == epoch:
             if self._pipe is None or self._pipe_next != (self._epoch, self._batch):
                 self._build()
-            batch = self._convert(self._pipe.run())
+            batch = self._convert(self._run())
             self._batch += 1
             if self._batch == n:
                 self._end_epoch()
@@ -233,12 +285,57 @@ class ViewLoader:
         """The source has raised StopIteration for the batch after the last: take it from the
         pipeline and reset it, which starts the next epoch's prefetching."""
         try:
-            self._pipe.run()
+            self._run()
         except StopIteration:
             self._pipe.reset()
             self._pipe_next = (self._epoch + 1, 0)
         else:  # pragma: no cover - the source guarantees the end of epoch
             raise RuntimeError("internal error: the view source did not end the epoch")
+
+    def _run(self):
+        """``pipe.run()``; a failure becomes an error naming the sample (module docstring)."""
+        try:
+            return self._pipe.run()
+        except StopIteration:
+            raise
+        except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError or its own types
+            self._release()  # a pipeline that failed cannot run again
+            raise self._explain(e) from None
+
+    def _explain(self, error: BaseException) -> Exception:
+        text = str(error)
+        for line in text.splitlines():  # the view source's own error, relayed by DALI
+            if "ShardError: " in line:
+                return ShardError(line.split("ShardError: ", 1)[1].strip())
+        # the batch that failed is the one asked for or one of the `prefetch` queued after it
+        positions, (epoch, batch) = [], (self._epoch, self._batch)
+        for _ in range(self.prefetch + 1):
+            if batch == len(self):
+                epoch, batch = epoch + 1, 0
+            positions.append((epoch, batch))
+            batch += 1
+        source = ViewSource(self.index, self.views, self.plan, self.rank, epoch, 0)
+        for e, b in positions:  # the view source's work again, here: its errors name the sample
+            for i in range(self.batch_size):
+                try:
+                    source.sample(e, b, i)
+                except ShardError as found:
+                    return found
+        rows = [int(r) for e, b in positions for r in self.plan.rows(e, b, self.rank)]
+        gpu = self.device.type == "cuda"
+        found = first_undecodable(self.index, list(dict.fromkeys(rows)), self.device.index)
+        if found is not None:
+            row, reason = found
+            return self.index.sample_error(
+                row,
+                f"its .jpg cannot be decoded by DALI's {'GPU (mixed)' if gpu else 'CPU'} "
+                f"image decoder ({reason}); rebuild the shards without it",
+            )
+        where = ", ".join(f"epoch {e} batch {b}" for e, b in positions)
+        return RuntimeError(
+            f"the DALI pipeline on {self.index.root} failed at {where} (every sample of these "
+            f"batches decodes on its own): {_dali_reason(error)}"
+        )
 
     # ------------------------------------------------------------------------- cleanup
 

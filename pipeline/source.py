@@ -19,11 +19,19 @@ disjoint and together cover the epoch's ``L * G`` samples.
 Randomness is a pure function of the position: the sample's generator is seeded by
 ``(seed, epoch, row)`` and a batch's (the MOS stitching layout) by ``(seed, epoch, batch)``, so
 any batch can be reproduced from ``(epoch, batch)`` alone, whatever the number of workers.
+
+Trust: :func:`check_shards` compares every shard with the manifest before training (size
+always, sha256 unless told not to, with a cache of the digests of unchanged files);
+:class:`ShardIndex` refuses a missing or truncated tar or index, and :meth:`ShardIndex.read_boxes`
+refuses boxes outside the image. Every such error is a :class:`ShardError` naming the file
+(and the sample key).
 """
 
 from __future__ import annotations
 
+import json
 import mmap
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +39,25 @@ from typing import Any
 import numpy as np
 
 from shards.verify import load_manifest
+from shards.writer import sha256_file
 
-__all__ = ["EpochPlan", "ShardIndex", "ViewSource", "batch_rng", "sample_rng"]
+__all__ = [
+    "EpochPlan",
+    "ShardError",
+    "ShardIndex",
+    "ViewSource",
+    "batch_rng",
+    "check_shards",
+    "sample_rng",
+]
+
+_TAR_BLOCK = 512  # a tar member's header block precedes its data
+
+
+class ShardError(ValueError):
+    """A shard file is missing, truncated or differs from the manifest, or a sample in it is
+    unusable; the message names the file (and the sample key)."""
+
 
 # Stream tags of the seeded generators (distinct so that no two streams coincide).
 _SHUFFLE, _SAMPLE, _BATCH = 0x5EED0, 0x5EED1, 0x5EED2
@@ -50,18 +75,103 @@ def batch_rng(seed: int, epoch: int, batch: int) -> np.random.Generator:
 
 def _parse_index(path: Path) -> list[dict[str, tuple[int, int, str]]]:
     """A DALI ``v1.2`` webdataset index -> per sample ``{ext: (offset, size, member name)}``."""
-    lines = path.read_text(encoding="ascii").splitlines()
+    try:
+        lines = path.read_text(encoding="ascii").splitlines()
+    except FileNotFoundError:
+        raise ShardError(f"{path}: DALI index missing; rebuild the shards") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ShardError(f"{path}: unreadable DALI index ({e})") from None
     if not lines or not lines[0].startswith("v1.2 "):
-        raise ValueError(f"{path}: not a DALI v1.2 webdataset index")
+        raise ShardError(f"{path}: not a DALI v1.2 webdataset index")
     out = []
-    for line in lines[1:]:
-        f = line.split()
-        if len(f) % 4:
-            raise ValueError(f"{path}: malformed line {line!r}")
-        out.append({f[i]: (int(f[i + 1]), int(f[i + 2]), f[i + 3]) for i in range(0, len(f), 4)})
-    if len(out) != int(lines[0].split()[1]):
-        raise ValueError(f"{path}: header count differs from {len(out)} lines")
+    try:
+        for line in lines[1:]:
+            f = line.split()
+            if len(f) % 4:
+                raise ShardError(f"{path}: malformed line {line!r}")
+            out.append(
+                {f[i]: (int(f[i + 1]), int(f[i + 2]), f[i + 3]) for i in range(0, len(f), 4)}
+            )
+        count = int(lines[0].split()[1])
+    except (ValueError, IndexError) as e:
+        if isinstance(e, ShardError):
+            raise
+        raise ShardError(f"{path}: malformed DALI index ({e})") from None
+    if len(out) != count:
+        raise ShardError(f"{path}: header count {count} differs from {len(out)} lines")
     return out
+
+
+def check_shards(
+    shards_dir: str | Path,
+    sha256: bool = True,
+    cache: str | Path | None = None,
+    write_cache: bool = True,
+) -> dict:
+    """Check every shard of ``shards_dir`` against its ``manifest.json`` before training.
+
+    Always: the tar and its DALI index exist and the tar has the manifest's size (a truncated
+    or replaced file). With ``sha256``: the tar's SHA-256 equals the manifest's (a flipped
+    byte). ``cache``: a JSON file (the run directory's ``shards-checked.json``) of the digests
+    already verified, keyed by the tar's resolved path with its size, mtime, ctime and inode; a
+    tar whose four values are unchanged is not hashed again (``write_cache``: record the
+    digests computed now). Raises :class:`ShardError` naming the first bad file; returns
+    ``{"shards", "hashed", "cached", "bytes_hashed"}``.
+    """
+    root = Path(shards_dir)
+    manifest = load_manifest(root)
+    known: dict = {}
+    cache = Path(cache) if cache is not None else None
+    if sha256 and cache is not None and cache.is_file():
+        try:
+            known = json.loads(cache.read_text()).get("files", {})
+        except (ValueError, AttributeError, OSError):
+            known = {}  # an unreadable cache only costs the hashing
+    stats = {"shards": len(manifest["shards"]), "hashed": 0, "cached": 0, "bytes_hashed": 0}
+    fresh: dict = {}
+    where = root / "manifest.json"
+    for s in manifest["shards"]:
+        tar, idx = root / s["name"], root / s["index"]
+        if not tar.is_file():
+            raise ShardError(f"{tar}: shard missing (listed in {where})")
+        if not idx.is_file():
+            raise ShardError(f"{idx}: DALI index of {tar.name} missing; rebuild the shards")
+        st = tar.stat()
+        if st.st_size != s["bytes"]:
+            raise ShardError(
+                f"{tar}: {st.st_size} bytes, {where} says {s['bytes']} (truncated or replaced); "
+                "rebuild the shards or check them with ssl-cli shards verify"
+            )
+        if not sha256:
+            continue
+        stamp = {
+            "bytes": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+            "ctime_ns": st.st_ctime_ns,
+            "inode": st.st_ino,
+            "sha256": s["sha256"],
+        }
+        key = str(tar.resolve())
+        if known.get(key) == stamp:
+            stats["cached"] += 1
+            fresh[key] = stamp
+            continue
+        digest = sha256_file(tar)
+        stats["hashed"] += 1
+        stats["bytes_hashed"] += st.st_size
+        if digest != s["sha256"]:
+            raise ShardError(
+                f"{tar}: sha256 {digest[:16]}... differs from {where} ({s['sha256'][:16]}...): "
+                "the file changed since the build; rebuild the shards (ssl-cli shards verify "
+                "names every mismatch), or train anyway with --no-verify-shards"
+            )
+        fresh[key] = stamp
+    if sha256 and cache is not None and write_cache and stats["hashed"]:
+        tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"files": {**known, **fresh}}, indent=1) + "\n")
+        os.replace(tmp, cache)
+    return stats
 
 
 class ShardIndex:
@@ -84,9 +194,20 @@ class ShardIndex:
         self.tars = [self.root / s["name"] for s in manifest["shards"]]
         where: dict[str, tuple[int, dict]] = {}
         for sid, s in enumerate(manifest["shards"]):
-            for entry in _parse_index(self.root / s["index"]):
+            tar, idx = self.tars[sid], self.root / s["index"]
+            try:
+                tar_bytes = tar.stat().st_size
+            except FileNotFoundError:
+                raise ShardError(f"{tar}: shard missing (listed in the manifest)") from None
+            for entry in _parse_index(idx):
                 if "jpg" not in entry:
-                    raise ValueError(f"{s['index']}: a sample without .jpg: {entry}")
+                    raise ShardError(f"{idx}: a sample without .jpg: {entry}")
+                for off, size, name in entry.values():
+                    if off < _TAR_BLOCK or size < 0 or off + size > tar_bytes:
+                        raise ShardError(
+                            f"{tar}: {name} at bytes {off}..{off + size} of a {tar_bytes}-byte "
+                            f"file ({idx.name}): the tar is truncated or the index is not its own"
+                        )
                 key = entry["jpg"][2].rsplit("/", 1)[-1].split(".", 1)[0]
                 where[key] = (sid, entry)
         n = len(keys)
@@ -139,8 +260,42 @@ class ShardIndex:
         return self._bytes(row, self.jpg, "u1")
 
     def read_boxes(self, row: int) -> np.ndarray:
-        """``KEY.boxes`` of ``row``: int32 ``[N, 4]`` xyxy proposals in rank order."""
-        return self._bytes(row, self.boxes, "<i4").reshape(-1, 4)
+        """``KEY.boxes`` of ``row``: int32 ``[N, 4]`` xyxy proposals in rank order, checked
+        against the image: ``0 <= x0 < x1 <= width``, ``0 <= y0 < y1 <= height`` (a
+        :class:`ShardError` naming the key and the shard otherwise)."""
+        size = int(self.boxes[row, 1])
+        if size % 16:
+            raise self.sample_error(row, f".boxes is {size} bytes, not int32 [N, 4]")
+        boxes = self._bytes(row, self.boxes, "<i4").reshape(-1, 4)
+        if len(boxes):
+            w, h = int(self.width[row]), int(self.height[row])
+            x0, y0, x1, y1 = boxes.T
+            bad = (x0 < 0) | (y0 < 0) | (x1 > w) | (y1 > h) | (x1 <= x0) | (y1 <= y0)
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise self.sample_error(
+                    row,
+                    f"{int(bad.sum())} of {len(boxes)} boxes outside the {w}x{h} image "
+                    f"(box {i}: {boxes[i].tolist()}, xyxy, right/bottom exclusive)",
+                )
+        return boxes
+
+    def key(self, row: int) -> str:
+        """The sample key of ``row``: from the Parquet in the main process, from the tar
+        member's header in the view source's workers (which do not carry the keys)."""
+        if self.keys is not None:
+            return self.keys[row]
+        off = int(self.jpg[row, 0])
+        try:
+            header = bytes(self._map(int(self.shard[row]))[off - _TAR_BLOCK : off])
+            name = header[:100].split(b"\0", 1)[0].decode()
+        except (OSError, ValueError):
+            name = ""
+        return name.rsplit("/", 1)[-1].split(".", 1)[0] or f"row {row}"
+
+    def sample_error(self, row: int, what: str) -> ShardError:
+        """``ShardError("TAR: sample 'KEY': what")``."""
+        return ShardError(f"{self.tars[int(self.shard[row])]}: sample {self.key(row)!r}: {what}")
 
     def close(self) -> None:
         """Unmap the tars (a map still viewed by an array is released with the last view)."""

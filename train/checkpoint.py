@@ -13,13 +13,18 @@ A checkpoint is ``RUN/checkpoints/step-NNNNNNNN.pt`` holding only tensors and pr
 
 Schedules are not stored: they are a pure function of the config and the step.
 
-Writes go to a temporary file in the same directory, are flushed to disk, then renamed over
-the final name (``os.replace`` is atomic on POSIX), so a crash leaves the previous checkpoints
-intact and never a truncated one under a final name.
+Writes go to a temporary file in the same directory (``.step-NNNNNNNN.pt.tmp-PID``), are
+flushed to disk, then renamed over the final name (``os.replace`` is atomic on POSIX), so a
+crash leaves the previous checkpoints intact and never a truncated one under a final name. A
+failed write (disk full, quota, I/O error) removes its temporary file, keeps every previous
+checkpoint and raises :class:`CheckpointWriteError` naming the directory ("no space left on
+DIR"). A temporary file left by a process that was killed while writing is removed by
+:func:`remove_stale_temporaries` when the next run starts.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
@@ -31,6 +36,7 @@ import torch
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "CheckpointWriteError",
     "capture_rng",
     "checkpoint_dir",
     "latest_checkpoint",
@@ -38,12 +44,41 @@ __all__ = [
     "load_checkpoint",
     "prune_checkpoints",
     "read_checkpoint_config",
+    "remove_stale_temporaries",
     "restore_rng",
     "save_checkpoint",
 ]
 
 CHECKPOINT_FORMAT = 1
 _NAME = re.compile(r"^step-(\d{8,})\.pt$")
+# ``.NAME.tmp-PID``: the temporary files of the atomic writes of a run directory (checkpoints
+# here; metrics.jsonl, run.json and the shard check cache in train/loop.py)
+_TEMPORARY = re.compile(r"^\.(step-\d{8,}\.pt|metrics\.jsonl|run\.json|[\w.-]+\.json)\.tmp-(\d+)$")
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, I/O error); the previous
+    checkpoints are intact and the temporary file was removed."""
+
+
+class _RecordingWriter:
+    """A file for ``torch.save`` that remembers the ``OSError`` of a failed write: torch's
+    zip writer replaces it by ``[enforce fail at inline_container.cc:...] unexpected pos``,
+    which says neither what failed nor where."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -72,16 +107,77 @@ def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep_last: int)
     tmp = d / f".{final.name}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            writer = _RecordingWriter(f)
+            try:
+                torch.save(state, writer)
+            except RuntimeError as e:  # torch's writer hides the OSError of a failed write
+                if writer.error is None:
+                    raise
+                raise writer.error from e
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
+    except OSError as e:
+        raise _write_error(e, d, final) from None
     finally:
         if tmp.exists():
             tmp.unlink()
     _fsync_dir(d)
     prune_checkpoints(run_dir, keep_last)
     return final
+
+
+def _write_error(e: OSError, d: Path, final: Path) -> CheckpointWriteError:
+    kept = list_checkpoints(d.parent)
+    previous = (
+        f"the previous checkpoints are kept (newest: {kept[-1].name})"
+        if kept
+        else "no checkpoint was written before it"
+    )
+    if e.errno in _FULL:
+        quota = " (disk quota exceeded)" if e.errno == errno.EDQUOT else ""
+        return CheckpointWriteError(
+            e.errno,
+            f"no space left on {d}{quota}: checkpoint {final.name} not written; {previous}. "
+            "Free space and run the same command again to resume.",
+        )
+    return CheckpointWriteError(
+        e.errno, f"cannot write checkpoint {final} ({e.strerror or e}); {previous}"
+    )
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> tuple[list[Path], list[Path]]:
+    """Remove the temporary files (``.NAME.tmp-PID``) that a process killed during an atomic
+    write left in ``run_dir`` and its ``checkpoints/``. Returns (removed, kept): a file whose
+    PID is a running process other than this one is kept (another writer may own it)."""
+    removed, kept = [], []
+    run_dir = Path(run_dir)
+    for folder in (run_dir, checkpoint_dir(run_dir)):
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            m = _TEMPORARY.match(path.name)
+            if m is None or not path.is_file():
+                continue
+            pid = int(m.group(2))
+            if pid != os.getpid() and _alive(pid):
+                kept.append(path)
+                continue
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed, kept
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    except OverflowError:
+        return False
+    return True
 
 
 def _fsync_dir(d: Path) -> None:

@@ -465,7 +465,7 @@ def _evaluate(kind: str, checkpoint, options: dict, compute, out) -> dict:
     import json
 
     from train.distributed import barrier, cleanup_distributed, init_distributed
-    from train.features import load_backbones
+    from train.features import fit_input_size, load_backbones
 
     precision = options["precision"]
     if precision not in ("fp32", "bf16"):
@@ -477,6 +477,7 @@ def _evaluate(kind: str, checkpoint, options: dict, compute, out) -> dict:
         start = time.perf_counter()
         backbones, meta = load_backbones(checkpoint, options.pop("branch"))
         size = options.pop("size") or meta["config"].data.size
+        resized = [fit_input_size(b, size) for b in backbones.values()]  # ViTs: pos. embedding
         setup = _Setup(info=info, size=size, **options)
         results = {}
         for name in list(backbones):
@@ -488,6 +489,8 @@ def _evaluate(kind: str, checkpoint, options: dict, compute, out) -> dict:
             results[name]["elapsed_s"] = round(time.perf_counter() - began, 3)
             del backbone  # one backbone on the device at a time
         report = _report(kind, meta, results, setup, time.perf_counter() - start)
+        if resized[0] is not None:
+            report["input_size_change"] = resized[0]
         path = (
             Path(out)
             if out

@@ -5,6 +5,10 @@ loads with ``load_state_dict(strict=True)``, no renaming; ``OUT`` with ``.json``
 the architecture, its ``create_model`` keyword arguments, the input size, the run and the step.
 For ResNets a second file, ``*_torchvision.pth``, holds the same tensors in torchvision's layout
 (``torchvision.models.resnet50()``: every key but ``fc.*``), ready for a detection backbone.
+
+Refused before anything is written (:func:`check_export_target`): an ``OUT`` (or one of the
+files written next to it) inside the run's ``checkpoints/`` folder, or over an existing
+pretraining checkpoint anywhere.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import latest_checkpoint, load_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_config
 
 BRANCHES = {"online": "online.backbone.", "target": "target.backbone."}
 
@@ -30,6 +34,32 @@ def resolve_checkpoint(run_or_ckpt: str | Path) -> Path:
             raise FileNotFoundError(f"{path}: no checkpoint in {path / 'checkpoints'}")
         return found
     raise FileNotFoundError(f"{path}: neither a run directory nor a checkpoint file")
+
+
+def _is_checkpoint(path: Path) -> bool:
+    try:
+        read_checkpoint_config(path)
+    except (ValueError, OSError, KeyError):
+        return False
+    return True
+
+
+def check_export_target(ckpt_path: Path, targets: list[Path]) -> None:
+    """``ValueError`` when a file to write is in the run's checkpoint folder of the checkpoint
+    being exported (``RUN/checkpoints/``) or would replace a pretraining checkpoint."""
+    ckpt_dir = ckpt_path.resolve().parent
+    for target in targets:
+        resolved = target.resolve()
+        if resolved.parent == ckpt_dir and ckpt_dir.name == "checkpoints":
+            raise ValueError(
+                f"refusing to write {target}: it is in the checkpoint folder {ckpt_path.parent} "
+                "of the run being exported (the trainer owns it); choose another --out"
+            )
+        if resolved.is_file() and _is_checkpoint(resolved):
+            raise ValueError(
+                f"refusing to overwrite {target}: it is a pretraining checkpoint; choose another "
+                "--out"
+            )
 
 
 def backbone_state_dict(checkpoint: dict, branch: str = "online") -> dict[str, torch.Tensor]:
@@ -72,10 +102,13 @@ def export_backbone(run_or_ckpt: str | Path, out: str | Path, branch: str = "onl
     )
 
     out = Path(out)
+    resnet = arch.startswith(("resnet", "resnext", "wide_resnet"))
+    tv_path = out.with_name(out.stem + "_torchvision.pth")
+    check_export_target(ckpt_path, [out, Path(str(out) + ".json"), *([tv_path] if resnet else [])])
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, out)
     files = {"timm": out.name}
-    if arch.startswith(("resnet", "resnext", "wide_resnet")):
+    if resnet:
         import torchvision
 
         tv_name = getattr(torchvision.models, arch, None)
@@ -85,7 +118,6 @@ def export_backbone(run_or_ckpt: str | Path, out: str | Path, branch: str = "onl
                 raise ValueError(
                     f"{arch}: keys do not map onto torchvision's layout ({unexpected or missing})"
                 )
-            tv_path = out.with_name(out.stem + "_torchvision.pth")
             torch.save(state, tv_path)
             files["torchvision"] = tv_path.name
     input_size = model_cfg.get("img_size") or checkpoint["config"].get("data", {}).get("size")

@@ -3,7 +3,8 @@
 - :func:`load_backbone` / :func:`load_backbones`: the timm backbone(s) of a run's checkpoint
   (online or momentum / EMA target branch; ``auto``: the target when the checkpoint holds one,
   :func:`resolve_branches`), with its config (so the input size is the checkpoint's
-  ``data.size``).
+  ``data.size``); :func:`fit_input_size`: a ViT evaluated at another size gets its position
+  embedding resampled (timm's ``set_input_size``).
 - :func:`extract_features`: ``[N, D]`` features, labels and rows of every sample of a shard set
   through :class:`pipeline.eval.EvalLoader` (centre crop, DALI, GPU or CPU). Under DDP every
   rank extracts its contiguous part of the rows and the parts are gathered, so every rank ends
@@ -38,6 +39,7 @@ __all__ = [
     "Features",
     "KNNMonitor",
     "extract_features",
+    "fit_input_size",
     "gather_rows",
     "load_backbone",
     "load_backbones",
@@ -135,6 +137,44 @@ def load_backbone(run_or_ckpt: str | Path, branch: str = "auto") -> tuple[nn.Mod
     ((name, backbone),) = backbones.items()
     info["branch"] = name
     return backbone, info
+
+
+def fit_input_size(backbone: nn.Module, size: int) -> str | None:
+    """Make ``backbone`` take ``size`` x ``size`` inputs; returns what was changed, or ``None``.
+
+    CNNs (no ``patch_embed``) and ViTs built with ``dynamic_img_size`` take any size: nothing
+    to do. A timm ViT with a fixed grid (built for ``model.img_size``) gets its absolute
+    position embedding resampled to the new grid, in place, by timm's own
+    ``VisionTransformer.set_input_size`` (bicubic, prefix tokens kept), as timm does when it
+    loads weights at another resolution. A size that is not a multiple of the patch, or a
+    model that cannot change its grid, is a ``ValueError`` naming the sizes it accepts.
+    """
+    patch_embed = getattr(backbone, "patch_embed", None)
+    grid_size = getattr(patch_embed, "img_size", None)
+    if grid_size is None or getattr(patch_embed, "dynamic_img_size", False):
+        return None
+    current = tuple(int(v) for v in grid_size)
+    if current == (size, size):
+        return None
+    ph, pw = (int(v) for v in patch_embed.patch_size)
+    name = type(backbone).__name__
+    if size < max(ph, pw) or size % ph or size % pw:
+        sizes = ", ".join(str(ph * k) for k in range(1, 6)) + ", ..."
+        raise ValueError(
+            f"--size {size}: this {name} cuts {ph}x{pw} patches, so it takes multiples of "
+            f"{ph} ({sizes}); it was pretrained at {current[0]}x{current[1]}"
+        )
+    if not hasattr(backbone, "set_input_size"):
+        raise ValueError(
+            f"--size {size}: this {name} was pretrained at {current[0]}x{current[1]} and "
+            f"cannot change its input size; use --size {current[0]}"
+        )
+    backbone.set_input_size(img_size=(size, size))
+    return (
+        f"position embedding resampled from {current[0] // ph}x{current[1] // pw} to "
+        f"{size // ph}x{size // pw} patches (pretrained at {current[0]}x{current[1]}, "
+        f"evaluated at {size}x{size})"
+    )
 
 
 def gather_rows(x: Tensor, counts: list[int]) -> Tensor:

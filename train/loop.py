@@ -10,6 +10,14 @@ extras and EMA target), optimizer, grad scaler, step, RNG of every rank and the 
 position; schedules are recomputed from the config, which must match the checkpoint's except
 for the keys in :data:`RESUMABLE_KEYS`. Metrics logged after the resumed step are dropped
 (``metrics.jsonl`` is cut, TensorBoard purged), so the curve continues as if never stopped.
+One exception: after a non-finite stop (``RUN/non-finite.json``), resuming from a checkpoint
+before the bad step may lower ``optim.base_lr`` and set or lower ``optim.clip_grad``
+(:func:`check_resume_config`); the change is logged and recorded in ``run.json``.
+
+Trust: before training, every shard is checked against its manifest (size, and sha256 unless
+``verify_shards=False``; digests of unchanged files are cached in ``RUN/shards-checked.json``);
+a checkpoint is written only when every loss so far, every weight and every optimizer state
+tensor is finite; temporary files of an interrupted save are removed when the next run starts.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from train.checkpoint import (
     capture_rng,
     latest_checkpoint,
     load_checkpoint,
+    remove_stale_temporaries,
     restore_rng,
     save_checkpoint,
 )
@@ -54,10 +63,13 @@ from train.runinfo import run_info
 from train.schedules import Schedules, build_schedules
 
 __all__ = [
+    "NON_FINITE_FILE",
     "NonFiniteLossError",
     "Parts",
     "RESUMABLE_KEYS",
+    "SHARD_CHECK_FILE",
     "build_loader",
+    "check_resume_config",
     "build_monitor",
     "build_parts",
     "find_resume_checkpoint",
@@ -95,8 +107,31 @@ RESUMABLE_KEYS = frozenset(
 )
 
 
+# After a non-finite stop, a resume may change these keys only in this direction (the
+# stop's advice: a lower lr, gradient clipping).
+AFTER_NON_FINITE = {
+    "optim.base_lr": lambda old, new: 0 < new < old,
+    "optim.clip_grad": lambda old, new: new > 0 and (old == 0 or new < old),
+}
+NON_FINITE_FILE = "non-finite.json"  # RUN/non-finite.json: where and why the last run stopped
+SHARD_CHECK_FILE = "shards-checked.json"  # RUN/shards-checked.json: digests already verified
+
+
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; no checkpoint was written after that step."""
+    """The loss, a weight or an optimizer state became NaN or infinite; no checkpoint was
+    written after that step. ``step``: the first bad step (1-based), ``None`` if unknown."""
+
+    def __init__(self, message: str, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+_ADVICE = (
+    "the newest checkpoint in the run directory is the last good one: run the same command "
+    "again with a lower lr (--base-lr, or --set optim.base_lr=...) and/or gradient clipping "
+    "(--set optim.clip_grad=1.0), which a resume after a non-finite stop allows, or with "
+    "--precision fp32"
+)
 
 
 # ----------------------------------------------------------------------------------- set-up
@@ -365,21 +400,61 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_resume_config(cfg: TrainConfig, saved: dict) -> None:
+def check_resume_config(
+    cfg: TrainConfig, saved: dict, non_finite: dict | None = None, step: int | None = None
+) -> list[str]:
     """Raise :class:`ConfigError` when ``cfg`` differs from a checkpoint's config anywhere but
-    :data:`RESUMABLE_KEYS`."""
+    :data:`RESUMABLE_KEYS`.
+
+    ``non_finite``: the run's ``non-finite.json`` (``{"step", ...}``) and ``step`` the
+    checkpoint's step: when the run stopped on a non-finite value after that checkpoint, the
+    changes of :data:`AFTER_NON_FINITE` (a lower ``optim.base_lr``, a new or lower
+    ``optim.clip_grad``) are allowed too. Returns those allowed changes, one line each.
+    """
     old = _flatten(to_dict(resolve_config(saved)))
     new = _flatten(to_dict(cfg))
-    diffs = [
-        f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}"
-        for k in sorted(set(old) | set(new))
-        if k not in RESUMABLE_KEYS and old.get(k) != new.get(k)
-    ]
+    after_stop = (
+        non_finite is not None
+        and step is not None
+        and isinstance(non_finite.get("step"), int)
+        and non_finite["step"] > step
+    )
+    diffs, allowed = [], []
+    for k in sorted(set(old) | set(new)):
+        if k in RESUMABLE_KEYS or old.get(k) == new.get(k):
+            continue
+        change = f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}"
+        rule = AFTER_NON_FINITE.get(k)
+        if after_stop and rule is not None and rule(old.get(k), new.get(k)):
+            allowed.append(change)
+        else:
+            diffs.append(change)
     if diffs:
+        if non_finite is not None and not after_stop:
+            diffs.append(
+                f"(the non-finite stop at step {non_finite.get('step')} is not after this "
+                "checkpoint, so its exception does not apply)"
+            )
+        elif after_stop:
+            diffs.append(
+                "(after the non-finite stop only a lower optim.base_lr and a new or lower "
+                "optim.clip_grad may change)"
+            )
         raise ConfigError(
             "cannot resume: the config differs from the checkpoint's in keys that change what "
             "is computed:\n  " + "\n  ".join(diffs) + "\nstart a new run directory instead"
         )
+    return allowed
+
+
+def read_non_finite(ckpt_path: Path) -> dict | None:
+    """``non-finite.json`` of the run that wrote ``ckpt_path`` (``RUN/checkpoints/x.pt``)."""
+    path = ckpt_path.parent.parent / NON_FINITE_FILE
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 # ------------------------------------------------------------------------- non-finite guard
@@ -413,10 +488,22 @@ class _FiniteGuard:
             )
             raise NonFiniteLossError(
                 f"non-finite loss at step {bad_step + 1} ({terms}); stopping. No checkpoint was "
-                "written after that step: the newest checkpoint in the run directory is the "
-                "last good one. Lower optim.base_lr, enable optim.clip_grad, or try "
-                "--precision fp32."
+                f"written after that step: {_ADVICE}.",
+                step=bad_step + 1,
             )
+
+
+def _non_finite_state(parts: Parts) -> list[str]:
+    """Names of the model's and the optimizer's floating tensors that hold a NaN or an inf
+    (every rank checks its own; one host sync)."""
+    named = [(f"model.{k}", v) for k, v in parts.model.state_dict().items()]
+    for i, st in enumerate(parts.optimizer.state.values()):
+        named += [(f"optimizer.state[{i}].{k}", v) for k, v in st.items()]
+    named = [(k, v) for k, v in named if isinstance(v, Tensor) and v.is_floating_point()]
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(v).all() for _, v in named]).tolist()
+    return [k for (k, _), ok in zip(named, finite, strict=True) if not ok]
 
 
 # ----------------------------------------------------------------------------------- outputs
@@ -424,8 +511,11 @@ class _FiniteGuard:
 
 def _write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _trim_metrics(path: Path, last_step: int) -> None:
@@ -434,14 +524,26 @@ def _trim_metrics(path: Path, last_step: int) -> None:
     if not path.exists():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    lines = path.read_text().splitlines()
+    for line in lines:
         try:
             step = json.loads(line).get("step")
             if step is None or step <= last_step:
                 kept.append(line)
         except (ValueError, TypeError, AttributeError):
             continue
-    path.write_text("".join(f"{line}\n" for line in kept))
+    if kept == lines:
+        return
+    # a new file renamed over the old one: a kill at any moment leaves the old or the new
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write("".join(f"{line}\n" for line in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _format_eta(seconds: float) -> str:
@@ -512,40 +614,104 @@ def pretrain(
     loader: Any = None,
     resume: str | Path | None = None,
     log: Callable[[str], None] = print,
+    verify_shards: bool = True,
 ) -> dict:
     """Pretrain ``cfg.method`` into the run directory ``cfg.run.out``.
 
     Resumes from ``resume`` (a checkpoint file or a run directory) or, if not given, from the
     newest checkpoint already in ``cfg.run.out``. ``loader``: any object with the loader
     interface (tests pass a :class:`train.synthetic.SyntheticLoader`); by default it is built
-    from the config. Under ``torchrun`` every rank calls this.
+    from the config. Under ``torchrun`` every rank calls this. ``verify_shards``: check each
+    shard's sha256 against the manifest before training (:func:`check_data`; sizes are always
+    checked); ``False`` is ``--no-verify-shards``.
 
     Returns ``{"step", "checkpoint", "metrics", "eval"}`` (metrics: the training lines logged
     by this call; eval: its kNN lines, with ``eval.every``).
-    Raises :class:`NonFiniteLossError` on a NaN/inf loss, :class:`ConfigError` on a config that
-    cannot run.
+    Raises :class:`NonFiniteLossError` on a NaN/inf loss or weight, :class:`ConfigError` on a
+    config that cannot run, :class:`pipeline.source.ShardError` on a shard that differs from
+    its manifest, :class:`train.checkpoint.CheckpointWriteError` when a checkpoint cannot be
+    written (disk full).
     """
     info = init_distributed(cfg.run.device)
     try:
-        return _pretrain(cfg, info, loader, resume, log)
+        return _pretrain(cfg, info, loader, resume, log, verify_shards)
     finally:
         cleanup_distributed(info)
 
 
-def _pretrain(cfg: TrainConfig, info: DistInfo, loader: Any, resume: Any, log: Callable) -> dict:
+def check_data(cfg: TrainConfig, info: DistInfo, run_dir: Path, sha256: bool, log: Callable):
+    """Every shard of ``data.shards`` against its manifest (:func:`pipeline.source.check_shards`:
+    size, and sha256 when ``sha256``), before anything is built. The first process of every
+    node checks (nodes may hold their own copies); rank 0 keeps the digests it verified in
+    ``RUN/shards-checked.json``, so a resume or a restart does not hash unchanged files again.
+    Every rank raises the same :class:`~pipeline.source.ShardError` when one fails."""
+    if cfg.data.synthetic or not cfg.data.shards or not Path(cfg.data.shards).is_dir():
+        return  # build_loader names a missing directory
+    from pipeline.source import ShardError, check_shards
+
+    problem, stats = None, None
+    if info.local_rank == 0:
+        t0 = time.perf_counter()
+        try:
+            stats = check_shards(
+                cfg.data.shards,
+                sha256=sha256,
+                cache=run_dir / SHARD_CHECK_FILE,
+                write_cache=info.is_main,
+            )
+        except (ShardError, OSError) as e:
+            problem = str(e)
+        seconds = time.perf_counter() - t0
+    problems = [p for p in all_gather_objects(problem) if p]
+    if problems:
+        raise ShardError(problems[0])
+    if info.is_main and stats is not None:
+        how = (
+            f"sizes and sha256: {stats['hashed']} hashed ({stats['bytes_hashed'] / 2**20:.1f} "
+            f"MiB), {stats['cached']} unchanged since their last check"
+            if sha256
+            else "sizes only (--no-verify-shards)"
+        )
+        log(
+            f"checked {stats['shards']} shard(s) of {cfg.data.shards} against manifest.json: "
+            f"{how}, {seconds:.1f} s"
+        )
+
+
+def _pretrain(
+    cfg: TrainConfig, info: DistInfo, loader: Any, resume: Any, log: Callable, verify: bool
+) -> dict:
     if not cfg.run.out:
         raise ConfigError("run.out: no run directory given (--out RUN)")
     run_dir = Path(cfg.run.out)
     main = info.is_main
+    if main:  # temporary files of a save that a kill interrupted
+        removed, kept = remove_stale_temporaries(run_dir)
+        if removed:
+            log(
+                f"removed {len(removed)} temporary file(s) of an interrupted save: "
+                + ", ".join(str(p.relative_to(run_dir)) for p in removed)
+            )
+        for path in kept:
+            log(f"kept {path}: its writer (PID {path.name.rsplit('-', 1)[1]}) is still running")
     ckpt_path = find_resume_checkpoint(run_dir, resume)
     state = load_checkpoint(ckpt_path) if ckpt_path else None
+    relaxed: list[str] = []
     if state is not None:
-        check_resume_config(cfg, state["config"])
+        non_finite = read_non_finite(ckpt_path)
+        relaxed = check_resume_config(cfg, state["config"], non_finite, int(state["step"]))
+        if relaxed and main:
+            log(
+                f"resuming {ckpt_path.name} after the non-finite stop at step "
+                f"{non_finite['step']} with changed keys (allowed after a non-finite stop, "
+                "docs/training.md): " + "; ".join(relaxed)
+            )
         if state["world_size"] != info.world_size:
             raise ConfigError(
                 f"cannot resume {ckpt_path}: it was written by {state['world_size']} process(es), "
                 f"this run has {info.world_size}; resume with the same number of processes"
             )
+    check_data(cfg, info, run_dir, verify, log)
     own_loader = loader is None
     parts = build_parts(cfg, info, loader)
     try:
@@ -599,6 +765,8 @@ def _pretrain(cfg: TrainConfig, info: DistInfo, loader: Any, resume: Any, log: C
             steps_per_epoch=steps_per_epoch,
             total_steps=total,
         )
+        if relaxed:
+            session["changed_after_non_finite"] = relaxed
         _write_json_atomic(info_path, {"method": cfg.method, "sessions": [*sessions, session]})
         _trim_metrics(metrics_path, start)
         if cfg.run.tensorboard:
@@ -719,6 +887,19 @@ def _pretrain(cfg: TrainConfig, info: DistInfo, loader: Any, resume: Any, log: C
                 guard.check()
                 last_ckpt = _save(parts, run_dir, done, steps_per_epoch)
 
+    except NonFiniteLossError as e:
+        if main:  # what lets the resume change the lr or clipping (check_resume_config)
+            _write_json_atomic(
+                run_dir / NON_FINITE_FILE,
+                {
+                    "step": e.step if e.step is not None else done,
+                    "last_checkpoint": str(last_ckpt) if last_ckpt else None,
+                    "message": str(e),
+                    "optim.base_lr": cfg.optim.base_lr,
+                    "optim.clip_grad": cfg.optim.clip_grad,
+                },
+            )
+        raise
     finally:  # also on a crash or a NaN: stop the loader's threads, flush the events
         bar.close()
         if writer is not None:
@@ -738,7 +919,21 @@ def _pretrain(cfg: TrainConfig, info: DistInfo, loader: Any, resume: Any, log: C
 
 
 def _save(parts: Parts, run_dir: Path, step: int, steps_per_epoch: int) -> Path:
-    """Gather every rank's RNG state; rank 0 writes the checkpoint; all ranks wait for it."""
+    """Gather every rank's RNG state; rank 0 writes the checkpoint; all ranks wait for it.
+
+    Only a finite state is saved: the loss guard sees the loss of a step, computed before that
+    step's update, so the weights after the update are checked here (every rank) and a NaN or
+    an inf in any weight or optimizer state raises :class:`NonFiniteLossError` instead."""
+    bad = _non_finite_state(parts)
+    flag = torch.full((1,), float(len(bad)), device=parts.info.device)
+    if float(all_reduce_max(flag)) > 0:
+        total = len(parts.model.state_dict())
+        named = f"{len(bad)} tensors, e.g. {', '.join(bad[:3])}" if bad else "on another rank"
+        raise NonFiniteLossError(
+            f"non-finite weights or optimizer state after step {step} ({named}; the model has "
+            f"{total} tensors); stopping without writing that checkpoint: {_ADVICE}.",
+            step=step,
+        )
     rng = all_gather_objects(capture_rng(parts.info.device))
     path = run_dir / "checkpoints" / f"step-{step:08d}.pt"
     if parts.info.is_main:
