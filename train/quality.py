@@ -179,6 +179,7 @@ class QualityPlan:
     assignments: tuple[str, ...] = ()
     steps: dict[str, int] = field(default_factory=dict)  # per method, once calibrated
     calibration: dict[str, dict] = field(default_factory=dict)
+    train_samples: int = 0  # from the train shards' manifest, read once by build()
 
     @classmethod
     def build(cls, **kwargs: Any) -> QualityPlan:
@@ -199,7 +200,9 @@ class QualityPlan:
             path = Path(getattr(plan, name))
             if not path.is_dir():
                 raise ConfigError(f"--{name}: {path} is not a directory")
-            _manifest_samples(path)
+            samples = _manifest_samples(path)
+            if name == "train":
+                plan.train_samples = samples
         if plan.budget_fe is None and plan.budget_seconds is None:
             plan.budget_seconds = RECIPES[plan.recipe]["budget_seconds"]
         if plan.budget_fe is not None:
@@ -254,10 +257,9 @@ class QualityPlan:
 
         r = RECIPES[self.recipe]
         arch = r["vit"] if method in VIT_METHODS else r["resnet"]
-        samples = _manifest_samples(Path(self.train))
         layer = deep_merge(r["common"], arch)
         batch = layer["data"]["batch_size"]
-        steps_per_epoch = max(samples // batch, 1)
+        steps_per_epoch = max(self.train_samples // batch, 1)
         every = self.eval_every
         if every is None:
             every = max(steps // r["eval_evals"], 1)
