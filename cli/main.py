@@ -365,65 +365,18 @@ def demo(out, workers) -> None:
     demo_pretrain(shards_dir, Path(out), log=click.echo, progress=sys.stderr.isatty())
 
 
-@main.command("export")
-@click.argument("run", type=click.Path(exists=True))
-@click.option(
-    "--out",
-    type=click.Path(dir_okay=False),
-    required=True,
-    help="Backbone state dict to write (.pth).",
-)
-@click.option(
-    "--branch",
-    type=click.Choice(["online", "target"]),
-    default="online",
-    help="Online encoder, or the momentum (EMA) one.",
-)
-def export_cmd(run, out, branch) -> None:
-    """Export the backbone of RUN (its newest checkpoint, or a checkpoint file) in timm's layout.
-
-    Loads with timm.create_model(arch, num_classes=0, **kwargs).load_state_dict(..., strict=True);
-    OUT.json records arch, kwargs and input size. ResNets also get OUT_torchvision.pth.
-    """
-    from train.export import export_backbone
-
-    try:
-        info = export_backbone(run, out, branch=branch)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise _fail(e) from None
-    click.echo(f"{out}: {info['arch']} ({info['branch']} branch, step {info['step']}); load with:")
-    click.echo(f"  {info['load']}")
-    if "torchvision" in info["files"]:
-        click.echo(f"  torchvision layout: {Path(out).with_name(info['files']['torchvision'])}")
-
-
-@main.command("plot")
-@click.argument("run", type=click.Path(exists=True, file_okay=False))
-@click.option(
-    "--out",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="PNG to write [default: RUN/curves.png].",
-)
-def plot_cmd(run, out) -> None:
-    """Plot total loss, each loss term and eval accuracy of RUN against steps."""
-    from train.plots import plot_run
-
-    try:
-        path = plot_run(run, out or Path(run) / "curves.png")
-    except (OSError, ValueError) as e:
-        raise _fail(e) from None
-    click.echo(f"wrote {path}")
-
-
 from cli.eval_cmds import eval_group  # noqa: E402
+from cli.export_cmds import export_cmd  # noqa: E402
 from cli.pipeline_cmds import bench_pipeline, preview  # noqa: E402
+from cli.plot_cmds import plot_cmd  # noqa: E402
 from cli.quality_cmds import bench_quality  # noqa: E402
 from cli.train_cmds import bench_train, pretrain  # noqa: E402
 
 main.add_command(preview)
 main.add_command(eval_group, name="eval")
 main.add_command(pretrain)
+main.add_command(export_cmd, name="export")
+main.add_command(plot_cmd, name="plot")
 bench.add_command(bench_pipeline, name="pipeline")
 bench.add_command(bench_train, name="train")
 bench.add_command(bench_quality, name="quality")
