@@ -61,6 +61,12 @@ def test_layers_later_wins_and_method_comes_from_any_layer():
     [
         ({"optim": {"bogus": 1}}, "unknown key 'optim.bogus'; valid keys here: name, base_lr"),
         ({"bogus": {}}, "unknown key 'bogus'"),
+        (
+            {"optim": {"base_rl": 1}},
+            r"unknown key 'optim.base_rl' \(did you mean 'optim.base_lr'\?\)",
+        ),
+        ({"run": {"tensorbord": False}}, r"\(did you mean 'run.tensorboard'\?\)"),
+        ({"run": {"wandb": {"projekt": "x"}}}, r"\(did you mean 'run.wandb.project'\?\)"),
         ({"loss": {"eps": 1}}, "unknown key 'loss.eps'"),
         ({"optim": {"base_lr": "fast"}}, "optim.base_lr: expected float, got str 'fast'"),
         ({"data": {"batch_size": 2.5}}, "data.batch_size: expected int, got float 2.5"),

@@ -16,6 +16,7 @@ peak rate is ``base_lr * batch_size / 256`` (the linear scaling rule, see
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -33,6 +34,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "RunConfig",
+    "WandbConfig",
     "ScheduleConfig",
     "TrainConfig",
     "deep_merge",
@@ -118,6 +120,21 @@ class EMAConfig:
 
 
 @dataclass(frozen=True)
+class WandbConfig:
+    """Weights & Biases logging (``pip install -e '.[wandb]'``); off while ``project`` is empty.
+
+    ``mode: offline`` writes the run under ``RUN/wandb`` for a later ``wandb sync``. Like
+    TensorBoard, it may be switched on or off on resume.
+    """
+
+    project: str = ""  # W&B project; "" = no W&B logging
+    entity: str = ""  # team or user; "" = the account's default
+    mode: Literal["online", "offline", "disabled"] = "online"
+    name: str = ""  # run name; "" = the run directory's name
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class RunConfig:
     out: str = ""  # run directory
     seed: int = 0
@@ -129,6 +146,7 @@ class RunConfig:
     ckpt_every: int = 1000  # steps between checkpoints (and one at the end)
     keep_last: int = 3  # checkpoints kept
     tensorboard: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     progress: bool = True  # tqdm bar (only on rank 0 and on a terminal)
 
 
@@ -279,9 +297,12 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     unknown = [k for k in data if k not in names]
     if unknown:
         valid = ", ".join(names)
+        hints_ = [difflib.get_close_matches(str(k), names, n=1, cutoff=0.6) for k in unknown]
+        guess = [prefix + h[0] for h in hints_ if h]
+        maybe = f" (did you mean {' or '.join(repr(g) for g in guess)}?)" if guess else ""
         raise ConfigError(
             f"unknown key{'s' if len(unknown) > 1 else ''} "
-            f"{', '.join(repr(prefix + str(k)) for k in unknown)}; valid keys here: {valid}"
+            f"{', '.join(repr(prefix + str(k)) for k in unknown)}{maybe}; valid keys here: {valid}"
         )
     kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in data.items()}
     try:
