@@ -110,3 +110,44 @@ def test_demo_configs_train_on_shards(shards, tmp_path):
     # finished runs: the second call resumes and has nothing to do
     again = demo_pretrain(shards, tmp_path, log=quiet, progress=False, overrides=short)
     assert again["mos"]["last"] is None
+
+
+def test_demo_digits_idx_round_trip(tmp_path):
+    """The demo's labelled set: scikit-learn's digits written as IDX, read back unchanged."""
+    sklearn = pytest.importorskip("sklearn.datasets")
+    from shards.sources import read_idx
+    from train.demo import DIGITS_BANK, write_digits_idx
+
+    folder = write_digits_idx(tmp_path / "idx")
+    digits = sklearn.load_digits()
+    train = read_idx(folder / "digits-train-images-idx3-ubyte.gz")
+    test_labels = read_idx(folder / "digits-test-labels-idx1-ubyte.gz")
+    assert train.shape == (DIGITS_BANK, 32, 32) and train.dtype == np.uint8
+    assert test_labels.tolist() == digits.target[DIGITS_BANK:].tolist()
+    # the upscaled scan keeps the digit: its 8x8 block means follow the original (r > 0.95)
+    blocks = train[5].reshape(8, 4, 8, 4).mean(axis=(1, 3))
+    assert np.corrcoef(blocks.ravel(), digits.images[5].ravel())[0, 1] > 0.95
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    write_digits_idx(folder)  # idempotent: nothing rewritten
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+
+
+@pytest.mark.slow
+def test_demo_knn_on_digits_beats_chance(shards, tmp_path):
+    pytest.importorskip("sklearn.datasets")
+    from train.demo import demo_evaluate, demo_pretrain, next_steps
+
+    results = demo_pretrain(
+        shards, tmp_path, methods=("mos",), log=quiet, progress=False,
+        overrides={"schedule": {"steps": 2}},
+    )  # fmt: skip
+    lines = []
+    reports = demo_evaluate(tmp_path, {"mos": results["mos"]["checkpoint"]}, log=lines.append)
+    report = reports["mos"]
+    assert report["branch"] == "target" and report["step"] == 2
+    # 10 classes: features paired with the wrong labels would score about 10%
+    assert 25.0 < report["top1"] <= report["top5"] <= 100.0
+    assert any(line.startswith("mos: kNN top-1") for line in lines)
+    assert (tmp_path / "digits" / "bank" / "manifest.json").is_file()
+    text = next_steps(tmp_path)
+    assert f"ssl-cli plot {tmp_path / 'mos'}" in text and "--format hf" in text
