@@ -15,19 +15,38 @@ def _fail(e: Exception) -> click.ClickException:
 
 
 @click.command("plot")
-@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.argument(
+    "runs", metavar="RUN...", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False)
+)
 @click.option(
     "--out",
     type=click.Path(dir_okay=False),
     default=None,
-    help="PNG to write [default: RUN/curves.png].",
+    help="PNG to write [default with one RUN: RUN/curves.png; required with several].",
 )
-def plot_cmd(run, out) -> None:
-    """Plot total loss, each loss term and eval accuracy of RUN against steps."""
-    from train.plots import plot_run
+def plot_cmd(runs, out) -> None:
+    """Plot loss terms, learning rate and eval accuracy of runs against steps.
 
+    Each RUN's total loss, each loss term, the learning rate and the eval accuracy (0-100 %).
+    Several runs share one figure: one colour per run and a legend of the run folder names
+    (widened to parent/name where two share a name); --out is then required. On the accuracy
+    panel top-1 is solid on top and top-5 dashed underneath, so equal curves stay visible.
+    Lines of RUN/metrics.jsonl without a numeric step are skipped and counted.
+
+    \b
+    Examples:
+      ssl-cli plot runs/mos
+      ssl-cli plot runs/mos runs/mocov3 --out compare.png
+    """
+    from train.plots import plot_runs
+
+    if out is None and len(runs) > 1:
+        raise click.UsageError(
+            f"{len(runs)} runs given: say where the comparison goes with --out PNG "
+            "(only a single RUN defaults to RUN/curves.png)"
+        )
     try:
-        path = plot_run(run, out or Path(run) / "curves.png")
+        path = plot_runs(list(runs), out or Path(runs[0]) / "curves.png")
     except (OSError, ValueError) as e:
         raise _fail(e) from None
     click.echo(f"wrote {path}")

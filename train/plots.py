@@ -1,8 +1,9 @@
-"""``ssl-cli plot``: loss terms and evaluation accuracy of a run against steps.
+"""``ssl-cli plot``: loss terms, learning rate and evaluation accuracy of runs against steps.
 
-A line of ``metrics.jsonl`` is plotted when it is a JSON object with a numeric, finite
-``step``; any other line (no ``step``, ``"step": null`` or a string, not an object) is
-skipped, counted, and said: in the log and in the figure's title.
+One run or several in one figure (one colour per run, a legend of the run names). A line of
+``metrics.jsonl`` is plotted when it is a JSON object with a numeric, finite ``step``; any
+other line (no ``step``, ``"step": null`` or a string, not an object) is skipped, counted, and
+said: in the log and in the figure's title.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 _NOT_LOSSES = {"step", "epoch", "lr", "wd", "momentum", "images_per_s", "elapsed_s"}
+_MARKERS = ("o", "^", "D", "v", "P", "X")  # one per evaluation family (knn, knn_online, ...)
 
 
 def _number(value: object) -> bool:
@@ -47,8 +50,11 @@ def read_metrics(run_dir: str | Path) -> Metrics:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: not a pretraining run directory")
+    lines = path.read_text().splitlines()
+    if not any(line.strip() for line in lines):
+        raise ValueError(f"{path} is empty: no training steps logged yet")
     out = Metrics([], [])
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -65,60 +71,200 @@ def read_metrics(run_dir: str | Path) -> Metrics:
     return out
 
 
+def run_names(runs: Sequence[str | Path]) -> list[str]:
+    """Legend names of run folders: the folder's name, widened to ``parent/name`` (and further
+    up) where two different runs share it; the same folder given twice is numbered ``name (2)``."""
+    paths = [Path(r).resolve() for r in runs]
+    depth = [1] * len(paths)
+
+    def name(i: int) -> str:
+        return str(Path(*paths[i].parts[-depth[i] :]))
+
+    widened = True
+    while widened:
+        widened = False
+        names = [name(i) for i in range(len(paths))]
+        for i, p in enumerate(paths):
+            clash = any(names[j] == names[i] and paths[j] != p for j in range(len(paths)))
+            if clash and depth[i] < len(p.parts):
+                depth[i] += 1
+                widened = True
+    names = [name(i) for i in range(len(paths))]
+    out = []
+    for i, n in enumerate(names):
+        k = names[:i].count(n)
+        out.append(n if k == 0 else f"{n} ({k + 1})")
+    return out
+
+
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def plot_run(run_dir: str | Path, out: str | Path, log: Callable[[str], None] = _stderr) -> Path:
-    """Total loss, each loss term, and eval accuracy (when logged) against steps, as a PNG.
-    Lines without a numeric step are skipped and counted (``log`` and the title say so)."""
+def _eval_style(key: str) -> tuple[str, str]:
+    """(family, ``top1``/``top5``/other) of an ``eval/...`` key: ``eval/knn_online_top5`` ->
+    (``knn_online``, ``top5``)."""
+    family, _, kind = key[5:].rpartition("_")
+    return (family, kind) if family else (key[5:], "")
+
+
+def _draw_eval(ax: Any, evals: list[dict], colour: str | None, name: str, order: dict) -> None:
+    """Evaluation accuracies of one run: top-5 dashed, thin and hollow underneath, top-1 solid
+    on top with filled markers, so that equal curves stay visible; a marker shape per family
+    (``order``: family -> index, shared by the runs). ``colour`` None: one colour per family
+    (a single run)."""
+    keys = sorted({k for r in evals for k in r if k.startswith("eval/")})
+    for key in keys:
+        pts = [(r["step"], r[key]) for r in evals if _number(r.get(key))]
+        if not pts:
+            continue
+        family, kind = _eval_style(key)
+        f = order.setdefault(family, len(order))
+        c = colour or f"C{(f + 2) % 10}"
+        marker = _MARKERS[f % len(_MARKERS)]
+        top5 = kind == "top5"
+        ax.plot(
+            *zip(*pts),
+            color=c,
+            marker=marker,
+            ls="--" if top5 else "-",
+            lw=1.0 if top5 else 1.8,
+            ms=8 if top5 else 4.5,
+            mfc="none" if top5 else c,
+            zorder=2 if top5 else 3,
+            clip_on=False,  # a 100 % curve is drawn whole on the axis' top edge
+            label=key[5:],
+            gid=f"{name} {key[5:]}",
+        )
+
+
+def curves_figure(runs: Sequence[str | Path], log: Callable[[str], None] = _stderr) -> Any:
+    """The matplotlib Figure of :func:`plot_runs` (not saved): a panel per loss term (total loss
+    first; the union over the runs), one of the learning rate, one of evaluation accuracy
+    (0-100 %) when a run logged one; one colour per run, a figure legend of the run names when
+    there are several. Panels carry their title (``total loss``, a term, ``learning rate``,
+    ``evaluation accuracy (%)``); a line's ``gid`` is its run's name (:func:`run_names`), then
+    the evaluation key on the accuracy panel (``NAME knn_top1``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    metrics = read_metrics(run_dir)
-    train, evals = metrics.train, metrics.evals
-    if metrics.skipped:
-        log(f"{Path(run_dir) / 'metrics.jsonl'}: {metrics.skipped_note()}")
-    steps = [r["step"] for r in train]
+    if not runs:
+        raise ValueError("no run to plot")
+    names = run_names(runs)
+    metrics = [read_metrics(r) for r in runs]
+    for run, m in zip(runs, metrics):
+        if m.skipped:
+            log(f"{Path(run) / 'metrics.jsonl'}: {m.skipped_note()}")
     terms: list[str] = []  # every numeric key of any training line, in first-seen order
-    for r in train:
-        terms += [k for k, v in r.items() if k not in _NOT_LOSSES and _number(v) and k not in terms]
+    for m in metrics:
+        for r in m.train:
+            terms += [
+                k for k, v in r.items() if k not in _NOT_LOSSES and _number(v) and k not in terms
+            ]
     terms = ["loss"] + [t for t in terms if t != "loss"] if "loss" in terms else terms
-    panels = len(terms) + (1 if evals else 0)
-    if panels == 0:
-        raise ValueError(f"{Path(run_dir) / 'metrics.jsonl'}: no numeric loss terms to plot")
+    has_lr = any(_number(r.get("lr")) for m in metrics for r in m.train)
+    has_eval = any(m.evals for m in metrics)
+    if not terms and not has_eval:
+        where = ", ".join(str(Path(r) / "metrics.jsonl") for r in runs)
+        raise ValueError(f"{where}: no numeric loss terms to plot")
+    panels = len(terms) + has_lr + has_eval
     cols = min(3, panels)
     rows = (panels + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    flat = axes.ravel()
-    for ax, term in zip(flat, terms):
-        pts = [(r["step"], r[term]) for r in train if _number(r.get(term))]
-        ax.plot(*zip(*pts), lw=1.4, color="C0" if term == "loss" else "C1")
-        ax.set_title("total loss" if term == "loss" else term)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    if evals:
-        ax = flat[len(terms)]
-        for i, key in enumerate(sorted({k for r in evals for k in r if k.startswith("eval/")})):
-            pts = [(r["step"], r[key]) for r in evals if _number(r.get(key))]
-            if not pts:
-                continue
-            ax.plot(*zip(*pts), marker="o", lw=1.4, color=f"C{i + 2}", label=key[5:])
-        ax.set_title("evaluation accuracy (%)")
-        ax.set_xlabel("step")
-        ax.legend()
-        ax.grid(alpha=0.3)
+    flat = list(axes.ravel())
     for ax in flat[panels:]:
-        ax.axis("off")
-    title = f"{Path(run_dir).name}: {len(train)} logged steps, last step {max(steps)}"
-    if metrics.skipped:
-        title += f"; {len(metrics.skipped)} line(s) without a numeric step skipped"
-    fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+        fig.delaxes(ax)
+    several = len(runs) > 1
+    colours = [f"C{i % 10}" for i in range(len(runs))]
+
+    for ax, term in zip(flat, terms):
+        for i, m in enumerate(metrics):
+            pts = [(r["step"], r[term]) for r in m.train if _number(r.get(term))]
+            if pts:
+                single = "C0" if term == "loss" else "C1"
+                ax.plot(*zip(*pts), lw=1.4, color=colours[i] if several else single, gid=names[i])
+        ax.set_title("total loss" if term == "loss" else term)
+    if has_lr:
+        ax = flat[len(terms)]
+        for i, m in enumerate(metrics):
+            pts = [(r["step"], r["lr"]) for r in m.train if _number(r.get("lr"))]
+            if pts:
+                ax.plot(*zip(*pts), lw=1.4, color=colours[i], gid=names[i])
+        ax.set_title("learning rate")
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    if has_eval:
+        ax = flat[len(terms) + has_lr]
+        order: dict[str, int] = {}
+        for i, m in enumerate(metrics):
+            if m.evals:
+                _draw_eval(ax, m.evals, colours[i] if several else None, names[i], order)
+        ax.set_ylim(0, 100)
+        ax.set_title("evaluation accuracy (%)")
+        if several:  # the styles, in grey; the colours are the runs (the figure legend)
+            handles = []
+            for family, f in order.items():
+                for kind, ls, lw, mfc in (("top1", "-", 1.8, "grey"), ("top5", "--", 1.0, "none")):
+                    handles.append(
+                        Line2D(
+                            [],
+                            [],
+                            color="grey",
+                            ls=ls,
+                            lw=lw,
+                            marker=_MARKERS[f],
+                            mfc=mfc,
+                            label=f"{family}_{kind}",
+                        )
+                    )
+            ax.legend(handles=handles, fontsize="small", loc="lower right")
+        elif ax.get_lines():
+            ax.legend(loc="lower right")
+    for ax in flat[:panels]:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+
+    if several:
+        fig.legend(
+            handles=[Line2D([], [], color=c, lw=2, label=n) for c, n in zip(colours, names)],
+            loc="lower center",
+            ncol=min(len(runs), 4),
+            frameon=False,
+        )
+        last = ", ".join(f"{n} {max(r['step'] for r in m.train)}" for n, m in zip(names, metrics))
+        title = f"{len(runs)} runs; last step: {last}"
+    else:
+        steps = [r["step"] for r in metrics[0].train]
+        title = f"{names[0]}: {len(steps)} logged steps, last step {max(steps)}"
+    skipped = sum(len(m.skipped) for m in metrics)
+    if skipped:
+        title += f"; {skipped} line(s) without a numeric step skipped"
+    fig.suptitle(title, fontsize="medium" if several else "large")
+    legend_rows = (len(runs) + 3) // 4 if several else 0  # room for the run legend underneath
+    fig.tight_layout(rect=(0, min(0.4, 0.32 * legend_rows / (3.2 * rows)), 1, 1))
+    return fig
+
+
+def plot_runs(
+    runs: Sequence[str | Path], out: str | Path, log: Callable[[str], None] = _stderr
+) -> Path:
+    """:func:`curves_figure` of ``runs`` written as a PNG to ``out``; returns ``out``."""
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(runs, log)
+    try:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=110)
+    finally:
+        plt.close(fig)
     return out
+
+
+def plot_run(run_dir: str | Path, out: str | Path, log: Callable[[str], None] = _stderr) -> Path:
+    """Total loss, each loss term, the learning rate and eval accuracy (when logged) of one run
+    against steps, as a PNG. Lines without a numeric step are skipped and counted (``log`` and
+    the title say so)."""
+    return plot_runs([run_dir], out, log)
