@@ -25,6 +25,15 @@ always, sha256 unless told not to, with a cache of the digests of unchanged file
 :class:`ShardIndex` refuses a missing or truncated tar or index, and :meth:`ShardIndex.read_boxes`
 refuses boxes outside the image. Every such error is a :class:`ShardError` naming the file
 (and the sample key).
+
+Shard folders at a URL (``s3://bucket/prefix``, ``gs://...``, ``https://...``) are read through
+a local :class:`shards.remote.ShardCache`: the manifest, ``proposals.parquet`` and every DALI
+index are fetched when :class:`ShardIndex` opens the folder; a tar is fetched (and checked
+against the manifest's sha256) when a sample of it is first read. :class:`ViewSource` tells the
+index which shards the rank's next batches read, so that a background
+:class:`shards.remote.Prefetcher` downloads them ahead of the reader and the cache keeps them
+pinned while they are read. The epoch plan, the split over ranks and every sample are the same as
+from the same shards on local disk.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from shards.remote import RemoteShardError, ShardCache, is_url
 from shards.verify import load_manifest
 from shards.writer import sha256_file
 
@@ -52,6 +62,10 @@ __all__ = [
 ]
 
 _TAR_BLOCK = 512  # a tar member's header block precedes its data
+# Shards read from a URL: the batches after the current one whose shards stay pinned in the
+# cache (the pipeline's prefetched batches), and how far ahead the prefetcher looks.
+PIN_BATCHES = 2
+LOOKAHEAD_BATCHES = 64
 
 
 class ShardError(ValueError):
@@ -118,8 +132,23 @@ def check_shards(
     digests computed now). Raises :class:`ShardError` naming the first bad file; returns
     ``{"shards", "hashed", "cached", "bytes_hashed"}``.
     """
+    if is_url(shards_dir) or isinstance(shards_dir, ShardCache):
+        return _check_remote(shards_dir, sha256, cache, write_cache)
     root = Path(shards_dir)
     manifest = load_manifest(root)
+    return _check_local(root, manifest, manifest["shards"], sha256, cache, write_cache)
+
+
+def _check_local(
+    root: Path,
+    manifest: dict,
+    shards: list[dict],
+    sha256: bool,
+    cache: str | Path | None,
+    write_cache: bool,
+    where: str | Path | None = None,
+) -> dict:
+    """:func:`check_shards` of ``shards`` (entries of the manifest) in the folder ``root``."""
     known: dict = {}
     cache = Path(cache) if cache is not None else None
     if sha256 and cache is not None and cache.is_file():
@@ -129,8 +158,8 @@ def check_shards(
             known = {}  # an unreadable cache only costs the hashing
     stats = {"shards": len(manifest["shards"]), "hashed": 0, "cached": 0, "bytes_hashed": 0}
     fresh: dict = {}
-    where = root / "manifest.json"
-    for s in manifest["shards"]:
+    where = where or root / "manifest.json"
+    for s in shards:
         tar, idx = root / s["name"], root / s["index"]
         if not tar.is_file():
             raise ShardError(f"{tar}: shard missing (listed in {where})")
@@ -174,6 +203,49 @@ def check_shards(
     return stats
 
 
+def _check_remote(
+    shards: str | ShardCache, sha256: bool, cache: str | Path | None, write_cache: bool
+) -> dict:
+    """:func:`check_shards` of a folder at a URL: every tar and index listed by the manifest
+    is at the URL, each tar with the manifest's size (one listing of the folder). A tar's
+    sha256 is checked when it is downloaded into the shard cache; with ``sha256`` the tars
+    already in the cache are checked again like local ones (a file changed in the cache).
+    ``stats["remote"]``: tars not in the cache yet."""
+    from shards.remote import cache_for, filesystem
+
+    store = shards if isinstance(shards, ShardCache) else cache_for(shards)
+    try:
+        manifest = store.read_manifest()
+        fs, base = filesystem(store.url, store.endpoint_url)
+        try:
+            entries = fs.ls(base, detail=True)
+        except FileNotFoundError:
+            entries = []
+    except RemoteShardError as e:
+        raise ShardError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - storage libraries raise their own types
+        raise ShardError(f"{store.url}: cannot be listed ({e})") from None
+    sizes = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e.get("size") for e in entries}
+    where = store.remote("manifest.json")
+    cached = []
+    for s in manifest["shards"]:
+        tar, idx = store.remote(s["name"]), store.remote(s["index"])
+        if s["name"] not in sizes:
+            raise ShardError(f"{tar}: shard missing (listed in {where})")
+        if s["index"] not in sizes:
+            raise ShardError(f"{idx}: DALI index of {s['name']} missing; upload the shards again")
+        if sizes[s["name"]] != s["bytes"]:
+            raise ShardError(
+                f"{tar}: {sizes[s['name']]} bytes, {where} says {s['bytes']} (truncated or "
+                "replaced); upload the shards again or check them with ssl-cli shards verify"
+            )
+        if store.path(s["name"]).is_file():
+            cached.append(s)
+    stats = _check_local(store.root, manifest, cached, sha256, cache, write_cache, where)
+    stats["remote"] = len(manifest["shards"]) - len(cached)
+    return stats
+
+
 class ShardIndex:
     """Row ``i`` of ``proposals.parquet`` -> its ``KEY.jpg`` and ``KEY.boxes`` in the tars.
 
@@ -182,11 +254,26 @@ class ShardIndex:
     ``(offset, size)``. The tars are memory-mapped lazily in each process that reads.
     """
 
-    def __init__(self, shards_dir: str | Path):
+    def __init__(self, shards_dir: str | Path, cache: ShardCache | None = None):
         import pyarrow.parquet as pq
 
-        self.root = Path(shards_dir)
-        manifest = load_manifest(self.root)
+        self.url: str | None = None  # the folder's URL when it is read through a shard cache
+        self._cache: ShardCache | None = None
+        self._prefetcher = None
+        if cache is not None or is_url(shards_dir):
+            from shards.remote import cache_for
+
+            self._cache = cache if cache is not None else cache_for(str(shards_dir))
+            self.url = self._cache.url
+            try:
+                manifest = self._cache.open()
+            except RemoteShardError as e:
+                raise ShardError(str(e)) from None
+            self.root = self._cache.root
+        else:
+            self.root = Path(shards_dir)
+            manifest = load_manifest(self.root)
+        self.names = [s["name"] for s in manifest["shards"]]
         table = pq.read_table(
             self.root / manifest["files"]["proposals"], columns=["key", "shard", "width", "height"]
         )
@@ -195,10 +282,14 @@ class ShardIndex:
         where: dict[str, tuple[int, dict]] = {}
         for sid, s in enumerate(manifest["shards"]):
             tar, idx = self.tars[sid], self.root / s["index"]
-            try:
-                tar_bytes = tar.stat().st_size
-            except FileNotFoundError:
-                raise ShardError(f"{tar}: shard missing (listed in the manifest)") from None
+            if self._cache is not None:
+                tar = self.where(sid)
+                tar_bytes = s["bytes"]  # checked against the file when it is downloaded
+            else:
+                try:
+                    tar_bytes = tar.stat().st_size
+                except FileNotFoundError:
+                    raise ShardError(f"{tar}: shard missing (listed in the manifest)") from None
             for entry in _parse_index(idx):
                 if "jpg" not in entry:
                     raise ShardError(f"{idx}: a sample without .jpg: {entry}")
@@ -239,12 +330,53 @@ class ShardIndex:
         state = self.__dict__.copy()
         state["_maps"] = {}  # every process maps the tars itself
         state["keys"] = None  # not needed by the view source's workers (millions of strings)
+        state["_prefetcher"] = None  # and prefetches for itself
         return state
+
+    @property
+    def remote(self) -> bool:
+        """Whether the shards are read through a shard cache (a folder at a URL)."""
+        return self._cache is not None
+
+    def where(self, sid: int) -> str | Path:
+        """What errors name for shard ``sid``: its URL, or its local path."""
+        return self._cache.remote(self.names[sid]) if self._cache is not None else self.tars[sid]
+
+    def _fetcher(self):
+        if self._prefetcher is None:
+            from shards.remote import Prefetcher, default_prefetch
+
+            self._prefetcher = Prefetcher(self._cache, self.names, ahead=default_prefetch())
+        return self._prefetcher
+
+    def tar_path(self, sid: int) -> Path:
+        """The local path of shard ``sid``: for a folder at a URL, downloaded into the shard
+        cache first when it is not there (pinned while the reader's plan needs it)."""
+        if self._cache is None:
+            return self.tars[sid]
+        try:
+            return self._fetcher().get(sid)
+        except RemoteShardError as e:
+            raise ShardError(str(e)) from None
+
+    def advise(self, upcoming: np.ndarray | list[int], current: np.ndarray | list[int]) -> None:
+        """The reader reads shards ``current`` now, then ``upcoming`` in this order: prefetch
+        the next of them and keep them pinned in the shard cache; a no-op for a local folder.
+        Shards in neither stop being mapped by this process (the cache may evict them)."""
+        if self._cache is None:
+            return
+        current = [int(i) for i in current]
+        upcoming = [int(i) for i in upcoming]
+        fetcher = self._fetcher()
+        fetcher.plan(upcoming, current)
+        keep = set(current) | set(upcoming[: fetcher.ahead])
+        for sid in [sid for sid in self._maps if sid not in keep]:
+            del self._maps[sid]  # unmapped with the last view of it; never closed under a view
 
     def _map(self, sid: int) -> mmap.mmap:
         m = self._maps.get(sid)
         if m is None:
-            with open(self.tars[sid], "rb") as f:
+            with open(self.tar_path(sid), "rb") as f:
                 m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             self._maps[sid] = m
         return m
@@ -295,10 +427,14 @@ class ShardIndex:
 
     def sample_error(self, row: int, what: str) -> ShardError:
         """``ShardError("TAR: sample 'KEY': what")``."""
-        return ShardError(f"{self.tars[int(self.shard[row])]}: sample {self.key(row)!r}: {what}")
+        return ShardError(f"{self.where(int(self.shard[row]))}: sample {self.key(row)!r}: {what}")
 
     def close(self) -> None:
-        """Unmap the tars (a map still viewed by an array is released with the last view)."""
+        """Unmap the tars (a map still viewed by an array is released with the last view);
+        stop prefetching and unpin the cached shards."""
+        fetcher, self._prefetcher = self._prefetcher, None
+        if fetcher is not None:
+            fetcher.close()
         for m in self._maps.values():
             try:
                 m.close()
@@ -381,6 +517,33 @@ class ViewSource:
     def __post_init__(self) -> None:
         self.banks = self.views.banks()
         self._batch_plans: dict[tuple[int, int], Any] = {}
+        self._advised: tuple[int, int] | None = None
+        self._shard_seq: tuple[int, np.ndarray] | None = None
+
+    def shard_sequence(self, epoch: int) -> np.ndarray:
+        """The shard of every sample this rank reads in ``epoch``, in reading order."""
+        if self._shard_seq is None or self._shard_seq[0] != epoch:
+            p = self.plan
+            used = p.order(epoch)[: p.batches * p.global_batch]
+            rows = used.reshape(p.batches, p.world_size, p.batch_size)[:, self.rank]
+            self._shard_seq = (epoch, self.index.shard[rows.reshape(-1)])
+        return self._shard_seq[1]
+
+    def advise(self, epoch: int, batch: int) -> None:
+        """Tell a remote index the shards of batch ``batch`` and the next ``PIN_BATCHES``
+        (read now) and those of the following batches of the epoch in order of first need
+        (prefetched). Once per batch and process."""
+        if not self.index.remote or self._advised == (epoch, batch):
+            return
+        self._advised = (epoch, batch)
+        seq = self.shard_sequence(epoch)
+        b = self.plan.batch_size
+        split = (batch + 1 + PIN_BATCHES) * b
+        current = np.unique(seq[batch * b : split])
+        ahead = seq[split : split + LOOKAHEAD_BATCHES * b]
+        _, first = np.unique(ahead, return_index=True)
+        upcoming = ahead[np.sort(first)]
+        self.index.advise(upcoming[~np.isin(upcoming, current)], current)
 
     def position(self, epoch_idx: int, iteration: int) -> tuple[int, int]:
         """DALI's ``(epoch_idx, iteration)`` -> the loader's ``(epoch, batch)``."""
@@ -413,6 +576,7 @@ class ViewSource:
         epoch, batch = self.position(info.epoch_idx, info.iteration)
         if batch >= self.plan.batches:
             raise StopIteration
+        self.advise(epoch, batch)
         row, plan = self.sample(epoch, batch, info.idx_in_batch)
         out: list[np.ndarray] = [self.index.read_jpeg(row), np.array([row], dtype=np.int64)]
         for bank in self.banks:

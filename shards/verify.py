@@ -1,4 +1,9 @@
-"""``ssl-cli shards verify`` and ``inspect``: check a shard folder against its manifest."""
+"""``ssl-cli shards verify`` and ``inspect``: check a shard folder against its manifest.
+
+Both take a local folder or a URL (``s3://bucket/prefix``, ``gs://...``, ``https://...``),
+read through the shard cache of :mod:`shards.remote`: a remote tar that differs from the
+manifest or is missing is a problem naming its URL.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .build import FORMAT, PROPOSALS_SCHEMA, WORK
+from .remote import RemoteShardError, ShardCache, cache_for, filesystem, is_url
 from .sources import parse_label
 from .writer import index_path_for, read_index, sha256_file
 
@@ -20,6 +26,13 @@ class ShardsNotFound(FileNotFoundError):
 
 
 def load_manifest(out: str | Path) -> dict:
+    """The checked ``manifest.json`` of the shard folder ``out`` (a local folder or a URL)."""
+    if is_url(out):
+        try:
+            return cache_for(out).read_manifest()
+        except RemoteShardError as e:
+            kind = ShardsNotFound if " not found: " in str(e) else ValueError
+            raise kind(str(e)) from None
     path = Path(out) / "manifest.json"
     if not path.exists():
         hint = (
@@ -78,28 +91,71 @@ def _read_tar_samples(
     return samples, offsets, order
 
 
-def verify_shards(out: str | Path, decode: bool = False) -> list[str]:
+def _remote_names(store: ShardCache) -> set[str]:
+    fs, base = filesystem(store.url, store.endpoint_url)
+    try:
+        entries = fs.ls(base, detail=True)
+    except FileNotFoundError:
+        return set()
+    return {e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries}
+
+
+def verify_shards(
+    out: str | Path, decode: bool = False, cache: ShardCache | None = None
+) -> list[str]:
     """Every problem found, as one line each; an empty list means the folder is sound.
 
     Checks checksums, sizes and sample counts of every shard against the manifest, every DALI
     index against its tar, that tar samples and Parquet rows match one to one (boxes and labels
     included), that samples + rejects add up to the inputs, and with ``decode`` that every image
     decodes to the recorded size with DALI's own decoder (as the training pipeline decodes it).
+
+    A URL (or ``cache``, the shard cache of one) is checked through its cache: each tar is
+    downloaded (once; a tar the cache has is checked there), so a cache smaller than the folder
+    evicts the tars checked before.
     """
-    out = Path(out)
-    manifest = load_manifest(out)
+    store = cache if cache is not None else (cache_for(out) if is_url(out) else None)
+    if store is not None:
+        try:
+            manifest = store.open()
+        except RemoteShardError as e:
+            return [str(e)]
+        out = store.root
+        listed = {s["name"] for s in manifest["shards"]}
+        strays = sorted(
+            n for n in _remote_names(store) if n.startswith("shard-") and n.endswith(".tar")
+        )
+        problems = [
+            f"{store.remote(n)}: shard file not listed in the manifest"
+            for n in strays
+            if n not in listed
+        ]
+    else:
+        out = Path(out)
+        manifest = load_manifest(out)
+        listed = {s["name"] for s in manifest["shards"]}
+        problems = [
+            f"{stray}: shard file not listed in the manifest"
+            for stray in sorted(p.name for p in out.glob("shard-*.tar"))
+            if stray not in listed
+        ]
+    try:
+        return _verify(out, manifest, decode, problems, store)
+    finally:
+        if store is not None:
+            for name in store.pinned():
+                store.unpin(name)
+
+
+def _verify(
+    out: Path, manifest: dict, decode: bool, problems: list[str], store: ShardCache | None
+) -> list[str]:
     classes = manifest.get("classes")
     decoder = None
     if decode:
         from .dali_decode import DaliDecoder
 
         decoder = DaliDecoder()
-    problems: list[str] = []
-    listed = {s["name"] for s in manifest["shards"]}
-    for stray in sorted(p.name for p in out.glob("shard-*.tar")):
-        if stray not in listed:
-            problems.append(f"{stray}: shard file not listed in the manifest")
-
     try:
         table = pq.read_table(out / manifest["files"]["proposals"])
     except Exception as e:  # noqa: BLE001
@@ -115,8 +171,19 @@ def verify_shards(out: str | Path, decode: bool = False) -> list[str]:
     row_of = {k: i for i, k in enumerate(keys)}
     seen_rows: set[str] = set()
 
+    pinned: str | None = None
     for shard in manifest["shards"]:
         path = out / shard["name"]
+        if store is not None:
+            if pinned is not None:
+                store.unpin(pinned)  # checked: the cache may evict it
+                pinned = None
+            try:
+                path = store.fetch(shard["name"], pin=True)
+                pinned = shard["name"]
+            except RemoteShardError as e:
+                problems.append(str(e))
+                continue
         if not path.exists():
             problems.append(f"{shard['name']}: missing")
             continue
@@ -235,15 +302,26 @@ def verify_shards(out: str | Path, decode: bool = False) -> list[str]:
 
 
 def inspect_shards(out: str | Path, examples: int = 5) -> str:
-    """A human-readable summary: counts, shards, labels, boxes per image, a few samples."""
-    out = Path(out)
-    manifest = load_manifest(out)
+    """A human-readable summary: counts, shards, labels, boxes per image, a few samples (of a
+    local folder, or of a URL: only its manifest and proposals are fetched)."""
+    title = out
+    if is_url(out):
+        store = cache_for(out)
+        try:
+            manifest = store.read_manifest()
+            store.fetch(store.small(manifest["files"]["proposals"]))
+        except RemoteShardError as e:
+            raise ValueError(str(e)) from None
+        title, out = store.url, store.root
+    else:
+        out = Path(out)
+        manifest = load_manifest(out)
     table = pq.read_table(out / manifest["files"]["proposals"])
     rows = table.to_pydict()
     c = manifest["counts"]
     n_boxes = np.array([len(b) for b in rows["boxes"]], dtype=np.int64)
     lines = [
-        f"{out}",
+        f"{title}",
         f"  source      {manifest['build']['source']} (layout {manifest['build']['layout']})",
         f"  inputs      {c['inputs']}: {c['samples']} samples, {c['rejects']} rejected, "
         f"{c['transcoded']} re-encoded to JPEG",

@@ -1,0 +1,864 @@
+"""Shard folders in object storage: ``s3://``, ``gs://`` and ``https://`` (read-only) URLs.
+
+A shard folder at a URL is read through a local :class:`ShardCache` (one folder per URL, the
+same layout as a local shard folder): ``manifest.json`` is read from the URL every time the
+folder is opened; ``proposals.parquet``, the other small files and the DALI ``.idx`` files are
+fetched once and kept; the tar shards are fetched whole when they are first needed, written to a
+temporary name, checked against the manifest's size and sha256 and renamed into place. A tar
+that differs from the manifest, or that the URL does not have, is an error naming its URL.
+
+Beyond ``max_bytes`` the least recently used tars are evicted, except those *pinned* (read now
+or soon by a reader on this node). Processes of one node share a cache: every file has a lock
+file (``fcntl.flock``); a download holds it exclusively, so a file is fetched once however many
+processes want it, and a pin holds it shared, so no process evicts a file another one reads.
+:class:`Prefetcher` keeps the next files of a reader's plan downloaded ahead of it.
+
+:func:`upload_shards` copies a finished local shard folder to a URL (multipart for large files,
+the sha256 of every object in its metadata, files already there skipped, ``manifest.json``
+last); :class:`ShardUploader` does the same while a build is still writing shards.
+
+Credentials come from the storage library's standard chain (environment, profile, instance
+role); an S3-compatible endpoint from ``endpoint_url`` or ``AWS_ENDPOINT_URL``. A URL with
+credentials in it (``s3://KEY:SECRET@bucket``) is refused, so none ends up in a log, a run
+record or a manifest. The storage libraries are imported only for a URL: local shard folders
+never need them.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from .writer import sha256_file
+
+__all__ = [
+    "INSTALL_HINT",
+    "Prefetcher",
+    "RemoteShardError",
+    "ShardCache",
+    "ShardUploader",
+    "cache_for",
+    "configure",
+    "default_cache_root",
+    "is_url",
+    "redact_url",
+    "upload_shards",
+]
+
+SCHEMES = ("s3", "gs", "gcs", "http", "https")
+READ_ONLY = ("http", "https")
+INSTALL_HINT = "install with pip install -e '.[s3]'"
+CACHE_DIR_ENV = "SSL_CLI_SHARD_CACHE"  # root of the shard caches
+CACHE_BYTES_ENV = "SSL_CLI_SHARD_CACHE_BYTES"  # their size limit, bytes
+ENDPOINT_ENV = "AWS_ENDPOINT_URL"
+BLOCK_SIZE = 64 << 20  # multipart part size of uploads
+_SMALL_FILES = ("proposals", "rejects", "ignored", "classes")  # keys of manifest["files"]
+_SHARD_NAME = re.compile(r"^shard-\d{6}\.tar$")
+_STATE = ".ssl-cli-cache"  # cache bookkeeping, inside every cache folder
+
+
+class RemoteShardError(ValueError):
+    """A file of a shard folder at a URL is missing there, differs from its manifest, or
+    cannot be read or written; the message names its URL."""
+
+
+# ------------------------------------------------------------------------------------- URLs
+
+
+def is_url(path: object) -> bool:
+    """Whether ``path`` is a URL of a storage this module reads (a ``str`` with a scheme of
+    :data:`SCHEMES`); local paths (``str`` or ``Path``) are not."""
+    if not isinstance(path, str) or "://" not in path:
+        return False
+    return path.split("://", 1)[0].lower() in SCHEMES
+
+
+def check_url(url: str) -> str:
+    """``url`` without trailing ``/``; refuses credentials in it and an unknown scheme."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in SCHEMES:
+        raise RemoteShardError(
+            f"{redact_url(url)}: unsupported URL scheme {parts.scheme!r} "
+            f"(supported: {', '.join(s + '://' for s in SCHEMES)})"
+        )
+    if "@" in parts.netloc:
+        raise RemoteShardError(
+            f"{redact_url(url)}: credentials in the URL are refused (they would end up in logs "
+            "and run records); give them through the environment (AWS_ACCESS_KEY_ID, "
+            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS) or a profile"
+        )
+    if not parts.netloc:
+        raise RemoteShardError(f"{url}: no bucket or host in the URL")
+    return url.rstrip("/")
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit for a log: user, password and query string replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = "***" if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def _join(url: str, name: str) -> str:
+    return f"{url}/{name}"
+
+
+_FS_LOCK = threading.Lock()
+_FS: dict[tuple, object] = {}
+
+
+def filesystem(url: str, endpoint_url: str | None = None):
+    """``(fsspec filesystem, path of url inside it)``, one filesystem per process."""
+    try:
+        import fsspec
+    except ImportError:
+        raise RemoteShardError(
+            f"{redact_url(url)}: reading shards from a URL needs fsspec; {INSTALL_HINT}"
+        ) from None
+    scheme = urlsplit(url).scheme.lower()
+    endpoint = endpoint_url or os.environ.get(ENDPOINT_ENV) or None
+    key = (os.getpid(), scheme, endpoint if scheme == "s3" else None)
+    with _FS_LOCK:
+        fs = _FS.get(key)
+        if fs is None:
+            options: dict = {}
+            if scheme == "s3" and endpoint:
+                options["client_kwargs"] = {"endpoint_url": endpoint}
+            if scheme == "s3":
+                # a fresh instance per process and endpoint (no sharing across a fork), and no
+                # listings cache: an object replaced by someone else is seen as it is now
+                options["skip_instance_cache"] = True
+                options["use_listings_cache"] = False
+            try:
+                fs = fsspec.filesystem(scheme, **options)
+            except ImportError as e:
+                package = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}.get(scheme, "aiohttp")
+                raise RemoteShardError(
+                    f"{redact_url(url)}: reading {scheme}:// URLs needs {package} ({e}); "
+                    f"{INSTALL_HINT}"
+                ) from None
+            _FS[key] = fs
+    path = url if scheme in READ_ONLY else url.split("://", 1)[1]
+    return fs, path
+
+
+# ------------------------------------------------------------------------------- settings
+
+_DEFAULTS: dict = {"cache_dir": None, "max_bytes": None, "endpoint_url": None, "prefetch": 4}
+
+
+def configure(
+    cache_dir: str | os.PathLike | None = None,
+    max_bytes: int | None = None,
+    endpoint_url: str | None = None,
+    prefetch: int | None = None,
+) -> None:
+    """Defaults of this process for shard folders opened by URL without an explicit
+    :class:`ShardCache` (what the command line's cache and endpoint options set)."""
+    if cache_dir is not None:
+        _DEFAULTS["cache_dir"] = str(cache_dir)
+    if max_bytes is not None:
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        _DEFAULTS["max_bytes"] = int(max_bytes)
+    if endpoint_url is not None:
+        _DEFAULTS["endpoint_url"] = endpoint_url
+    if prefetch is not None:
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+        _DEFAULTS["prefetch"] = int(prefetch)
+
+
+def default_cache_root() -> Path:
+    """Where the shard caches live: ``configure(cache_dir=)``, else ``$SSL_CLI_SHARD_CACHE``,
+    else ``$XDG_CACHE_HOME/ssl-cli/shards`` (``~/.cache/ssl-cli/shards``)."""
+    if _DEFAULTS["cache_dir"]:
+        return Path(_DEFAULTS["cache_dir"])
+    if os.environ.get(CACHE_DIR_ENV):
+        return Path(os.environ[CACHE_DIR_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ssl-cli" / "shards"
+
+
+def _default_max_bytes() -> int | None:
+    if _DEFAULTS["max_bytes"] is not None:
+        return _DEFAULTS["max_bytes"]
+    raw = os.environ.get(CACHE_BYTES_ENV)
+    if raw:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"{CACHE_BYTES_ENV}={raw!r} is not a number of bytes") from None
+    return None
+
+
+def cache_for(url: str) -> ShardCache:
+    """The cache of ``url`` with this process's defaults (:func:`configure`)."""
+    return ShardCache(url, endpoint_url=_DEFAULTS["endpoint_url"])
+
+
+def default_prefetch() -> int:
+    return _DEFAULTS["prefetch"]
+
+
+# ---------------------------------------------------------------------------------- cache
+
+
+@dataclass(frozen=True)
+class _Want:
+    """A file of the folder and what it must be: the manifest's ``sha256`` and ``bytes`` for a
+    tar, the tar's digest (``of``) for its index, the remote object's stamp for the others."""
+
+    name: str
+    sha256: str | None = None
+    bytes: int | None = None
+    of: str | None = None
+
+
+class ShardCache:
+    """The local copy of the shard folder at ``url`` (see the module docstring).
+
+    Args:
+        url: ``s3://bucket/prefix``, ``gs://...``, ``https://...``.
+        root: the cache folder of this URL [default: :func:`default_cache_root` / a hash of
+            the URL and endpoint].
+        max_bytes: evict least recently used tars beyond this size [default:
+            ``$SSL_CLI_SHARD_CACHE_BYTES``, else no limit]. Pinned tars are never evicted, so
+            the cache exceeds it when what is pinned does.
+        endpoint_url: an S3-compatible endpoint [default: ``$AWS_ENDPOINT_URL``].
+
+    :attr:`root` has the layout of a local shard folder (``manifest.json``,
+    ``proposals.parquet``, ``shard-NNNNNN.tar`` and ``.idx``), so what reads a local folder
+    reads it; ``.ssl-cli-cache/`` in it holds the locks, what each file was checked against and
+    ``downloads.jsonl``, one line per download.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        root: str | os.PathLike | None = None,
+        max_bytes: int | None = None,
+        endpoint_url: str | None = None,
+    ):
+        self.url = check_url(url)
+        self.endpoint_url = endpoint_url or os.environ.get(ENDPOINT_ENV) or None
+        if root is None:
+            ident = json.dumps([self.url, self.endpoint_url if self.url.startswith("s3") else None])
+            root = default_cache_root() / hashlib.sha256(ident.encode()).hexdigest()[:16]
+        self.root = Path(root)
+        self.max_bytes = _default_max_bytes() if max_bytes is None else int(max_bytes)
+        self._state = self.root / _STATE
+        for sub in ("locks", "meta", "tmp"):
+            (self._state / sub).mkdir(parents=True, exist_ok=True)
+        about = self._state / "url.txt"
+        if not about.exists():
+            about.write_text(redact_url(self.url) + "\n")
+        self._pins: dict[str, tuple[int, int]] = {}  # name -> (lock fd held shared, count)
+        self._pin_lock = threading.Lock()
+        self.manifest: dict | None = None
+
+    # ---- pickling: a process that receives the cache opens its own filesystem and pins
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_pins"] = {}
+        state["_pin_lock"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._pin_lock = threading.Lock()
+
+    def remote(self, name: str) -> str:
+        """The URL of ``name`` in the folder."""
+        return _join(self.url, name)
+
+    def _fs(self):
+        return filesystem(self.url, self.endpoint_url)
+
+    # ------------------------------------------------------------------------ the folder
+
+    def read_manifest(self) -> dict:
+        """Read ``manifest.json`` from the URL into the cache; returns it (checked like a local
+        one)."""
+        from .verify import load_manifest  # local import: verify imports this module
+
+        fs, base = self._fs()
+        url = self.remote("manifest.json")
+        try:
+            data = fs.cat_file(f"{base}/manifest.json")
+        except FileNotFoundError:
+            raise RemoteShardError(
+                f"{url} not found: not a finished shard folder (an upload not done yet, or the "
+                "wrong URL)"
+            ) from None
+        except Exception as e:  # noqa: BLE001 - storage libraries raise their own types
+            raise RemoteShardError(f"{url}: cannot be read ({_reason(e)})") from None
+        local = self.root / "manifest.json"
+        if not local.exists() or local.read_bytes() != data:
+            self._atomic_write(local, data)
+        try:
+            manifest = load_manifest(self.root)
+        except ValueError as e:
+            raise RemoteShardError(str(e).replace(str(local), url)) from None
+        self.manifest = manifest
+        return manifest
+
+    def open(self) -> dict:
+        """:meth:`read_manifest`, then fetch the small files and every DALI index into the
+        cache; returns the manifest."""
+        manifest = self.read_manifest()
+        small = [
+            _Want(manifest["files"][k])
+            for k in _SMALL_FILES
+            if manifest["files"].get(k) and k != "ignored"
+        ]
+        stamps = self._stamps([w.name for w in small])
+        wants = [_Want(w.name, of=stamps.get(w.name)) for w in small]
+        wants += [_Want(s["index"], of=s["sha256"]) for s in manifest["shards"]]
+        with ThreadPoolExecutor(min(16, max(1, len(wants)))) as pool:
+            for f in [pool.submit(self.fetch, w, pin=False) for w in wants]:
+                f.result()
+        return manifest
+
+    def _stamps(self, names: Sequence[str]) -> dict[str, str | None]:
+        """Remote size + ETag (or modification time) of small files: a changed one is fetched
+        again. A file missing remotely maps to ``None`` (fetching it names it)."""
+        fs, base = self._fs()
+        out: dict[str, str | None] = {}
+        for name in names:
+            try:
+                info = fs.info(f"{base}/{name}")
+            except FileNotFoundError:
+                out[name] = None
+                continue
+            except Exception as e:  # noqa: BLE001
+                raise RemoteShardError(
+                    f"{self.remote(name)}: cannot be read ({_reason(e)})"
+                ) from None
+            tag = info.get("ETag") or info.get("etag") or info.get("LastModified") or ""
+            out[name] = f"{info.get('size')}:{tag}"
+        return out
+
+    def small(self, name: str) -> _Want:
+        """What the small file ``name`` (not a tar or index) must be: the remote object as it
+        is now (its size and ETag)."""
+        return _Want(name, of=self._stamps([name])[name])
+
+    def shard(self, name: str) -> _Want:
+        """What the tar ``name`` of the manifest must be."""
+        if self.manifest is None:
+            self.open()
+        for s in self.manifest["shards"]:
+            if s["name"] == name:
+                return _Want(name, sha256=s["sha256"], bytes=s["bytes"])
+        raise RemoteShardError(
+            f"{self.remote(name)}: not a shard of {self.remote('manifest.json')}"
+        )
+
+    # ------------------------------------------------------------------------- a file
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def _lock_path(self, name: str) -> Path:
+        return self._state / "locks" / f"{name}.lock"
+
+    def _meta_path(self, name: str) -> Path:
+        return self._state / "meta" / f"{name}.json"
+
+    def _valid(self, want: _Want) -> bool:
+        path = self.path(want.name)
+        try:
+            meta = json.loads(self._meta_path(want.name).read_text())
+            size = path.stat().st_size
+        except (OSError, ValueError):
+            return False
+        if want.sha256 is not None:
+            return meta.get("sha256") == want.sha256 and size == want.bytes
+        return meta.get("of") == want.of and want.of is not None and size == meta.get("bytes")
+
+    def fetch(self, want: _Want | str, pin: bool = False) -> Path:
+        """The local path of ``want`` (a tar name: checked against the manifest), downloaded
+        first when the cache does not have it (by one process of the node; the others wait for
+        it). ``pin``: also pin it (:meth:`unpin` releases it)."""
+        if isinstance(want, str):
+            want = self.shard(want)
+        while True:
+            if self._valid(want):
+                self._touch(want.name)
+                if not pin or self._pin(want):
+                    return self.path(want.name)
+                continue  # evicted between the check and the pin: fetch again
+            with _FileLock(self._lock_path(want.name)):
+                if not self._valid(want):
+                    self._download(want)
+            if not pin:
+                return self.path(want.name)
+
+    def _download(self, want: _Want) -> None:
+        fs, base = self._fs()
+        url = self.remote(want.name)
+        if want.bytes is not None:
+            self.evict(need=want.bytes)
+        tmp = self._state / "tmp" / f"{want.name}.{os.getpid()}.{threading.get_ident()}"
+        t0 = time.perf_counter()
+        try:
+            fs.get_file(f"{base}/{want.name}", str(tmp))
+        except FileNotFoundError:
+            tmp.unlink(missing_ok=True)
+            where = f"listed in {self.remote('manifest.json')}"
+            raise RemoteShardError(f"{url}: missing ({where})") from None
+        except Exception as e:  # noqa: BLE001
+            tmp.unlink(missing_ok=True)
+            raise RemoteShardError(f"{url}: download failed ({_reason(e)})") from None
+        size = tmp.stat().st_size
+        digest = sha256_file(tmp)
+        if want.sha256 is not None and (size != want.bytes or digest != want.sha256):
+            tmp.unlink(missing_ok=True)
+            raise RemoteShardError(
+                f"{url}: {size} bytes with sha256 {digest[:16]}..., "
+                f"{self.remote('manifest.json')} says {want.bytes} bytes with sha256 "
+                f"{want.sha256[:16]}...: the remote file is damaged or from another build; "
+                "upload the shards again (ssl-cli shards verify URL names every mismatch)"
+            )
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        self._meta_path(want.name).unlink(missing_ok=True)
+        os.replace(tmp, self.path(want.name))
+        meta = {"sha256": digest, "bytes": size, "of": want.of}
+        self._atomic_write(self._meta_path(want.name), json.dumps(meta).encode())
+        line = {
+            "name": want.name,
+            "bytes": size,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "pid": os.getpid(),
+            "time": time.time(),
+        }
+        with open(self._state / "downloads.jsonl", "a") as f:  # O_APPEND: one write per line
+            f.write(json.dumps(line) + "\n")
+
+    def downloads(self) -> list[dict]:
+        """Every download into this cache so far (all processes), oldest first."""
+        path = self._state / "downloads.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+    def _touch(self, name: str) -> None:
+        try:
+            os.utime(self.path(name))  # last use: the order of eviction
+        except OSError:
+            pass
+
+    def _atomic_write(self, path: Path, data: bytes) -> None:
+        tmp = self._state / "tmp" / f"{path.name}.{os.getpid()}.{threading.get_ident()}"
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    # --------------------------------------------------------------------------- pins
+
+    def _pin(self, want: _Want) -> bool:
+        """Hold ``want``'s lock shared; ``False`` when the file went away meanwhile."""
+        with self._pin_lock:
+            if want.name in self._pins:
+                fd, n = self._pins[want.name]
+                self._pins[want.name] = (fd, n + 1)
+                return True
+        fd = os.open(self._lock_path(want.name), os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_SH)  # waits for a download in progress (not under _pin_lock)
+        if not self._valid(want):
+            os.close(fd)
+            return False
+        with self._pin_lock:
+            if want.name in self._pins:  # pinned by another thread meanwhile
+                os.close(fd)
+                fd, n = self._pins[want.name]
+                self._pins[want.name] = (fd, n + 1)
+            else:
+                self._pins[want.name] = (fd, 1)
+        return True
+
+    def unpin(self, name: str) -> None:
+        """Release one :meth:`fetch` ``(pin=True)`` of ``name``."""
+        with self._pin_lock:
+            if name not in self._pins:
+                return
+            fd, n = self._pins[name]
+            if n > 1:
+                self._pins[name] = (fd, n - 1)
+            else:
+                del self._pins[name]
+                os.close(fd)  # releases the shared lock
+
+    def pinned(self) -> set[str]:
+        with self._pin_lock:
+            return set(self._pins)
+
+    # ------------------------------------------------------------------------- eviction
+
+    def size(self) -> int:
+        """Bytes of the tars in the cache."""
+        return sum(p.stat().st_size for p in self.root.glob("shard-*.tar"))
+
+    def evict(self, need: int = 0) -> list[str]:
+        """Delete least recently used tars, pinned ones excepted, until the tars and ``need``
+        more bytes fit in ``max_bytes``; returns the names deleted."""
+        if self.max_bytes is None:
+            return []
+        evicted: list[str] = []
+        with _FileLock(self._state / "evict.lock"):
+            files = []
+            for p in self.root.glob("shard-*.tar"):
+                try:
+                    st = p.stat()
+                except FileNotFoundError:
+                    continue
+                files.append((st.st_mtime_ns, p.name, st.st_size))
+            total = sum(size for _, _, size in files)
+            for _, name, size in sorted(files):
+                if total + need <= self.max_bytes:
+                    break
+                if name in self.pinned():
+                    continue
+                fd = os.open(self._lock_path(name), os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except OSError as e:
+                        if e.errno in (errno.EAGAIN, errno.EACCES):
+                            continue  # pinned by another process, or being downloaded
+                        raise
+                    self._meta_path(name).unlink(missing_ok=True)
+                    self.path(name).unlink(missing_ok=True)
+                    total -= size
+                    evicted.append(name)
+                finally:
+                    os.close(fd)
+        return evicted
+
+
+class _FileLock:
+    """An exclusive ``flock`` on ``path`` (created), released on exit."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> _FileLock:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:300]
+
+
+# ------------------------------------------------------------------------------- prefetch
+
+
+class Prefetcher:
+    """Keeps the next files of a reader's plan in the cache ahead of the reader.
+
+    ``names``: the tars the reader may ask for, by position. :meth:`plan` gives the positions
+    the reader will read next, in order, and the ones it reads now; the first ``ahead`` of the
+    upcoming ones are downloaded by ``threads`` background threads and pinned with the current
+    ones, the files that left the window are unpinned. :meth:`get` returns the local path of
+    one, waiting only when it is not there yet; a failed download is raised there, naming the
+    file's URL.
+    """
+
+    def __init__(self, cache: ShardCache, names: Sequence[str], ahead: int = 4, threads: int = 2):
+        self.cache, self.names, self.ahead = cache, list(names), ahead
+        self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="shard-prefetch")
+        self._jobs: dict[int, Future] = {}
+        self._pinned: set[int] = set()
+        self._lock = threading.Lock()
+        self.waited = 0.0  # seconds :meth:`get` waited on downloads
+        self.waits = 0
+
+    def _job(self, i: int) -> Future:
+        with self._lock:
+            job = self._jobs.get(i)
+            if job is None or (job.done() and job.exception() is not None):
+                job = self._pool.submit(self.cache.fetch, self.names[i], True)
+                self._jobs[i] = job
+            return job
+
+    def get(self, i: int) -> Path:
+        """The local path of file ``i`` (pinned until it leaves the plan's window)."""
+        job = self._job(i)
+        if not job.done():
+            t0 = time.perf_counter()
+            path = job.result()
+            self.waited += time.perf_counter() - t0
+            self.waits += 1
+            return path
+        return job.result()
+
+    def plan(self, upcoming: Iterable[int], current: Iterable[int] = ()) -> None:
+        """The reader reads ``current`` now and then ``upcoming`` in this order."""
+        keep = set(current)
+        for i in upcoming:
+            if len(keep) >= len(set(current)) + self.ahead:
+                break
+            keep.add(i)
+        for i in keep:
+            self._job(i)
+        with self._lock:
+            leaving = [i for i in self._jobs if i not in keep]
+        for i in leaving:
+            self._release(i)
+
+    def _release(self, i: int) -> None:
+        with self._lock:
+            job = self._jobs.get(i)
+            if job is None or not job.done():
+                return  # still downloading: released by a later plan
+            del self._jobs[i]
+        if job.exception() is None:
+            self.cache.unpin(self.names[i])
+
+    def close(self) -> None:
+        """Stop prefetching and unpin everything."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            jobs, self._jobs = self._jobs, {}
+        for i, job in jobs.items():
+            if job.done() and not job.cancelled() and job.exception() is None:
+                self.cache.unpin(self.names[i])
+
+
+# --------------------------------------------------------------------------------- upload
+
+
+def _writable(url: str, endpoint_url: str | None):
+    url = check_url(url)
+    if urlsplit(url).scheme.lower() in READ_ONLY:
+        raise RemoteShardError(
+            f"{redact_url(url)}: https:// URLs are read-only; upload to s3:// or gs://"
+        )
+    fs, base = filesystem(url, endpoint_url)
+    return url, fs, base
+
+
+def _remote_sha256(fs, path: str) -> str | None:
+    """The sha256 recorded in the object's metadata at upload (``None``: none recorded)."""
+    try:
+        if hasattr(fs, "metadata"):  # s3fs: the object's user metadata
+            meta = fs.metadata(path)
+        else:  # gcsfs: in the object's info
+            meta = fs.info(path).get("metadata") or {}
+    except FileNotFoundError:
+        return None
+    return (meta or {}).get("sha256")
+
+
+def _put(fs, local: Path, path: str, sha256: str, block_size: int) -> None:
+    scheme = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    if scheme in ("s3", "s3a"):
+        fs.put_file(str(local), path, chunksize=block_size, Metadata={"sha256": sha256})
+    elif scheme in ("gs", "gcs"):
+        fs.put_file(str(local), path, metadata={"sha256": sha256}, chunksize=block_size)
+    else:
+        fs.put_file(str(local), path)
+
+
+class ShardUploader:
+    """Copies the shard folder ``local_dir`` to ``url``, also while a build writes it.
+
+    :meth:`upload_ready` uploads the finished shards (a tar is renamed into place after its
+    index, so a tar's presence means both are complete) not uploaded yet; :meth:`finish`
+    uploads what is left and ``manifest.json`` last. A build calls :meth:`shard_finished`
+    (or :meth:`upload_ready`) after each shard, or :meth:`start` polls the folder from a thread.
+    Every object gets its sha256 in its metadata; an object already at the URL with the local
+    file's size and sha256 is skipped, so a killed upload resumes where it stopped.
+
+    ``on_file(name, uploaded)`` is called after each file (``uploaded`` False: skipped).
+    """
+
+    def __init__(
+        self,
+        local_dir: str | os.PathLike,
+        url: str,
+        endpoint_url: str | None = None,
+        block_size: int = BLOCK_SIZE,
+        on_file: Callable[[str, bool], None] | None = None,
+    ):
+        if block_size < 5 << 20:
+            raise ValueError(f"block_size must be >= 5 MiB (S3's smallest part), got {block_size}")
+        self.local = Path(local_dir)
+        self.url, self.fs, self.base = _writable(url, endpoint_url)
+        self.block_size = block_size
+        self.on_file = on_file
+        self.uploaded: list[str] = []
+        self.skipped: list[str] = []
+        self.bytes = 0
+        self._done: set[str] = set()
+        self._listing: dict[str, int] | None = None
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+
+    def _sizes(self) -> dict[str, int]:
+        if self._listing is None:
+            try:
+                entries = self.fs.ls(self.base, detail=True)
+            except FileNotFoundError:
+                entries = []
+            self._listing = {
+                e["name"].rstrip("/").rsplit("/", 1)[-1]: e.get("size") for e in entries
+            }
+        return self._listing
+
+    def upload_file(self, name: str, sha256: str | None = None) -> bool:
+        """Upload ``name`` unless the URL has it with the same size and sha256; returns
+        whether it was uploaded."""
+        with self._lock:
+            if name in self._done:
+                return False
+            local = self.local / name
+            if not local.is_file():
+                raise RemoteShardError(f"{local}: not found, cannot upload it to {self.url}")
+            size = local.stat().st_size
+            sha256 = sha256 or sha256_file(local)
+            remote = f"{self.base}/{name}"
+            there = self._sizes().get(name)
+            if there == size and _remote_sha256(self.fs, remote) == sha256:
+                self.skipped.append(name)
+                self._done.add(name)
+                uploaded = False
+            else:
+                try:
+                    _put(self.fs, local, remote, sha256, self.block_size)
+                except Exception as e:  # noqa: BLE001
+                    raise RemoteShardError(
+                        f"{_join(self.url, name)}: upload of {local} failed ({_reason(e)})"
+                    ) from None
+                self.uploaded.append(name)
+                self.bytes += size
+                self._done.add(name)
+                self._sizes()[name] = size
+                uploaded = True
+        if self.on_file is not None:
+            self.on_file(name, uploaded)
+        return uploaded
+
+    def shard_finished(self, tar: str | os.PathLike, sha256: str | None = None) -> None:
+        """A build finished the shard ``tar`` (its index is written): upload both."""
+        tar = Path(tar)
+        self.upload_file(tar.with_suffix(".idx").name)
+        self.upload_file(tar.name, sha256)
+
+    def _drop_stale_manifest(self) -> None:
+        """A manifest at the URL that is not the local one goes first: a reader must never see
+        a manifest while the shards under it change."""
+        local = self.local / "manifest.json"
+        remote = f"{self.base}/manifest.json"
+        if "manifest.json" not in self._sizes():
+            return
+        if local.is_file():
+            try:
+                if self.fs.cat_file(remote) == local.read_bytes():
+                    return
+            except FileNotFoundError:
+                return
+        self.fs.rm_file(remote)
+        self._sizes().pop("manifest.json", None)
+
+    def upload_ready(self) -> int:
+        """Upload every finished shard not uploaded yet; returns how many files went up."""
+        self._drop_stale_manifest()
+        n = 0
+        for tar in sorted(self.local.glob("shard-*.tar")):
+            if _SHARD_NAME.match(tar.name) and tar.name not in self._done:
+                before = len(self.uploaded)
+                self.shard_finished(tar)
+                n += len(self.uploaded) - before
+        return n
+
+    def finish(self) -> dict:
+        """Upload everything the local manifest lists, then the manifest; returns
+        ``{"url", "uploaded", "skipped", "bytes"}``."""
+        self.close()
+        from .verify import load_manifest
+
+        manifest = load_manifest(self.local)
+        self._drop_stale_manifest()
+        for key in _SMALL_FILES:
+            name = manifest["files"].get(key)
+            if name and (self.local / name).is_file():
+                self.upload_file(name)
+        for s in manifest["shards"]:
+            self.upload_file(s["index"])
+            self.upload_file(s["name"], s["sha256"])
+        self.upload_file("manifest.json")
+        return {
+            "url": redact_url(self.url),
+            "uploaded": list(self.uploaded),
+            "skipped": list(self.skipped),
+            "bytes": self.bytes,
+        }
+
+    # ---------------------------------------------------------------------- watcher mode
+
+    def start(self, poll: float = 5.0) -> ShardUploader:
+        """Upload finished shards from a background thread every ``poll`` seconds until
+        :meth:`finish` (or :meth:`close`)."""
+
+        def loop() -> None:
+            while not self._stop.wait(poll):
+                try:
+                    self.upload_ready()
+                except BaseException as e:  # noqa: BLE001 - reported by finish/close
+                    self._error = e
+                    return
+
+        self._thread = threading.Thread(target=loop, name="shard-upload", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the watcher thread; raises the error that stopped it, if any."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+def upload_shards(
+    local_dir: str | os.PathLike,
+    url: str,
+    endpoint_url: str | None = None,
+    block_size: int = BLOCK_SIZE,
+    on_file: Callable[[str, bool], None] | None = None,
+) -> dict:
+    """Upload the finished shard folder ``local_dir`` to ``url`` (:class:`ShardUploader`):
+    the small files, every shard's index and tar (multipart in ``block_size`` parts, files
+    already there with the same size and sha256 skipped), ``manifest.json`` last. Returns
+    ``{"url", "uploaded", "skipped", "bytes"}``."""
+    return ShardUploader(local_dir, url, endpoint_url, block_size, on_file).finish()
