@@ -84,8 +84,8 @@ class S3Server:
         logging.getLogger("werkzeug").removeHandler(self._log)
 
 
-@pytest.fixture(scope="module")
-def s3_server():
+@pytest.fixture(scope="module", name="s3_server")
+def s3_server_fixture():
     """One server per test module; the AWS environment points at it while the module runs."""
     pytest.importorskip("moto.server")
     pytest.importorskip("s3fs")
