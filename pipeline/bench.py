@@ -11,12 +11,19 @@ timed and shut down in turn), and the median round counts:
   random resized crop, normalize): the ceiling of the decoder on this machine.
 
 Figures are *source images* per second (one sample with all its views counts once).
+
+While it runs, a progress line goes to stderr at most every few seconds (phase, round,
+contestant, elapsed, ETA of the whole benchmark at its cumulative rate): the only cost in a
+timed round is a comparison against a clock read the round makes anyway. :class:`Progress`,
+:func:`eta_seconds` and :func:`format_duration` serve the other long loops of the product too
+(``ssl-cli bench train``, the linear probe).
 """
 
 from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,9 +37,79 @@ from .loader import ViewLoader
 from .source import ShardIndex
 from .views import DecodeCropViews, view_set
 
-__all__ = ["METHODS", "bench_pipeline", "format_report", "hardware"]
+__all__ = [
+    "METHODS",
+    "Progress",
+    "bench_pipeline",
+    "eta_seconds",
+    "format_duration",
+    "format_report",
+    "hardware",
+    "to_stderr",
+]
 
 METHODS = ("mos", "univip", "multicrop")
+
+
+# ----------------------------------------------------------------------------------- progress
+
+
+def eta_seconds(elapsed: float, done: float, total: float) -> float | None:
+    """Seconds left to reach ``total`` at the cumulative rate ``done / elapsed`` (all the work
+    so far, not the last window: a slow start or a fast spell weighs by its share); ``None``
+    before any work is done."""
+    if done <= 0 or elapsed <= 0:
+        return None
+    return elapsed * max(total - done, 0.0) / done
+
+
+def format_duration(seconds: float | None) -> str:
+    """``h:mm:ss``; ``?`` for ``None`` (no estimate yet)."""
+    if seconds is None:
+        return "?"
+    h, rem = divmod(int(max(seconds, 0.0)), 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+def to_stderr(line: str) -> None:
+    """Print ``line`` to stderr at once (the default sink of progress lines)."""
+    print(line, file=sys.stderr, flush=True)
+
+
+class Progress:
+    """Progress lines of a long loop, at most one every ``every`` seconds, to ``log`` (default:
+    stderr; ``None``: silent). A loop calls :meth:`due` with a clock reading (it costs one
+    comparison while no line is due) and, when it is true, :meth:`say`; ``start`` is the time
+    the elapsed time and the ETA count from."""
+
+    def __init__(
+        self,
+        log: Callable[[str], None] | None = to_stderr,
+        every: float = 5.0,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.log, self.every, self.clock = log, every, clock
+        self.start = clock()
+        self.next_at = self.start + every if log is not None else float("inf")
+
+    def due(self, now: float) -> bool:
+        return now >= self.next_at
+
+    def say(self, what: str, done: float, total: float, now: float | None = None) -> str:
+        """Log ``WHAT, E elapsed, ETA T`` (``done``/``total``: the work units the ETA counts,
+        at the cumulative rate since ``start``); returns the line."""
+        now = self.clock() if now is None else now
+        elapsed = now - self.start
+        eta = format_duration(eta_seconds(elapsed, done, total))
+        line = f"{what}; {format_duration(elapsed)} elapsed, ETA {eta}"
+        if self.log is not None:
+            self.log(line)
+            self.next_at = now + self.every
+        return line
+
+
+# ---------------------------------------------------------------------------------- pipeline
 
 
 def hardware(device: torch.device) -> str:
@@ -79,16 +156,34 @@ def _endless(make: Callable[[], Any]) -> Iterator[Any]:
 
 
 def _round(
-    batches: Iterator[Any], seconds: float, batch_size: int, sync: Callable[[], None]
+    batches: Iterator[Any],
+    seconds: float,
+    batch_size: int,
+    sync: Callable[[], None],
+    progress: Progress | None = None,
+    what: str = "",
+    done: int = 0,
+    total: int = 1,
 ) -> float:
-    """Images per second over whole batches taken for at least ``seconds``."""
+    """Images per second over whole batches taken for at least ``seconds``. ``progress``:
+    a line now and then (``what``; this round is measurement ``done`` of ``total``), from the
+    clock reading the loop takes anyway."""
     n = 0
     start = time.perf_counter()
     while True:
         next(batches)
         n += 1
-        if time.perf_counter() - start >= seconds:
+        now = time.perf_counter()
+        if now - start >= seconds:
             break
+        if progress is not None and progress.due(now):
+            part = (now - start) / seconds
+            progress.say(
+                f"{what}, measuring: {n} batches, {now - start:.0f}/{seconds:g} s",
+                done + part,
+                total,
+                now,
+            )
     sync()
     return n * batch_size / (time.perf_counter() - start)
 
@@ -107,8 +202,12 @@ def bench_pipeline(
     baseline: bool = True,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    progress: Callable[[str], None] | None = to_stderr,
+    progress_every: float = 5.0,
 ) -> dict[str, Any]:
-    """Run the benchmark; returns the report (see :func:`format_report`)."""
+    """Run the benchmark; returns the report (see :func:`format_report`). ``log``: the results
+    of each round; ``progress``: a line at most every ``progress_every`` seconds while it runs
+    (phase, round, contestant, elapsed, ETA), stderr by default, ``None`` for none."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {list(METHODS)}")
     shards_dir = Path(shards_dir)
@@ -147,17 +246,27 @@ def bench_pipeline(
     # the next one starts: a DataLoader's workers keep prefetching after a round ends and would
     # otherwise take cores from the next contestant.
     results: dict[str, list[float]] = {name: [] for name in contestants}
+    ticker = Progress(progress, progress_every) if progress is not None else None
+    measures = rounds * len(contestants)  # the units of the ETA
     load_before = os.getloadavg()[0]
     for r in range(rounds):
-        for name, make in contestants.items():
+        for c, (name, make) in enumerate(contestants.items()):
+            what = f"bench pipeline: round {r + 1}/{rounds}, {name}"
+            done = r * len(contestants) + c
             t = time.perf_counter()
             stream = _endless(make)
             try:
-                for _ in range(warmup):
+                for i in range(warmup):
                     next(stream)
+                    if ticker is not None and ticker.due(now := time.perf_counter()):
+                        ticker.say(
+                            f"{what}, warm-up: {i + 1}/{warmup} batches", done, measures, now
+                        )
                 sync()
                 started = time.perf_counter() - t
-                results[name].append(_round(stream, seconds, batch_size, sync))
+                results[name].append(
+                    _round(stream, seconds, batch_size, sync, ticker, what, done, measures)
+                )
             finally:
                 stream.close()
             if r == 0:

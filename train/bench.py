@@ -14,6 +14,9 @@ one method's step against the other's. Each phase first runs
 ``warmup`` untimed steps (cuDNN autotuning, ``torch.compile``), then ``steps`` timed ones; the
 clock stops only after the device has finished (``torch.cuda.synchronize``). images/s counts
 samples of the global batch (a MOS sample is 4 views, a UniVIP sample 2 scenes + K instances).
+While a phase runs, a progress line goes to stderr at most every few seconds (phase, warm-up or
+timed, steps done/total, elapsed, ETA of that part at its cumulative rate); the timed loop pays
+one clock read and a comparison per step for it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 
 import torch
 
+from pipeline.bench import Progress, to_stderr
 from train.config import TrainConfig, to_dict
 from train.distributed import cleanup_distributed, init_distributed
 from train.loop import build_loader, build_parts, synthetic_loader, train_step
@@ -46,19 +50,36 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_steps(parts, loader: Any, warmup: int, steps: int) -> dict:
-    """Images/s of ``steps`` training steps after ``warmup`` untimed ones."""
+def measure_steps(
+    parts,
+    loader: Any,
+    warmup: int,
+    steps: int,
+    progress: Callable[[str], None] | None = None,
+    phase: str = "bench train",
+    progress_every: float = 5.0,
+) -> dict:
+    """Images/s of ``steps`` training steps after ``warmup`` untimed ones. ``progress``: a line
+    at most every ``progress_every`` seconds (``phase``, warm-up or timed, steps done/total,
+    elapsed and ETA of that part); ``None``: silent."""
     batches = _endless(loader)
     total = parts.schedules.total_steps
     values = None
+    ticker = Progress(progress, progress_every) if progress is not None else None
     for i in range(warmup):
         values = train_step(parts, next(batches), i % total)
+        if ticker is not None and ticker.due(now := time.perf_counter()):
+            ticker.say(f"{phase}, warm-up: {i + 1}/{warmup} steps", i + 1, warmup, now)
     if values is not None:
         values.tolist()
     _sync(parts.info.device)
     t0 = time.perf_counter()
+    if ticker is not None:  # the ETA of the timed steps counts from their start
+        ticker.start, ticker.next_at = t0, min(ticker.next_at, t0 + ticker.every)
     for i in range(steps):
         values = train_step(parts, next(batches), (warmup + i) % total)
+        if ticker is not None and ticker.due(now := time.perf_counter()):
+            ticker.say(f"{phase}, timed: {i + 1}/{steps} steps", i + 1, steps, now)
     last = values.tolist() if values is not None else []
     _sync(parts.info.device)
     seconds = time.perf_counter() - t0
@@ -111,13 +132,23 @@ def bench_train(
     synthetic_only: bool = False,
     baseline: str | None = None,
     log: Callable[[str], None] = print,
+    progress: Callable[[str], None] | None = to_stderr,
+    progress_every: float = 5.0,
 ) -> dict:
     """Time the trainer on real shards and on on-device synthetic tensors; returns a report.
-    ``baseline``: also time that method's synthetic step (see the module docstring)."""
+    ``baseline``: also time that method's synthetic step (see the module docstring). ``log``:
+    the phases and results; ``progress``: a line at most every ``progress_every`` seconds
+    while a phase runs (:func:`measure_steps`), stderr by default (rank 0 only), ``None``:
+    none."""
     info = init_distributed(cfg.run.device)
     try:
+        if not info.is_main:
+            progress = None
+        tick = dict(progress=progress, progress_every=progress_every)
         if baseline is not None:
-            return _bench_against(cfg, baseline_config(cfg, baseline), info, steps, warmup, log)
+            return _bench_against(
+                cfg, baseline_config(cfg, baseline), info, steps, warmup, log, tick
+            )
         ceiling_loader = synthetic_loader(
             cfg, info, num_samples=max(cfg.data.synthetic_samples, 4 * cfg.data.batch_size), pool=4
         )
@@ -140,12 +171,16 @@ def bench_train(
             f"{parts.precision}{', compiled' if cfg.run.compile else ''}, {report['device']}"
         )
         log(f"synthetic (on-device tensors, the ceiling): {warmup} warm-up + {steps} steps ...")
-        report["synthetic"] = measure_steps(parts, ceiling_loader, warmup, steps)
+        report["synthetic"] = measure_steps(
+            parts, ceiling_loader, warmup, steps, phase="bench train: synthetic", **tick
+        )
         log(f"  {report['synthetic']['images_per_s']:.1f} images/s")
         if real_loader is not None:
             source = "synthetic batches made per step" if cfg.data.synthetic else cfg.data.shards
             log(f"end to end ({source}): {warmup} warm-up + {steps} steps ...")
-            report["end_to_end"] = measure_steps(parts, real_loader, warmup, steps)
+            report["end_to_end"] = measure_steps(
+                parts, real_loader, warmup, steps, phase="bench train: end to end", **tick
+            )
             report["ratio"] = round(
                 report["end_to_end"]["images_per_s"] / report["synthetic"]["images_per_s"], 4
             )
@@ -161,7 +196,13 @@ def bench_train(
 
 
 def _bench_against(
-    cfg: TrainConfig, base_cfg: TrainConfig, info, steps: int, warmup: int, log: Callable
+    cfg: TrainConfig,
+    base_cfg: TrainConfig,
+    info,
+    steps: int,
+    warmup: int,
+    log: Callable,
+    tick: dict,
 ) -> dict:
     """Synthetic steps of ``cfg`` and ``base_cfg`` interleaved: A B A B, ``steps`` each time."""
     runs = {"method": _synthetic_parts(cfg, info), "baseline": _synthetic_parts(base_cfg, info)}
@@ -173,7 +214,10 @@ def _bench_against(
     rounds: dict[str, list[dict]] = {"method": [], "baseline": []}
     for r in range(2):
         for key, (parts, loader) in runs.items():
-            rounds[key].append(measure_steps(parts, loader, warmup if r == 0 else 0, steps))
+            phase = f"bench train: round {r + 1}/2, {names[key]}"
+            rounds[key].append(
+                measure_steps(parts, loader, warmup if r == 0 else 0, steps, phase=phase, **tick)
+            )
             log(f"  round {r + 1} {names[key]}: {rounds[key][-1]['images_per_s']:.1f} images/s")
     for _, loader in runs.values():
         loader.close()

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.bench import eta_seconds, format_duration
 from pipeline.eval import PROBE_SCALE
 from pipeline.views import RATIO
 from train.distributed import is_distributed
@@ -123,13 +124,27 @@ def probe_head(dim: int, num_classes: int) -> nn.Module:
     return probe
 
 
+def _epoch_timing(started: float, now: float, epoch: int, epochs: int) -> str:
+    """``E elapsed, ETA T`` after ``epoch`` of ``epochs`` epochs (cumulative rate)."""
+    elapsed = now - started
+    eta = format_duration(eta_seconds(elapsed, epoch, epochs))
+    return f"{format_duration(elapsed)} elapsed, ETA {eta}"
+
+
 def train_linear_probe(
     train_features: Tensor,
     train_labels: Tensor,
     num_classes: int,
     config: LinearProbeConfig = LinearProbeConfig(),
+    log: Callable[[str], None] | None = None,
+    log_every: float = 10.0,
 ) -> nn.Module:
-    """Fit the probe on ``[N, D]`` features; returns the module in eval mode."""
+    """Fit the probe on ``[N, D]`` features; returns the module in eval mode.
+
+    ``log``: a line ``linear probe (fast) epoch i/N: loss L, E elapsed, ETA T`` (mean training
+    cross-entropy of the epoch; ETA at the cumulative rate of the epochs so far) after the
+    first and the last epoch and whenever ``log_every`` seconds have passed since the last
+    line (0: every epoch); ``None``: silent. Logging does not change the probe."""
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     x = train_features.float()
@@ -142,9 +157,11 @@ def train_linear_probe(
     steps_per_epoch = max(1, math.ceil(x.shape[0] / config.batch_size))
     total = config.epochs * steps_per_epoch
     step = 0
+    started = last_line = time.perf_counter()
     probe.train()
-    for _ in range(config.epochs):
+    for epoch in range(config.epochs):
         order = torch.randperm(x.shape[0], generator=generator).to(x.device)
+        sums = torch.zeros(2, dtype=torch.float64, device=x.device) if log is not None else None
         for start in range(0, x.shape[0], config.batch_size):
             idx = order[start : start + config.batch_size]
             if idx.numel() < 2:  # BatchNorm needs two samples
@@ -156,6 +173,18 @@ def train_linear_probe(
             loss.backward()
             opt.step()
             step += 1
+            if sums is not None:  # summed on the device: no sync per step
+                sums[0] += loss.detach().double() * idx.numel()
+                sums[1] += idx.numel()
+        if log is not None:
+            now = time.perf_counter()
+            if epoch in (0, config.epochs - 1) or now - last_line >= log_every:
+                last_line = now
+                mean = float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
+                log(
+                    f"linear probe (fast) epoch {epoch + 1}/{config.epochs}: loss {mean:.4f}, "
+                    + _epoch_timing(started, now, epoch + 1, config.epochs)
+                )
     return probe.eval()
 
 
@@ -256,7 +285,8 @@ def train_paper_probe(
     over ranks (the lr scales with the global batch), so the heads stay equal; the BatchNorm
     running statistics are averaged at the end. ``val``: centre-crop
     :class:`~train.features.Features`, scored after every epoch (cheap: cached features of a
-    frozen backbone). ``log``: one line per epoch.
+    frozen backbone). ``log``: one line per epoch (loss, accuracies, lr, its seconds, the
+    elapsed time and the ETA at the cumulative rate of the epochs so far).
 
     Returns the head in eval mode and one dict per epoch: ``epoch``, ``loss`` (mean training
     cross-entropy), ``train_top1`` (on the augmented crops), ``val_top1``, ``val_top5``,
@@ -278,6 +308,7 @@ def train_paper_probe(
     )
     lrs = cosine_schedule(peak, config.epochs * len(loader))
     step, history = 0, []
+    began = time.perf_counter()
     try:
         for epoch in range(config.epochs):
             start = time.perf_counter()
@@ -330,7 +361,8 @@ def train_paper_probe(
                 log(
                     f"linear probe (paper) epoch {epoch + 1}/{config.epochs}: loss "
                     f"{row['loss']:.4f}, train top-1 {row['train_top1']:.2f}% (augmented)"
-                    f"{scored}, lr {epoch_lr:.4g}, {row['seconds']:.1f} s"
+                    f"{scored}, lr {epoch_lr:.4g}, {row['seconds']:.1f} s, "
+                    + _epoch_timing(began, time.perf_counter(), epoch + 1, config.epochs)
                 )
     finally:
         backbone.train(was_training)
@@ -586,7 +618,10 @@ def linear_eval(
     - ``paper`` (``probe``: :class:`PaperProbeConfig`): :func:`train_paper_probe` on augmented
       crops of ``train`` decoded every epoch; also ``best_top1`` (the best epoch's val top-1,
       as DINO prints it: a test-set maximum, for reference only), ``train_loss`` and the
-      per-epoch ``history``. ``log`` gets a line per epoch (rank 0).
+      per-epoch ``history``.
+
+    ``log`` (rank 0): the probe's progress, a line per epoch with ``paper``, after the first
+    and the last epoch and every 10 s with ``fast``; ``None``: silent.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
@@ -598,7 +633,9 @@ def linear_eval(
     def fast(backbone, setup):
         bank, queries = setup.extract(backbone, train), setup.extract(backbone, val)
         num_classes = max(bank.num_classes, queries.num_classes)
-        model = train_linear_probe(bank.features, bank.labels, num_classes, probe)
+        model = train_linear_probe(
+            bank.features, bank.labels, num_classes, probe, log=log if setup.info.is_main else None
+        )
         acc = probe_accuracy(model, queries.features, queries.labels)
         fit = probe_accuracy(model, bank.features, bank.labels)
         return {
