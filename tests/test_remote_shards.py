@@ -338,3 +338,35 @@ def test_watcher_uploads_shards_while_a_build_writes_them(s3_server, tmp_path):
     assert not any(n.startswith("shard-") for n in result["uploaded"][-4:])  # not twice
     assert verify_shards(url) == []
     assert json.loads((staging / "manifest.json").read_text()) == manifest
+
+
+# ------------------------------------------------------------------------------ training
+
+
+@pytest.mark.slow
+def test_pretraining_from_url_gives_the_losses_of_local_disk(s3_server, tmp_path, monkeypatch):
+    import pipeline.loader
+    from tests.test_train_loop import quiet
+    from tests.test_train_shards import real
+    from train.distributed import init_distributed
+    from train.loop import build_loader, pretrain
+
+    local = photo_shards()
+    url = uploaded(s3_server, local, "photos")
+    whole = pretrain(real("mos", tmp_path / "local", local), log=quiet)
+    opened = []
+    local_loader = pipeline.loader.ViewLoader
+
+    def on_url(shards_dir, **kw):  # the trainer's loader, opened on the URL of the same shards
+        opened.append(local_loader(url, **kw))
+        return opened[-1]
+
+    monkeypatch.setattr(pipeline.loader, "ViewLoader", on_url)
+    cfg = real("mos", tmp_path / "url", local)
+    loader = build_loader(cfg, init_distributed("cpu"))
+    assert loader.index.url == url
+    remote_run = pretrain(cfg, loader=loader, log=quiet)
+    loader.close()
+    a = [m["loss"] for m in whole["metrics"]]
+    b = [m["loss"] for m in remote_run["metrics"]]
+    assert len(a) == len(b) > 0 and a == b
