@@ -211,21 +211,17 @@ def _check_remote(
     sha256 is checked when it is downloaded into the shard cache; with ``sha256`` the tars
     already in the cache are checked again like local ones (a file changed in the cache).
     ``stats["remote"]``: tars not in the cache yet."""
-    from shards.remote import cache_for, filesystem
+    from shards.remote import cache_for
 
     store = shards if isinstance(shards, ShardCache) else cache_for(shards)
     try:
         manifest = store.read_manifest()
-        fs, base = filesystem(store.url, store.endpoint_url)
-        try:
-            entries = fs.ls(base, detail=True)
-        except FileNotFoundError:
-            entries = []
+        names = [n for s in manifest["shards"] for n in (s["name"], s["index"])]
+        sizes = store.sizes(names)
     except RemoteShardError as e:
         raise ShardError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - storage libraries raise their own types
         raise ShardError(f"{store.url}: cannot be listed ({e})") from None
-    sizes = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e.get("size") for e in entries}
     where = store.remote("manifest.json")
     cached = []
     for s in manifest["shards"]:

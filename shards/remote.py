@@ -270,9 +270,46 @@ class ShardCache:
         about = self._state / "url.txt"
         if not about.exists():
             about.write_text(redact_url(self.url) + "\n")
+        self._clean_tmp()
         self._pins: dict[str, tuple[int, int]] = {}  # name -> (lock fd held shared, count)
         self._pin_lock = threading.Lock()
         self.manifest: dict | None = None
+
+    def _clean_tmp(self) -> None:
+        """Remove what downloads of processes that no longer run left behind."""
+        for tmp in (self._state / "tmp").iterdir():
+            try:
+                pid = int(tmp.name.rsplit(".", 2)[-2])
+            except (ValueError, IndexError):
+                continue
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                tmp.unlink(missing_ok=True)
+            except PermissionError:
+                pass
+
+    def sizes(self, names: Sequence[str]) -> dict[str, int]:
+        """Size of each of ``names`` at the URL (absent: missing there): one listing of the
+        folder, or one request per file where the storage has no listing (``https://``)."""
+        fs, base = self._fs()
+        wanted = set(names)
+        if urlsplit(self.url).scheme.lower() not in READ_ONLY:
+            try:
+                entries = fs.ls(base, detail=True)
+            except FileNotFoundError:
+                entries = []
+            found = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e.get("size") for e in entries}
+            return {n: found[n] for n in wanted if n in found}
+
+        def size(name: str) -> tuple[str, int | None]:
+            try:
+                return name, fs.info(f"{base}/{name}").get("size")
+            except FileNotFoundError:
+                return name, None
+
+        with ThreadPoolExecutor(16) as pool:
+            return {n: v for n, v in pool.map(size, sorted(wanted)) if v is not None}
 
     # ---- pickling: a process that receives the cache opens its own filesystem and pins
     def __getstate__(self) -> dict:

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .build import FORMAT, PROPOSALS_SCHEMA, WORK
-from .remote import RemoteShardError, ShardCache, cache_for, filesystem, is_url
+from .remote import READ_ONLY, RemoteShardError, ShardCache, cache_for, filesystem, is_url
 from .sources import parse_label
 from .writer import index_path_for, read_index, sha256_file
 
@@ -92,6 +92,9 @@ def _read_tar_samples(
 
 
 def _remote_names(store: ShardCache) -> set[str]:
+    """Names in the folder at the URL (none where the storage has no listing: https)."""
+    if store.url.split("://", 1)[0].lower() in READ_ONLY:
+        return set()
     fs, base = filesystem(store.url, store.endpoint_url)
     try:
         entries = fs.ls(base, detail=True)

@@ -370,3 +370,27 @@ def test_pretraining_from_url_gives_the_losses_of_local_disk(s3_server, tmp_path
     a = [m["loss"] for m in whole["metrics"]]
     b = [m["loss"] for m in remote_run["metrics"]]
     assert len(a) == len(b) > 0 and a == b
+
+
+def test_read_only_http_folder(tmp_path):
+    """A shard folder served over plain HTTP (a static web server, no listing, no upload)."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    local = constant_shards()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=local))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert check_shards(url)["shards"] == len(load_manifest(local)["shards"])
+        assert verify_shards(url) == []
+        assert_same(batches(local, batch_size=2), batches(url, batch_size=2))
+        with pytest.raises(RemoteShardError, match="read-only"):
+            upload_shards(local, url)
+    finally:
+        server.shutdown()
