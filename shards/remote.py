@@ -133,7 +133,7 @@ def filesystem(url: str, endpoint_url: str | None = None):
             f"{redact_url(url)}: reading shards from a URL needs fsspec; {INSTALL_HINT}"
         ) from None
     scheme = urlsplit(url).scheme.lower()
-    endpoint = endpoint_url or os.environ.get(ENDPOINT_ENV) or None
+    endpoint = endpoint_url or _DEFAULTS["endpoint_url"] or os.environ.get(ENDPOINT_ENV) or None
     key = (os.getpid(), scheme, endpoint if scheme == "s3" else None)
     with _FS_LOCK:
         fs = _FS.get(key)

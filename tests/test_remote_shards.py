@@ -154,6 +154,8 @@ def test_loader_from_url_gives_the_batches_of_local_disk(s3_server):
     expected = batches(local)
     got = batches(url)
     assert_same(expected, got)
+    # the view source in worker processes (each has its own prefetcher, one shared cache)
+    assert_same(expected, batches(url, workers=2))
     # resume mid-epoch from the URL: the same batches as the uninterrupted run
     with ViewLoader(url, SMALL_MOS, batch_size=4, seed=0) as loader:
         loader.load_state_dict({"epoch": 1, "batch": 1})
