@@ -17,23 +17,30 @@ from __future__ import annotations
 
 import click
 
+from cli.common import alias, require
+
 __all__ = ["eval_group"]
 
 
 @click.group("eval", context_settings={"show_default": True})
 def eval_group() -> None:
-    """Frozen-feature evaluation of a pretrained backbone on labelled shards."""
+    """Frozen-feature evaluation of a pretrained backbone on labelled shards.
+
+    RUN is a run directory (its newest checkpoint) or a checkpoint file; --train and --val are
+    labelled shard folders (shards build of a labelled layout: imagenet, cifar, idx).
+
+    \b
+    Examples:
+      ssl-cli eval knn runs/mos_fmnist --train data/shards/fmnist_train --val data/shards/fmnist_test
+      ssl-cli eval linear runs/mos_fmnist --train data/shards/fmnist_train --val data/shards/fmnist_test
+    """
 
 
 def _options(f):
     """Options shared by knn and linear: checkpoint, shards, extraction."""
     options = [
-        click.option(
-            "--ckpt",
-            required=True,
-            type=click.Path(exists=True),
-            help="Run directory (its newest checkpoint) or a checkpoint file.",
-        ),
+        click.argument("ckpt", metavar="RUN", required=False, type=click.Path(exists=True)),
+        alias("--ckpt", "ckpt", "the argument RUN", type=click.Path(exists=True)),
         click.option(
             "--train",
             "train_shards",
@@ -66,7 +73,8 @@ def _options(f):
             "--batch-size",
             type=click.IntRange(min=1),
             default=256,
-            help="Images per forward pass during feature extraction (per process).",
+            help="Images per forward pass during feature extraction, per process (not the "
+            "probe's SGD batch).",
         ),
         click.option(
             "--device",
@@ -180,11 +188,20 @@ def knn(
     k,
     temperature,
 ) -> None:
-    """Weighted kNN (DINO) on L2-normalised backbone features of centre crops: TRAIN is the
-    memory bank, VAL is scored. Prints top-1 / top-5 and writes RUN/eval/knn-target-step-N.json
-    (knn-step-N.json for --branch online, knn-both-step-N.json for both)."""
+    """Weighted kNN (DINO) on L2-normalised backbone features of centre crops of RUN's
+    backbone: TRAIN is the memory bank, VAL is scored. Prints top-1 / top-5 and writes
+    RUN/eval/knn-target-step-N.json (knn-step-N.json for --branch online, knn-both-step-N.json
+    for both).
+
+    \b
+    Examples:
+      ssl-cli eval knn runs/mos_fmnist --train data/shards/fmnist_train --val data/shards/fmnist_test
+      ssl-cli eval knn runs/mos_fmnist/checkpoints/step-00001000.pt --train data/shards/fmnist_train --val data/shards/fmnist_test --branch both
+      ssl-cli eval knn runs/mos_coco --train data/shards/imagenet_train --val data/shards/imagenet_val --device cuda --precision bf16
+    """
     from train.evaluation import knn_eval
 
+    require(ckpt, "ckpt")
     _check(device, precision)
     report = _run(
         knn_eval,
@@ -255,9 +272,17 @@ def linear(
     """Linear probe on the frozen backbone (BatchNorm without affine + Linear, SGD, cosine
     lr): fit on TRAIN, score VAL's centre crops. Prints top-1 / top-5 and writes
     RUN/eval/linear-target-step-N.json (named like knn's). --protocol paper logs a line per
-    epoch on stderr."""
+    epoch on stderr.
+
+    \b
+    Examples:
+      ssl-cli eval linear runs/mos_fmnist --train data/shards/fmnist_train --val data/shards/fmnist_test
+      ssl-cli eval linear runs/mos_fmnist --train data/shards/fmnist_train --val data/shards/fmnist_test --epochs 20 --lr 0.3
+      ssl-cli eval linear runs/mos_coco --train data/shards/imagenet_train --val data/shards/imagenet_val --protocol paper --device cuda
+    """
     from train.evaluation import LinearProbeConfig, PaperProbeConfig, linear_eval
 
+    require(ckpt, "ckpt")
     _check(device, precision)
     config = LinearProbeConfig if protocol == "fast" else PaperProbeConfig
     probe = config(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from cli.common import COMPLETION, version_option
 from shards.images import ImageParams
 from shards.proposals import SEARCH_MODES, FilterParams, SearchParams
 
@@ -19,9 +20,27 @@ def _fail(e: Exception) -> click.ClickException:
     return click.ClickException(str(e))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+    epilog=COMPLETION,
+)
+@version_option
 def main() -> None:
-    """Self-supervised pretraining on multi-object images (MOS, UniVIP) from selective-search shards."""
+    """Self-supervised pretraining on multi-object images (MOS, UniVIP) from selective-search shards.
+
+    Shard folders: a command that reads one takes it as --data SHARDS (pretrain, preview,
+    bench pipeline, bench train); one that reads a labelled pair takes --train and --val (eval,
+    bench quality); the shards commands take the folder they build or check as an argument. A
+    run directory is the argument RUN of eval, export and plot, and --out RUN of pretrain.
+    Config overrides: --set KEY=VALUE, or bare KEY=VALUE arguments after the options.
+
+    \b
+    Examples:
+      ssl-cli demo
+      ssl-cli shards build @sample data/shards/sample
+      ssl-cli pretrain --method mos --data data/shards/sample --out runs/mos_sample --steps 20
+      ssl-cli eval knn runs/mos_fmnist --train data/shards/fmnist_train --val data/shards/fmnist_test
+    """
 
 
 # ---------------------------------------------------------------------------------------- shards
@@ -29,7 +48,14 @@ def main() -> None:
 
 @main.group()
 def shards() -> None:
-    """Build, inspect and verify proposal shards (selective search, run once)."""
+    """Build, inspect and verify proposal shards (selective search, run once).
+
+    \b
+    Examples:
+      ssl-cli shards build @sample data/shards/sample
+      ssl-cli shards verify data/shards/sample
+      ssl-cli shards inspect data/shards/sample --examples 3
+    """
 
 
 @shards.command("build")
@@ -141,7 +167,7 @@ def shards() -> None:
     "--workers",
     type=click.IntRange(min=1),
     default=None,
-    help="Worker processes [default: all cores].",
+    help="Selective-search worker processes [default: all cores].",
 )
 @click.option(
     "--engine",
@@ -161,7 +187,11 @@ def shards() -> None:
     help="Redo the shards holding transient rejects (worker_crashed, unreadable), also on a "
     "finished build.",
 )
-@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@click.option(
+    "--progress/--no-progress",
+    default=True,
+    help="Progress on stderr: a bar on a terminal, otherwise a log line every 30 s or 10%.",
+)
 def shards_build(
     src,
     out,
@@ -196,6 +226,13 @@ def shards_build(
     (photographs shipped with scikit-image and scikit-learn). Re-running the same command
     resumes an interrupted build and does nothing on a finished one. Exits non-zero when every
     input, or most for one reason, was rejected, or transient rejects remain.
+
+    \b
+    Examples:
+      ssl-cli shards build ~/coco/train2017 data/shards/coco --workers 8
+      ssl-cli shards build @sample data/shards/sample
+      ssl-cli shards build /usr/share/datasets/fashion-mnist data/shards/fmnist_test --layout idx --split test
+      ssl-cli shards build ~/imagenet/train data/shards/imagenet --layout imagenet --engine ray
     """
     from shards.build import BuildParams, build_shards
 
@@ -246,7 +283,13 @@ def shards_build(
     "--decode/--no-decode", default=False, help="Also decode every image and check its size."
 )
 def shards_verify(out, decode) -> None:
-    """Recompute checksums and counts; check that tar samples and Parquet rows match one to one."""
+    """Recompute checksums and counts; check that tar samples and Parquet rows match one to one.
+
+    \b
+    Examples:
+      ssl-cli shards verify data/shards/coco
+      ssl-cli shards verify data/shards/coco --decode
+    """
     from shards.verify import verify_shards
 
     try:
@@ -264,7 +307,13 @@ def shards_verify(out, decode) -> None:
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--examples", type=click.IntRange(min=0), default=5, help="Samples to print.")
 def shards_inspect(out, examples) -> None:
-    """Print samples, shards, labels and boxes-per-image statistics."""
+    """Print samples, shards, labels and boxes-per-image statistics.
+
+    \b
+    Examples:
+      ssl-cli shards inspect data/shards/coco
+      ssl-cli shards inspect data/shards/coco --examples 0
+    """
     from shards.verify import inspect_shards
 
     try:
@@ -278,7 +327,14 @@ def shards_inspect(out, examples) -> None:
 
 @main.group()
 def bench() -> None:
-    """Benchmarks: our implementation against a baseline measured in the same run."""
+    """Benchmarks: our implementation against a baseline measured in the same run.
+
+    \b
+    Examples:
+      ssl-cli bench shards @sample
+      ssl-cli bench pipeline --data data/shards/sample
+      ssl-cli bench train --method mos --synthetic-only
+    """
 
 
 @bench.command("shards")
@@ -290,7 +346,12 @@ def bench() -> None:
     multiple=True,
     help="Our setting(s) to compare [default: the build default].",
 )
-@click.option("--mode", type=click.Choice(SEARCH_MODES), default=DEFAULT_SEARCH.mode)
+@click.option(
+    "--mode",
+    type=click.Choice(SEARCH_MODES),
+    default=DEFAULT_SEARCH.mode,
+    help="Selective search strategy of our setting(s).",
+)
 @click.option(
     "--scale-k/--no-scale-k",
     default=DEFAULT_SEARCH.scale_k,
@@ -307,7 +368,16 @@ def bench() -> None:
     help="Also write the report as JSON.",
 )
 def bench_shards(src, max_sides, mode, scale_k, limit, json_out) -> None:
-    """Selective search: our configuration vs the ORL recipe (fast mode, full resolution)."""
+    """Selective search: our configuration vs the ORL recipe (fast mode, full resolution).
+
+    SRC is read like the SRC of shards build (a folder of images, or @sample).
+
+    \b
+    Examples:
+      ssl-cli bench shards
+      ssl-cli bench shards ~/coco/train2017 --limit 200 --max-side 512 --max-side 0
+      ssl-cli bench shards @sample --json runs/bench-shards.json
+    """
     from shards.bench import bench_search
 
     sides = max_sides or (DEFAULT_SEARCH.max_side,)
@@ -336,10 +406,18 @@ def bench_shards(src, max_sides, mode, scale_k, limit, json_out) -> None:
     "--workers",
     type=click.IntRange(min=1),
     default=None,
-    help="Worker processes [default: all cores].",
+    help="Selective-search worker processes of the sample build [default: all cores].",
 )
 def demo(out, workers) -> None:
-    """The embedded default: build shards of the sample photographs and verify them."""
+    """The embedded default: builds the embedded sample shards, verifies them, pretrains MOS
+    and UniVIP for a few CPU steps, evaluates them with kNN on labelled sample shards, and
+    prints next steps.
+
+    \b
+    Examples:
+      ssl-cli demo
+      ssl-cli demo --out runs/demo --workers 2
+    """
     from shards.build import BuildParams, build_shards
     from shards.verify import inspect_shards, verify_shards
 

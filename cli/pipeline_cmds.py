@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from cli.common import alias, positional_alias, require
+
 METHODS = ["mos", "univip", "multicrop"]
 
 
@@ -22,8 +24,23 @@ def _device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _data(f):
+    """``--data SHARDS``, and the positional SHARDS of earlier releases (hidden)."""
+    f = positional_alias(
+        "SHARDS", "shards", "--data", type=click.Path(exists=True, file_okay=False)
+    )(f)
+    return click.option(
+        "--data",
+        "shards",
+        metavar="SHARDS",
+        type=click.Path(exists=True, file_okay=False),
+        default=None,
+        help="Shard directory (ssl-cli shards build).  [required]",
+    )(f)
+
+
 @click.command("preview")
-@click.argument("shards", type=click.Path(exists=True, file_okay=False))
+@_data
 @click.option(
     "--method",
     type=click.Choice(METHODS),
@@ -60,15 +77,22 @@ def _device(device: str) -> str:
     help="Where DALI builds the views.",
 )
 def preview(shards, method, out, samples, seed, augment, device) -> None:
-    """Write a PNG of the views a method trains on, for a few samples of SHARDS.
+    """Write a PNG of the views a method trains on, for a few samples of --data SHARDS.
 
     mos: the source image with its proposal boxes, the two single-object views and the two
     stitched views with the batch position of the sample in every cell. univip: the source with
     its proposals, the two scene boxes, their overlap and the instance boxes; the two scenes and
     the instance crops. multicrop: the source with every crop box, then the crops.
+
+    \b
+    Examples:
+      ssl-cli preview --data data/shards/sample
+      ssl-cli preview --data data/shards/coco --method univip --out univip.png --samples 8
+      ssl-cli preview --data data/shards/coco --method multicrop --no-augment --seed 3
     """
     from pipeline.preview import render_preview
 
+    require(shards, "shards")
     try:
         path = render_preview(
             shards, method, out, samples=samples, seed=seed, device=_device(device), augment=augment
@@ -79,16 +103,26 @@ def preview(shards, method, out, samples, seed, augment, device) -> None:
 
 
 @click.command("pipeline")
-@click.argument("shards", type=click.Path(exists=True, file_okay=False))
-@click.option("--method", type=click.Choice(METHODS), default="mos", show_default=True)
+@_data
+@click.option(
+    "--method",
+    type=click.Choice(METHODS),
+    default="mos",
+    show_default=True,
+    help="View set to time.",
+)
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
     default=None,
-    help="Per batch [default: 256 on a GPU, 32 on CPU].",
+    help="Source images per batch, for every pipeline [default: 256 on a GPU, 32 on CPU].",
 )
 @click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where DALI builds our views (auto: CUDA when available).",
 )
 @click.option(
     "--seconds",
@@ -105,17 +139,21 @@ def preview(shards, method, out, samples, seed, augment, device) -> None:
     help="Alternating rounds; the median counts.",
 )
 @click.option(
-    "--threads",
+    "--num-threads",
+    "threads",
     type=click.IntRange(min=1),
     default=None,
     help="DALI threads [default: all cores on CPU, min(8, cores/2) with a GPU].",
 )
+@alias("--threads", "threads", "--num-threads", type=click.IntRange(min=1))
 @click.option(
-    "--workers",
+    "--loader-workers",
+    "workers",
     type=click.IntRange(min=0),
     default=None,
-    help="Our view-source processes [default: 0 on CPU, min(8, cores/2) with a GPU].",
+    help="Our loader's view-source processes [default: 0 on CPU, min(8, cores/2) with a GPU].",
 )
+@alias("--workers", "workers", "--loader-workers", type=click.IntRange(min=0))
 @click.option(
     "--baseline-workers",
     type=click.IntRange(min=0),
@@ -149,10 +187,18 @@ def bench_pipeline(
     json_out,
 ) -> None:
     """Source images/s of our DALI views vs a torchvision + PIL DataLoader (all cores) and
-    vs plain decode + random-resized-crop, on the same SHARDS, in one run."""
+    vs plain decode + random-resized-crop, on the same --data SHARDS, in one run.
+
+    \b
+    Examples:
+      ssl-cli bench pipeline --data data/shards/sample
+      ssl-cli bench pipeline --data data/shards/coco --method univip --device cuda --json runs/bench-pipeline.json
+      ssl-cli bench pipeline --data data/shards/coco --num-threads 8 --loader-workers 4 --no-baseline
+    """
     from pipeline.bench import bench_pipeline as run
     from pipeline.bench import format_report
 
+    require(shards, "shards")
     device = _device(device)
     batch_size = batch_size or (256 if device == "cuda" else 32)
     try:

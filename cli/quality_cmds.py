@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import click
 
+from cli.common import overrides_argument, split_overrides
+
 RECIPES = ("cpu", "gpu")
+RECIPE_DEFAULT = "[default: from --recipe; see --dry-run]"
 
 
 def _csv(kind: type):
@@ -23,6 +26,7 @@ def _csv(kind: type):
 
 
 @click.command("quality", context_settings={"show_default": True})
+@overrides_argument
 @click.option(
     "--train",
     "train_shards",
@@ -72,7 +76,7 @@ def _csv(kind: type):
     "--budget-seconds",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help="Equal wall-clock training time per run [default: the recipe's].",
+    help=f"Equal wall-clock training time per run, in seconds {RECIPE_DEFAULT}",
 )
 @click.option(
     "--budget-fe",
@@ -85,20 +89,25 @@ def _csv(kind: type):
     "--eval-every",
     type=click.IntRange(min=0),
     default=None,
-    help="Steps between kNN evaluations during each run [default: the recipe's].",
+    help=f"Steps between kNN evaluations during each run {RECIPE_DEFAULT}",
 )
 @click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="Device."
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    help="Where every run trains and evaluates (auto: CUDA when available).",
 )
 @click.option(
     "--set",
     "assignments",
     metavar="KEY=VALUE",
     multiple=True,
-    help="Config override for every run, e.g. --set optim.base_lr=1e-3 (repeatable).",
+    help="Config override for every run, e.g. --set optim.base_lr=1e-3 (repeatable); bare "
+    "KEY=VALUE arguments after the options do the same.",
 )
 @click.option("--dry-run", is_flag=True, help="Print the plan (runs, budgets, configs) and exit.")
 def bench_quality(
+    overrides,
     train_shards,
     val_shards,
     bank_shards,
@@ -117,11 +126,14 @@ def bench_quality(
     evaluate frozen features: weighted kNN (k = 20, T = 0.07) on both branches, a linear
     probe, and two references (the same backbone at random init, kNN on raw pixels).
 
+    Every run's config starts from --recipe, then --set and the bare KEY=VALUE arguments.
+
     \b
     Examples:
       ssl-cli bench quality --train data/shards/fmnist_train --val data/shards/fmnist_test --out runs/quality
-      ssl-cli bench quality ... --methods mos,mocov3 --seeds 0,1,2 --budget-fe 2000000
-      ssl-cli bench quality ... --recipe gpu --device cuda
+      ssl-cli bench quality --train data/shards/fmnist_train --val data/shards/fmnist_test --out runs/quality --methods mos,mocov3 --seeds 0,1 --budget-fe 2000000
+      ssl-cli bench quality --train data/shards/fmnist_train --val data/shards/fmnist_test --out runs/quality-gpu --recipe gpu --device cuda
+      ssl-cli bench quality --train data/shards/fmnist_train --val data/shards/fmnist_test --out runs/quality --dry-run optim.base_lr=1e-3
     """
     from train.config import ConfigError
     from train.quality import QualityPlan, run_quality
@@ -139,7 +151,7 @@ def bench_quality(
             budget_fe=budget_fe,
             eval_every=eval_every,
             device=device,
-            assignments=assignments,
+            assignments=tuple(assignments) + split_overrides(overrides, shards_option=None),
         )
         if dry_run:
             click.echo(plan.describe())

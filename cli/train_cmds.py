@@ -5,31 +5,41 @@ Plain :class:`click.Command` objects, registered in ``cli/main.py``::
     main.add_command(pretrain)
     bench.add_command(bench_train, name="train")
 
-They parse options into config layers (file, then flags, then ``--set``), and call
-``train.loop.pretrain`` / ``train.bench.bench_train``; no logic of their own.
+They parse options into config layers (file, then flags, then ``--set`` and bare
+``KEY=VALUE`` arguments), and call ``train.loop.pretrain`` / ``train.bench.bench_train``; no
+logic of their own.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import click
 
+from cli.common import alias, overrides_argument, recipe, split_overrides, world_size
+
 __all__ = ["bench_train", "pretrain"]
 
 
+def _literal(value) -> str:
+    """``value`` written so that the YAML of ``parse_assignment`` reads it back unchanged."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return ".nan" if math.isnan(value) else (".inf" if value > 0 else "-.inf")
+    return json.dumps(value)  # JSON is YAML: strings stay strings ("1e-3", "yes", "on")
+
+
 def _flag_layer(**flags) -> dict:
-    """Nested config dict from ``{"data.batch_size": 256, ...}``, skipping unset (None) flags."""
+    """Nested config dict from ``{"data.batch_size": 256, ...}``, skipping unset (None) flags.
+
+    Each flag goes through the parser of ``--set`` (``train.config.parse_assignment``)."""
+    from train.config import deep_merge, parse_assignment
+
     out: dict = {}
     for key, value in flags.items():
-        if value is None:
-            continue
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
+        if value is not None:
+            out = deep_merge(out, parse_assignment(f"{key}={_literal(value)}"))
     return out
 
 
@@ -84,81 +94,114 @@ def _common(f):
         click.option(
             "--data",
             "shards",
+            metavar="SHARDS",
             type=click.Path(file_okay=False),
             default=None,
-            help="Shard directory (ssl-cli shards build).",
+            help="Shard directory (ssl-cli shards build) [default: data.shards of --config].",
         ),
         click.option(
             "--synthetic",
             is_flag=True,
             default=None,
-            help="Random tensors instead of shards (no DALI needed).",
+            help=recipe("Random tensors instead of shards (no DALI needed)."),
         ),
         click.option(
             "--batch-size",
             type=click.IntRange(min=1),
             default=None,
-            help="GLOBAL batch size (all ranks); lr scales with it.",
+            help=recipe(
+                "GLOBAL batch: images per step, all GPUs (ranks) together; lr scales with it."
+            ),
+        ),
+        click.option(
+            "--batch-size-per-gpu",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Images per step on each GPU (rank): sets the global --batch-size to this "
+            "times WORLD_SIZE (set by torchrun; 1 otherwise). Not with --batch-size.",
         ),
         click.option(
             "--base-lr",
             type=click.FloatRange(min=0),
             default=None,
-            help="Learning rate per 256 images (lr = base_lr * batch / 256).",
+            help=recipe("Learning rate per 256 images (lr = base_lr * global batch / 256)."),
         ),
         click.option(
             "--backbone",
             default=None,
-            help="timm model name, e.g. vit_small_patch16_224, resnet50.",
+            help=recipe("timm model name, e.g. vit_small_patch16_224, resnet50."),
         ),
         click.option(
             "--device",
             type=click.Choice(["auto", "cpu", "cuda"]),
             default=None,
-            help="auto: CUDA when available.",
+            help=recipe("auto: CUDA when available."),
         ),
         click.option(
             "--precision",
             type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
             default=None,
-            help="auto: bf16 autocast on CUDA, fp32 on CPU.",
+            help=recipe("auto: bf16 autocast on CUDA, fp32 on CPU."),
         ),
         click.option(
             "--compile/--no-compile",
             "compile_",
             default=None,
-            help="torch.compile the backbones and heads.",
+            help=recipe("torch.compile the backbones and heads."),
         ),
         click.option(
             "--num-threads",
             type=click.IntRange(min=1),
             default=None,
-            help="DALI threads per rank [default: the loader's].",
+            help=recipe("DALI threads per rank (unset: the loader's choice)."),
         ),
         click.option(
-            "--workers",
+            "--loader-workers",
+            "workers",
             type=click.IntRange(min=0),
             default=None,
-            help="Loader view-source processes per rank (0: inside the DALI thread).",
+            help=recipe(
+                "Loader view-source processes per rank (0: inside the DALI thread; unset: the "
+                "loader's choice)."
+            ),
         ),
-        click.option("--seed", type=int, default=None),
+        alias("--workers", "workers", "--loader-workers", type=click.IntRange(min=0)),
+        click.option(
+            "--seed",
+            type=int,
+            default=None,
+            help=recipe("Random seed: initialisation, data order and augmentation."),
+        ),
         click.option(
             "--set",
             "assignments",
             multiple=True,
             metavar="KEY=VALUE",
-            help="Any config key, e.g. --set optim.clip_grad=3.0 (repeatable).",
+            help="Any config key, e.g. --set optim.clip_grad=3.0 (repeatable); bare KEY=VALUE "
+            "arguments after the options do the same.",
         ),
+        click.option("--print-config", is_flag=True, help="Print the resolved config and exit."),
     ]
     for option in reversed(options):
         f = option(f)
     return f
 
 
+def _global_batch(batch_size: int | None, batch_size_per_gpu: int | None) -> int | None:
+    if batch_size_per_gpu is None:
+        return batch_size
+    if batch_size is not None:
+        raise click.UsageError(
+            "--batch-size (global) and --batch-size-per-gpu: give one of them, not both"
+        )
+    return batch_size_per_gpu * world_size()
+
+
 def _common_flags(
     shards,
     synthetic,
     batch_size,
+    batch_size_per_gpu,
     base_lr,
     backbone,
     device,
@@ -171,7 +214,7 @@ def _common_flags(
     return {
         "data.shards": shards,
         "data.synthetic": synthetic,
-        "data.batch_size": batch_size,
+        "data.batch_size": _global_batch(batch_size, batch_size_per_gpu),
         "optim.base_lr": base_lr,
         "model.backbone": backbone,
         "run.device": device,
@@ -185,26 +228,44 @@ def _common_flags(
 
 @click.command("pretrain", context_settings={"show_default": True})
 @_common
+@overrides_argument
 @click.option(
     "--out",
     type=click.Path(file_okay=False),
     default=None,
-    help="Run directory (checkpoints, metrics, TensorBoard, config).",
+    help="Run directory (checkpoints, metrics, TensorBoard, config) [default: run.out of "
+    "--config].",
 )
-@click.option("--epochs", type=click.IntRange(min=1), default=None)
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=1),
+    default=None,
+    help=recipe("Passes over the shards; the lr, weight-decay and EMA schedules span them."),
+)
 @click.option(
     "--steps",
     type=click.IntRange(min=1),
     default=None,
-    help="Train exactly this many steps (schedules span them).",
+    help=recipe("Train exactly this many steps instead of --epochs (schedules span them)."),
 )
 @click.option(
-    "--log-every", type=click.IntRange(min=1), default=None, help="Steps between metrics lines."
+    "--log-every",
+    type=click.IntRange(min=1),
+    default=None,
+    help=recipe("Steps between metrics lines."),
 )
 @click.option(
-    "--ckpt-every", type=click.IntRange(min=1), default=None, help="Steps between checkpoints."
+    "--ckpt-every",
+    type=click.IntRange(min=1),
+    default=None,
+    help=recipe("Steps between checkpoints (and one at the end)."),
 )
-@click.option("--keep-last", type=click.IntRange(min=1), default=None, help="Checkpoints kept.")
+@click.option(
+    "--keep-last",
+    type=click.IntRange(min=1),
+    default=None,
+    help=recipe("Newest checkpoints kept in RUN/checkpoints."),
+)
 @click.option(
     "--resume",
     type=click.Path(exists=True),
@@ -212,26 +273,30 @@ def _common_flags(
     help="Checkpoint file or run directory to resume from [default: the newest checkpoint in --out, if any].",
 )
 @click.option(
-    "--progress/--no-progress", default=None, help="Progress bar (rank 0, terminals only)."
+    "--progress/--no-progress",
+    default=None,
+    help=recipe("Progress bar (rank 0, terminals only)."),
 )
 @click.option(
     "--eval-every",
     type=click.IntRange(min=0),
     default=None,
-    help="Steps between kNN evaluations on --eval-train/--eval-val (and one at the end); "
-    "0: off. Lines eval/knn_top1, eval/knn_top5 go to metrics.jsonl.",
+    help=recipe(
+        "Steps between kNN evaluations on --eval-train/--eval-val (and one at the end); "
+        "0: off. Lines eval/knn_top1, eval/knn_top5 go to metrics.jsonl."
+    ),
 )
 @click.option(
     "--eval-train",
     type=click.Path(exists=True, file_okay=False),
     default=None,
-    help="Labelled shards: the kNN memory bank.",
+    help="Labelled shards: the kNN memory bank [default: eval.train of --config].",
 )
 @click.option(
     "--eval-val",
     type=click.Path(exists=True, file_okay=False),
     default=None,
-    help="Labelled shards: the kNN queries.",
+    help="Labelled shards: the kNN queries [default: eval.val of --config].",
 )
 @click.option(
     "--verify-shards/--no-verify-shards",
@@ -239,11 +304,12 @@ def _common_flags(
     help="Before training, check every shard's sha256 against manifest.json (digests of "
     "unchanged files are cached in RUN/shards-checked.json); sizes are checked either way.",
 )
-@click.option("--print-config", is_flag=True, help="Print the resolved config and exit.")
 def pretrain(
     method,
     config_file,
     assignments,
+    print_config,
+    overrides,
     out,
     epochs,
     steps,
@@ -256,16 +322,23 @@ def pretrain(
     eval_train,
     eval_val,
     verify_shards,
-    print_config,
     **common,
 ) -> None:
     """Self-supervised pretraining of MOS, UniVIP, BYOL or MoCo v3 on shards.
 
-    Values come from the method's recipe, then --config, then the flags, then --set. A run
+    Values come from the method's recipe, then --config, then the flags, then --set and the
+    bare KEY=VALUE arguments (in that order); --print-config shows the result. A run
     directory that holds checkpoints is resumed from the newest one (same config required,
     apart from run/logging keys). Multi-GPU: torchrun --nproc-per-node N $(which ssl-cli)
     pretrain ... With --eval-every N --eval-train SHARDS --eval-val SHARDS, a weighted kNN on
     labelled shards runs every N steps and is logged to metrics.jsonl.
+
+    \b
+    Examples:
+      ssl-cli pretrain --method mos --data data/shards/coco --out runs/mos_coco
+      ssl-cli pretrain --config configs/mos_vits16_coco.yaml --data data/shards/coco --out runs/mos_coco optim.base_lr=1e-3 schedule.epochs=100
+      ssl-cli pretrain --method univip --data data/shards/coco --batch-size-per-gpu 64 --print-config
+      torchrun --nproc-per-node 8 $(which ssl-cli) pretrain --config configs/mos_vits16_coco.yaml --data data/shards/coco --out runs/mos_coco
     """
     from train.checkpoint import read_checkpoint_config
     from train.config import ConfigError, dump_yaml, to_dict
@@ -290,7 +363,7 @@ def pretrain(
         }
     )
     try:
-        layers = _layers(config_file, method, assignments, flags)
+        layers = _layers(config_file, method, assignments + split_overrides(overrides), flags)
         cfg = resolve_config(*layers)
         if print_config:
             click.echo(dump_yaml(to_dict(cfg)), nl=False)
@@ -312,6 +385,7 @@ def pretrain(
 
 @click.command("train", context_settings={"show_default": True})
 @_common
+@overrides_argument
 @click.option(
     "--steps", type=click.IntRange(min=1), default=50, help="Timed steps per measurement."
 )
@@ -342,6 +416,8 @@ def bench_train(
     method,
     config_file,
     assignments,
+    print_config,
+    overrides,
     steps,
     warmup,
     synthetic_only,
@@ -350,15 +426,28 @@ def bench_train(
     **common,
 ) -> None:
     """Trainer images/s on real shards next to the same step fed with on-device synthetic
-    tensors (the compute ceiling), measured in one run."""
+    tensors (the compute ceiling), measured in one run.
+
+    The config resolves as for pretrain (recipe, --config, flags, --set, bare KEY=VALUE).
+
+    \b
+    Examples:
+      ssl-cli bench train --method mos --synthetic-only
+      ssl-cli bench train --method mos --data data/shards/coco --device cuda --batch-size-per-gpu 64
+      ssl-cli bench train --method mos --baseline mocov3 --data data/shards/coco --json runs/bench-train.json
+    """
     from train.bench import bench_train as run_bench
-    from train.config import ConfigError
+    from train.config import ConfigError, dump_yaml, to_dict
     from train.methods import resolve_config
 
     _check_device(common["device"])
     flags = _common_flags(**common)
     try:
-        cfg = resolve_config(*_layers(config_file, method, assignments, flags))
+        layers = _layers(config_file, method, assignments + split_overrides(overrides), flags)
+        cfg = resolve_config(*layers)
+        if print_config:
+            click.echo(dump_yaml(to_dict(cfg)), nl=False)
+            return
         _check_device(cfg.run.device, cfg.run.precision)
         if baseline is not None:
             from train.methods import get_method

@@ -25,6 +25,8 @@ import json
 import os
 import platform
 import re
+import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -52,6 +54,10 @@ _OUR_FILES = re.compile(
     r"^(shard-\d{6}\.(tar|idx)|proposals\.parquet|rejects\.jsonl|ignored\.jsonl|classes\.json"
     r"|manifest\.json)(\.tmp)?$"
 )
+# Progress when stderr is not a terminal (a log file, CI): a plain line every LOG_EVERY_S seconds
+# or every LOG_EVERY_PERCENT of the inputs, whichever comes first.
+LOG_EVERY_S = 30.0
+LOG_EVERY_PERCENT = 10
 _OUR_PARTS = re.compile(r"^(build\.json|shard-\d{6}\.tar\.(json|parquet|rejects\.jsonl))(\.tmp)?$")
 PROPOSALS_SCHEMA = pa.schema(
     [
@@ -175,12 +181,97 @@ def _finish_chunk(
     return info
 
 
+def _duration(seconds: float | None) -> str:
+    """``h:mm:ss``, as the other progress lines of ssl-cli; ``?`` for no estimate yet."""
+    if seconds is None:
+        return "?"
+    h, rest = divmod(int(max(seconds, 0.0)), 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+class LogProgress:
+    """Progress as plain lines for a stderr that is not a terminal (no carriage returns).
+
+    ``shards: 120/500 images (24%), 35.2 images/s, 3 rejected; 0:00:03 elapsed, ETA 0:00:10``:
+    a line every ``every_s`` seconds or every ``every_percent`` of ``total``, whichever comes
+    first, and one at the end. Rate and ETA are cumulative: the images done since the start of this run over
+    its elapsed time (resumed images count in done/total, not in the rate).
+    """
+
+    def __init__(
+        self,
+        total: int,
+        initial: int = 0,
+        write: Callable[[str], None] | None = None,
+        every_s: float = LOG_EVERY_S,
+        every_percent: float = LOG_EVERY_PERCENT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.total, self.initial, self.n = total, initial, initial
+        self.rejects = 0
+        self._write = write or (lambda line: print(line, file=sys.stderr, flush=True))
+        self._every_s, self._clock = every_s, clock
+        self._step = max(1, int(total * every_percent / 100))
+        self._start = self._last_time = clock()
+        self._next_n = initial + self._step
+        self._last_n = initial
+
+    def __enter__(self) -> LogProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None and self.n != self._last_n:
+            self._line(self._clock())
+
+    def set_postfix(self, rejects: int | None = None, refresh: bool = False, **_) -> None:
+        if rejects is not None:
+            self.rejects = rejects
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = self._clock()
+        if self.n >= self._next_n or now - self._last_time >= self._every_s or self.n >= self.total:
+            self._line(now)
+
+    def _line(self, now: float) -> None:
+        done = self.n - self.initial
+        elapsed = now - self._start
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = elapsed * (self.total - self.n) / done if done > 0 and elapsed > 0 else None
+        pct = 100 * self.n / self.total if self.total else 100.0
+        line = f"shards: {self.n}/{self.total} images ({pct:.0f}%), {rate:.1f} images/s"
+        if self.rejects:
+            line += f", {self.rejects} rejected"
+        self._write(f"{line}; {_duration(elapsed)} elapsed, ETA {_duration(eta)}")
+        self._last_time, self._last_n = now, self.n
+        while self._next_n <= self.n:
+            self._next_n += self._step
+
+
+def _progress(total: int, initial: int, progress: bool):
+    """A tqdm bar on a terminal, plain log lines otherwise, nothing with ``progress=False``.
+
+    The bar's rate and ETA are cumulative too (``smoothing=0``), like the log lines'."""
+    if progress and not sys.stderr.isatty():
+        return LogProgress(total, initial)
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="img",
+        desc="shards",
+        disable=not progress,
+        dynamic_ncols=True,
+        smoothing=0,
+    )
+
+
 def _run_chunks(
     out: Path,
     parts: Path,
     chunks: dict[int, list[SourceItem]],
     results: Iterator[Sample | Reject],
-    bar: tqdm,
+    bar: tqdm | LogProgress,
 ) -> None:
     total_rejects = 0
     for chunk in sorted(chunks):
@@ -540,7 +631,8 @@ def build_shards(
     """Build (or resume, or confirm) the shards of ``src`` in ``out``.
 
     ``retry_rejects``: redo the chunks holding transient rejects (``worker_crashed``,
-    ``unreadable``), also on a finished build.
+    ``unreadable``), also on a finished build. ``progress``: on stderr, a bar when it is a
+    terminal, else a plain line every ``LOG_EVERY_S`` seconds or ``LOG_EVERY_PERCENT``.
     """
     load_cv2()  # fail before any work when the contrib module is missing
     if src != SAMPLE_SOURCE:
@@ -622,14 +714,7 @@ def _build_locked(
 
     runner = make_engine(engine, workers=workers, address=ray_address)
     items = (item for c in sorted(todo) for item in todo[c])
-    with tqdm(
-        total=len(source.items),
-        initial=len(source.items) - n_todo,
-        unit="img",
-        desc="shards",
-        disable=not progress,
-        dynamic_ncols=True,
-    ) as bar:
+    with _progress(len(source.items), len(source.items) - n_todo, progress) as bar:
         results = runner.map(process_item, items, params)
         try:
             _run_chunks(out, parts, todo, results, bar)

@@ -1,0 +1,214 @@
+"""What every ``ssl-cli`` command shares: the version string, deprecated spellings of options,
+config overrides given as bare ``KEY=VALUE`` arguments, and the world size of a launch."""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import os
+import subprocess
+from pathlib import Path
+
+import click
+
+__all__ = [
+    "COMPLETION",
+    "RECIPE_DEFAULT",
+    "HiddenArgument",
+    "alias",
+    "git_describe",
+    "overrides_argument",
+    "positional_alias",
+    "recipe",
+    "require",
+    "split_overrides",
+    "version_string",
+    "world_size",
+]
+
+PACKAGE = "ssl-cli"
+_ROOT = Path(__file__).resolve().parent.parent  # the checkout root when run from a checkout
+
+RECIPE_DEFAULT = "[default: from the method's recipe; see --print-config]"
+
+COMPLETION = (
+    "\b\n"
+    'Shell completion: eval "$(_SSL_CLI_COMPLETE=bash_source ssl-cli)" '
+    "(zsh: zsh_source, fish: fish_source)"
+)
+
+
+def recipe(text: str) -> str:
+    """An option's help text for a value whose default comes from the resolved config."""
+    return f"{text} {RECIPE_DEFAULT}"
+
+
+# ----------------------------------------------------------------------------------- version
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(_ROOT), *args],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def git_describe() -> str | None:
+    """Short SHA of the checkout this package runs from, ``-dirty`` when tracked files changed;
+    ``None`` when git is missing or the package is not inside a checkout of its own repository
+    (an installed copy inside some other repository does not count)."""
+    top = _git("rev-parse", "--show-toplevel")
+    if not top:
+        return None
+    try:
+        if Path(top).resolve() != _ROOT:
+            return None
+    except OSError:
+        return None
+    sha = _git("rev-parse", "--short", "HEAD")
+    if not sha:
+        return None
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return f"{sha}-dirty" if status else sha
+
+
+def version_string() -> str:
+    """``ssl-cli 0.1.0 (git 5dde7b6-dirty)``, or ``ssl-cli 0.1.0`` outside a checkout."""
+    try:
+        version = importlib.metadata.version(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    try:
+        sha = git_describe()
+    except Exception:  # --version never fails
+        sha = None
+    return f"{PACKAGE} {version}" + (f" (git {sha})" if sha else "")
+
+
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    click.echo(version_string())
+    ctx.exit()
+
+
+version_option = click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Print the version (and the git SHA of a checkout) and exit.",
+)
+
+
+# --------------------------------------------------------------------------- deprecated names
+
+
+def _merged(old: str, hidden: str, dest: str, new: str):
+    """Wrap a command callback so that the value of the hidden parameter ``hidden`` (the old
+    spelling ``old``) lands in ``dest`` (the parameter of the new spelling ``new``)."""
+
+    def decorator(f):
+        @functools.wraps(f)
+        def callback(*args, **kwargs):
+            value = kwargs.pop(hidden, None)
+            if value is not None:
+                click.echo(f"note: {old} is deprecated, use {new}", err=True)
+                if kwargs.get(dest) is not None:
+                    raise click.UsageError(f"{old} and {new} are the same: give one of them")
+                kwargs[dest] = value
+            return f(*args, **kwargs)
+
+        return callback
+
+    return decorator
+
+
+def alias(old: str, dest: str, new: str, **kwargs):
+    """A hidden option ``old`` that fills the parameter ``dest`` of ``new`` (a rename).
+
+    Kept for one release; using it prints a one-line note on stderr, giving both is a usage
+    error. Declare it with the type of ``new``; ``dest`` defaults to None when not given.
+    """
+    hidden = f"{dest}__{old.lstrip('-').replace('-', '_')}"
+
+    def decorator(f):
+        f = _merged(old, hidden, dest, new)(f)
+        return click.option(old, hidden, hidden=True, default=None, **kwargs)(f)
+
+    return decorator
+
+
+class HiddenArgument(click.Argument):
+    """A positional argument left out of the usage line (a deprecated spelling)."""
+
+    def get_usage_pieces(self, ctx: click.Context) -> list[str]:
+        return []
+
+
+def positional_alias(metavar: str, dest: str, new: str, **kwargs):
+    """A hidden, optional positional argument that fills ``dest`` (the old spelling of the
+    option ``new``)."""
+    hidden = f"{dest}__positional"
+
+    def decorator(f):
+        f = _merged(f"the argument {metavar}", hidden, dest, f"{new} {metavar}")(f)
+        return click.argument(
+            hidden, metavar=metavar, required=False, cls=HiddenArgument, **kwargs
+        )(f)
+
+    return decorator
+
+
+def require(value, name: str):
+    """``value``, or the usage error of the missing parameter ``name``."""
+    if value is not None:
+        return value
+    ctx = click.get_current_context()
+    param = next(p for p in ctx.command.params if p.name == name)
+    raise click.MissingParameter(ctx=ctx, param=param)
+
+
+# ------------------------------------------------------------------------ KEY=VALUE overrides
+
+
+def overrides_argument(f):
+    """Bare ``KEY=VALUE`` arguments after the options: the same as ``--set KEY=VALUE``."""
+    return click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")(f)
+
+
+def split_overrides(overrides: tuple[str, ...], shards_option: str | None = "--data") -> tuple:
+    """The bare arguments as ``--set`` assignments; anything else is a usage error naming it."""
+    for text in overrides:  # the values themselves are parsed by train.config.parse_assignment
+        if "=" not in text:
+            where = f"; shards go in {shards_option} SHARDS" if shards_option else ""
+            raise click.UsageError(
+                f"unexpected argument {text!r}: arguments after the options are config "
+                f"overrides KEY=VALUE, e.g. optim.base_lr=1e-3 (the same as --set){where}"
+            )
+    return tuple(overrides)
+
+
+# ------------------------------------------------------------------------------- world size
+
+
+def world_size() -> int:
+    """Processes of this launch: ``WORLD_SIZE`` under torchrun, 1 otherwise."""
+    raw = os.environ.get("WORLD_SIZE", "").strip()
+    if not raw:
+        return 1
+    try:
+        n = int(raw)
+    except ValueError:
+        raise click.UsageError(f"WORLD_SIZE={raw!r} is not a number") from None
+    if n < 1:
+        raise click.UsageError(f"WORLD_SIZE={raw!r} must be >= 1")
+    return n
