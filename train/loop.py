@@ -9,7 +9,9 @@ Resume semantics (``docs/training.md``): a checkpoint restores the model (online
 extras and EMA target), optimizer, grad scaler, step, RNG of every rank and the loader's data
 position; schedules are recomputed from the config, which must match the checkpoint's except
 for the keys in :data:`RESUMABLE_KEYS`. Metrics logged after the resumed step are dropped
-(``metrics.jsonl`` is cut, TensorBoard purged), so the curve continues as if never stopped.
+(``metrics.jsonl`` is cut, TensorBoard purged), so the curve continues as if never stopped;
+W&B, which cannot rewind, continues the same W&B run from the first step it does not have
+(:mod:`train.runlog`).
 One exception: after a non-finite stop (``RUN/non-finite.json``), resuming from a checkpoint
 before the bad step may lower ``optim.base_lr`` and set or lower ``optim.clip_grad``
 (:func:`check_resume_config`); the change is logged and recorded in ``run.json``.
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
+import os  # noqa: F401  (part of this module's namespace, as _trim_metrics below)
 import random
 import sys
 import time
@@ -60,6 +62,8 @@ from train.methods import Method, build_model, get_method, resolve_config
 from train.models import SSLModel, update_momentum
 from train.optim import build_optimizer, set_hyperparameters
 from train.runinfo import run_info
+from train.runlog import RunLog, require_wandb, write_json_atomic
+from train.runlog import trim_metrics as _trim_metrics  # noqa: F401  (train.loop._trim_metrics)
 from train.schedules import Schedules, build_schedules
 
 __all__ = [
@@ -72,6 +76,7 @@ __all__ = [
     "check_resume_config",
     "build_monitor",
     "build_parts",
+    "eta_seconds",
     "find_resume_checkpoint",
     "knn_step",
     "pretrain",
@@ -80,7 +85,8 @@ __all__ = [
 ]
 
 # Config keys that may differ between a checkpoint and the run that resumes it: they change
-# where and how the run is executed and logged, not what it computes.
+# where and how the run is executed and logged, not what it computes. A section's name
+# ("run.wandb") stands for every key in it.
 RESUMABLE_KEYS = frozenset(
     {
         "run.out",
@@ -92,6 +98,7 @@ RESUMABLE_KEYS = frozenset(
         "run.ckpt_every",
         "run.keep_last",
         "run.tensorboard",
+        "run.wandb",
         "run.progress",
         "data.shards",
         "data.num_threads",
@@ -400,6 +407,13 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _resumable(key: str) -> bool:
+    """``key`` or a section holding it (``run.wandb`` for ``run.wandb.project``) is in
+    :data:`RESUMABLE_KEYS`."""
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in RESUMABLE_KEYS for i in range(1, len(parts) + 1))
+
+
 def check_resume_config(
     cfg: TrainConfig, saved: dict, non_finite: dict | None = None, step: int | None = None
 ) -> list[str]:
@@ -421,7 +435,7 @@ def check_resume_config(
     )
     diffs, allowed = [], []
     for k in sorted(set(old) | set(new)):
-        if k in RESUMABLE_KEYS or old.get(k) == new.get(k):
+        if _resumable(k) or old.get(k) == new.get(k):
             continue
         change = f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}"
         rule = AFTER_NON_FINITE.get(k)
@@ -509,44 +523,18 @@ def _non_finite_state(parts: Parts) -> list[str]:
 # ----------------------------------------------------------------------------------- outputs
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def eta_seconds(done: int, start: int, total: int, train_seconds: float) -> float | None:
+    """Seconds left to step ``total`` at the cumulative rate of this start of the run:
+    ``done - start`` steps took ``train_seconds`` of training (kNN evaluations and checkpoint
+    saves not counted). ``None`` before the first step."""
+    if done <= start or train_seconds <= 0:
+        return None
+    return (total - done) * train_seconds / (done - start)
 
 
-def _trim_metrics(path: Path, last_step: int) -> None:
-    """Drop the metrics lines of steps after ``last_step`` (the resumed checkpoint's); lines
-    without a step (written by other tools) are kept, unreadable ones dropped."""
-    if not path.exists():
-        return
-    kept = []
-    lines = path.read_text().splitlines()
-    for line in lines:
-        try:
-            step = json.loads(line).get("step")
-            if step is None or step <= last_step:
-                kept.append(line)
-        except (ValueError, TypeError, AttributeError):
-            continue
-    if kept == lines:
-        return
-    # a new file renamed over the old one: a kill at any moment leaves the old or the new
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write("".join(f"{line}\n" for line in kept))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _format_eta(seconds: float) -> str:
+def _format_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
@@ -685,6 +673,7 @@ def _pretrain(
         raise ConfigError("run.out: no run directory given (--out RUN)")
     run_dir = Path(cfg.run.out)
     main = info.is_main
+    _check_loggers(cfg, info)  # before any work: W&B on but not installed
     if main:  # temporary files of a save that a kill interrupted
         removed, kept = remove_stale_temporaries(run_dir)
         if removed:
@@ -746,9 +735,7 @@ def _pretrain(
         np.random.seed(seed % 2**32)
         random.seed(seed)
 
-    # ---- run directory: resolved config, run info, metrics, TensorBoard (rank 0)
-    metrics_path = run_dir / "metrics.jsonl"
-    writer = None
+    # ---- run directory: resolved config, run info; metrics, TensorBoard, W&B (rank 0's RunLog)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(to_dict(cfg)))
@@ -767,13 +754,15 @@ def _pretrain(
         )
         if relaxed:
             session["changed_after_non_finite"] = relaxed
-        _write_json_atomic(info_path, {"method": cfg.method, "sessions": [*sessions, session]})
-        _trim_metrics(metrics_path, start)
-        if cfg.run.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(str(run_dir / "tb"), purge_step=start)
-    barrier()
+        write_json_atomic(info_path, {"method": cfg.method, "sessions": [*sessions, session]})
+    try:
+        runlog = _open_runlog(cfg, info, run_dir, start, parts.terms)
+    except BaseException:
+        if own_loader:
+            parts.loader.close()
+        if monitor is not None:
+            monitor.close()
+        raise
 
     # ---- data position
     if start < total:
@@ -805,6 +794,8 @@ def _pretrain(
     last_ckpt: Path | None = ckpt_path
     t_last, n_since = time.perf_counter(), 0
     t_begin = t_last
+    train_seconds = 0.0  # training time since this start (kNN and checkpoint saves excluded)
+    finished = False
 
     try:
         parts.model.train()
@@ -827,7 +818,8 @@ def _pretrain(
                 guard.check()
                 means = all_reduce_mean(sums / n_since).tolist()  # mean over steps and ranks
                 now = time.perf_counter()
-                rate = n_since * global_batch / max(now - t_last, 1e-9)
+                train_seconds += now - t_last
+                rate = n_since * global_batch / max(now - t_last, 1e-9)  # this window's
                 record = {
                     "step": done,
                     "epoch": round(done / steps_per_epoch, 4),
@@ -840,16 +832,11 @@ def _pretrain(
                 }
                 logged.append(record)
                 if main:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    if writer is not None:
-                        for k, v in record.items():
-                            if k != "step":
-                                writer.add_scalar(f"train/{k}", v, done)
+                    runlog.write(record)
                     shown = {t: f"{v:.4f}" for t, v in zip(parts.terms, means, strict=True)}
                     bar.set_postfix(**shown, img_s=f"{rate:.1f}", refresh=False)
                     if bar.disable:
-                        eta = (total - done) * (now - t_last) / n_since
+                        eta = eta_seconds(done, start, total, train_seconds)
                         log(
                             f"step {done}/{total} ep {record['epoch']:.2f} "
                             + " ".join(f"{t} {v}" for t, v in shown.items())
@@ -867,12 +854,7 @@ def _pretrain(
                 seconds = time.perf_counter() - t_eval
                 t_last += seconds  # images/s and the ETA count training time only
                 if main:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    if writer is not None:
-                        for k in record:
-                            if k != "step":
-                                writer.add_scalar(k, record[k], done)
+                    runlog.write(record)
                     with tqdm.external_write_mode():
                         first = "online" if cfg.eval.branch == "online" else "target"
                         online = record.get("eval/knn_online_top1")
@@ -885,11 +867,14 @@ def _pretrain(
 
             if done % cfg.run.ckpt_every == 0 or done == total:
                 guard.check()
+                t_save = time.perf_counter()
                 last_ckpt = _save(parts, run_dir, done, steps_per_epoch)
+                t_last += time.perf_counter() - t_save  # not training time either
+        finished = True
 
     except NonFiniteLossError as e:
         if main:  # what lets the resume change the lr or clipping (check_resume_config)
-            _write_json_atomic(
+            write_json_atomic(
                 run_dir / NON_FINITE_FILE,
                 {
                     "step": e.step if e.step is not None else done,
@@ -902,12 +887,12 @@ def _pretrain(
         raise
     finally:  # also on a crash or a NaN: stop the loader's threads, flush the events
         bar.close()
-        if writer is not None:
-            writer.close()
         if own_loader:
             parts.loader.close()
         if monitor is not None:
             monitor.close()
+        if runlog is not None:
+            runlog.close(ok=finished)
     if main and start >= total:
         log(f"nothing to do: {run_dir} is already trained to step {total}")
     return {
@@ -916,6 +901,45 @@ def _pretrain(
         "metrics": logged,
         "eval": evals,
     }
+
+
+def _check_loggers(cfg: TrainConfig, info: DistInfo) -> None:
+    """Rank 0 (the only one that logs) imports what ``run.wandb`` needs
+    (:func:`train.runlog.require_wandb`); every rank raises the same error when it cannot."""
+    problem = None
+    if info.is_main:
+        try:
+            require_wandb(cfg)
+        except RuntimeError as e:
+            problem = str(e)
+    problems = [p for p in all_gather_objects(problem) if p]
+    if problems:
+        raise RuntimeError(problems[0])
+
+
+def _open_runlog(
+    cfg: TrainConfig, info: DistInfo, run_dir: Path, start: int, terms: tuple[str, ...]
+) -> RunLog | None:
+    """Rank 0's :class:`train.runlog.RunLog` at ``start`` (``None`` on the other ranks); when
+    rank 0 cannot open it (W&B not logged in, ...), every rank raises."""
+    runlog, problem = None, None
+    if info.is_main:
+        metrics = [f"train/{t}" for t in terms]
+        if cfg.eval.every > 0:
+            metrics += ["eval/knn_top1", "eval/knn_top5"]
+        try:
+            runlog = RunLog(run_dir, cfg, start, metrics=metrics)
+        except Exception as e:
+            problem = e
+    problems = all_gather_objects(
+        None if problem is None else f"{type(problem).__name__}: {problem}"
+    )
+    if problem is not None:
+        raise problem
+    failed = [p for p in problems if p]
+    if failed:
+        raise RuntimeError(f"rank 0 could not open the run's logs: {failed[0]}")
+    return runlog
 
 
 def _save(parts: Parts, run_dir: Path, step: int, steps_per_epoch: int) -> Path:

@@ -1,4 +1,9 @@
-"""What produced a run: git SHA, library versions, device, command line (DINO's ``get_sha``)."""
+"""What produced a run: git SHA, library versions, device, command line (DINO's ``get_sha``).
+
+The recorded command line has the values of secret-looking arguments (``--api-key X``,
+``--set run.x.token=X``, ``WANDB_API_KEY=X``) replaced by ``***``: ``run.json`` never holds a
+credential.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import datetime
 import importlib.metadata
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +20,7 @@ import torch
 
 from shards.sysinfo import cpu_model
 
-__all__ = ["describe_device", "git_sha", "library_versions", "run_info"]
+__all__ = ["describe_device", "git_sha", "library_versions", "redact_command", "run_info"]
 
 _REPO = Path(__file__).resolve().parent.parent
 
@@ -67,6 +73,8 @@ def library_versions() -> dict[str, str | None]:
         "numpy": _version("numpy"),
         "dali": dali,
         "ssl-cli": _version("ssl-cli"),
+        "tensorboard": _version("tensorboard"),
+        "wandb": _version("wandb"),
     }
 
 
@@ -81,6 +89,31 @@ def describe_device(device: torch.device) -> str:
     return f"CPU: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
+_SECRET = re.compile(r"api[_-]?key|token|secret|passw(or)?d|credential", re.IGNORECASE)
+REDACTED = "***"
+
+
+def redact_command(argv: list[str]) -> list[str]:
+    """``argv`` with the value of every argument whose name looks like a secret replaced by
+    ``***``: ``NAME=VALUE`` (``--api-key=X``, ``run.wandb.token=X`` after ``--set``,
+    ``WANDB_API_KEY=X``) and an option followed by its value (``--api-key X``)."""
+    out: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            out.append(REDACTED)
+            hide_next = False
+            continue
+        name, eq, _ = arg.partition("=")
+        if _SECRET.search(name):
+            if eq:
+                arg = f"{name}={REDACTED}"
+            elif arg.startswith("-"):
+                hide_next = True
+        out.append(arg)
+    return out
+
+
 def run_info(device: torch.device, world_size: int) -> dict:
     return {
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -89,5 +122,5 @@ def run_info(device: torch.device, world_size: int) -> dict:
         "device": describe_device(device),
         "world_size": world_size,
         "host": platform.node(),
-        "command": sys.argv,
+        "command": redact_command(sys.argv),
     }
