@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
+from webdataset.autodecode import DecodingError
 
 import shards
 from shards.build import BuildParams, build_shards
@@ -105,10 +106,8 @@ def test_malformed_member_fails_the_webdataset_read(tmp_path):
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
     ds = wds.WebDataset(str(path), shardshuffle=False).decode(shards.boxes_decoder, "rgb")
-    with pytest.raises(Exception) as exc:  # webdataset wraps the handler's error
+    with pytest.raises(DecodingError) as exc:
         next(iter(ds))
-    chain, e = [], exc.value
-    while e is not None:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    assert any(isinstance(c, ValueError) and "multiple of 16" in str(c) for c in chain)
+    assert exc.value.key == "a" and exc.value.url == str(path)
+    assert isinstance(exc.value.__cause__, ValueError)
+    assert "multiple of 16" in str(exc.value.__cause__)
