@@ -19,14 +19,17 @@ import torch.distributed as dist
 
 __all__ = [
     "DistInfo",
+    "all_gather_no_grad",
     "all_gather_objects",
     "all_reduce_max",
     "all_reduce_mean",
     "barrier",
     "cleanup_distributed",
+    "gather_rows",
     "init_distributed",
     "is_distributed",
     "resolve_device",
+    "world_and_rank",
 ]
 
 
@@ -143,3 +146,40 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def world_and_rank() -> tuple[int, int]:
+    """(world size, rank); ``(1, 0)`` when no process group is initialised."""
+    if is_distributed():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+@torch.no_grad()
+def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` ``[B, ...]`` from every rank in rank order -> ``[W * B, ...]``.
+
+    No gradient flows through the result (used for stop-gradient keys and integer members).
+    Every rank must pass the same shape (``all_gather`` needs equal sizes). With no process
+    group, or a world of one, returns ``x`` detached.
+    """
+    world, _ = world_and_rank()
+    if world == 1:
+        return x.detach()
+    x = x.detach().contiguous()
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x)
+    return torch.cat(parts, dim=0)
+
+
+def gather_rows(x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Concatenate every rank's ``x [counts[rank], ...]`` in rank order (all ranks get the
+    result); ``x`` itself without a process group. Parts may differ in length."""
+    if not is_distributed():
+        return x
+    top = max(counts)
+    padded = x.new_zeros((top, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:n] for p, n in zip(parts, counts, strict=True)])

@@ -27,11 +27,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from train.checkpoint import load_checkpoint
-from train.distributed import is_distributed
+from train.distributed import gather_rows
 from train.evaluation import Accuracy, knn_accuracy
 
 __all__ = [
@@ -175,19 +174,6 @@ def fit_input_size(backbone: nn.Module, size: int) -> str | None:
         f"{size // ph}x{size // pw} patches (pretrained at {current[0]}x{current[1]}, "
         f"evaluated at {size}x{size})"
     )
-
-
-def gather_rows(x: Tensor, counts: list[int]) -> Tensor:
-    """Concatenate every rank's ``x [counts[rank], ...]`` in rank order (all ranks get the
-    result); ``x`` itself without a process group. Parts may differ in length."""
-    if not is_distributed():
-        return x
-    top = max(counts)
-    padded = x.new_zeros((top, *x.shape[1:]))
-    padded[: x.shape[0]] = x
-    parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded.contiguous())
-    return torch.cat([p[:n] for p, n in zip(parts, counts, strict=True)])
 
 
 @torch.no_grad()

@@ -3,7 +3,7 @@ Transformers"), as MOS's single-to-single term alone.
 
 ``ctr(q, k) = 2 * tau * CE(q . k_all / tau, labels)`` with the keys gathered from every rank
 (no gradient) and the positive of query ``i`` at column ``rank * B + i``; the total is
-``ctr(q1, k2) + ctr(q2, k1)``. This is :func:`train.losses.mos.soft_contrastive` with identity
+``ctr(q1, k2) + ctr(q2, k1)``. This is :func:`train.losses.contrastive.soft_contrastive` with identity
 targets, i.e. MOS's eq. 13 without the stitched terms.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from train.losses.mos import DEFAULT_TEMPERATURE, soft_contrastive
+from train.losses.contrastive import DEFAULT_TEMPERATURE, soft_contrastive
 
 
 def infonce(q: Tensor, k: Tensor, temperature: float = DEFAULT_TEMPERATURE) -> Tensor:

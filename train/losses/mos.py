@@ -33,38 +33,28 @@ Conventions (decided here, the trainer relies on them):
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-DEFAULT_TEMPERATURE = 0.2  # appendix D: "The temperature coefficient is set to 0.2"
+# soft_contrastive and the gather live with the other contrastive losses and collectives; they
+# stay importable from here (DEFAULT_TEMPERATURE: appendix D, "The temperature coefficient is
+# set to 0.2")
+from train.distributed import all_gather_no_grad, world_and_rank
+from train.losses.contrastive import DEFAULT_TEMPERATURE, soft_contrastive
+
+__all__ = [
+    "DEFAULT_TEMPERATURE",
+    "MOSLoss",
+    "MOS_FORMS",
+    "MOS_VIEWS",
+    "all_gather_no_grad",
+    "global_members",
+    "global_single_members",
+    "soft_contrastive",
+    "soft_targets",
+]
 
 
-# --------------------------------------------------------------------------- distributed helpers
-
-
-def _world_and_rank() -> tuple[int, int]:
-    """(world size, rank); ``(1, 0)`` when no process group is initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
-@torch.no_grad()
-def all_gather_no_grad(x: Tensor) -> Tensor:
-    """Concatenate ``x`` ``[B, ...]`` from every rank in rank order -> ``[W * B, ...]``.
-
-    No gradient flows through the result (used for stop-gradient keys and integer members).
-    Every rank must pass the same shape (``all_gather`` needs equal sizes). With no process
-    group, or a world of one, returns ``x`` detached.
-    """
-    world, _ = _world_and_rank()
-    if world == 1:
-        return x.detach()
-    x = x.detach().contiguous()
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x)
-    return torch.cat(parts, dim=0)
+# --------------------------------------------------------------------------- global indices
 
 
 def global_members(members: Tensor, local_batch_size: int) -> Tensor:
@@ -74,7 +64,7 @@ def global_members(members: Tensor, local_batch_size: int) -> Tensor:
     Gathered keys are laid out rank after rank, so global index ``g`` is sample ``g % B`` of
     rank ``g // B``, which is also its row among gathered single-object keys.
     """
-    _, rank = _world_and_rank()
+    _, rank = world_and_rank()
     return members + rank * local_batch_size
 
 
@@ -134,63 +124,6 @@ def soft_targets(members_q: Tensor, members_k: Tensor, num_samples: int | None =
     counts = histogram(members_q) @ histogram(members_k).T  # [Bq, Bk]
     row_sum = counts.sum(dim=1, keepdim=True)
     return counts / row_sum.clamp_min(1.0)  # rows with no overlap stay 0
-
-
-# ------------------------------------------------------------------------------------ loss
-
-
-def soft_contrastive(
-    q: Tensor,
-    k: Tensor,
-    targets: Tensor,
-    temperature: float = DEFAULT_TEMPERATURE,
-    gather: bool = True,
-) -> Tensor:
-    """Cross-entropy between soft targets and ``softmax(cos(q, k) / temperature)`` (eq. 11-13).
-
-    Args:
-        q: ``[Bq, D]`` queries (predictions of the base branch), gradient flows.
-        k: ``[Bk, D]`` keys (momentum projections), detached here (stop-gradient).
-        targets: ``[Bq, Bk]`` targets against this rank's keys, placed at this rank's columns
-            of the global batch (MoCo v3's ``labels + N * rank``), or ``[Bq, W * Bk]`` targets
-            against the gathered keys (from :func:`soft_targets` on gathered global members).
-            With no process group both are the same thing.
-        temperature: softmax temperature ``tau``.
-        gather: gather ``k`` from all ranks (no gradient) so the contrast spans the global
-            batch. Every ``torch.distributed`` call is skipped without a process group.
-
-    Returns:
-        Scalar ``mean_i -sum_j targets[i, j] * log_softmax(q_i . k_j / tau)_j`` over the query
-        rows whose target row is non-zero (all of them in MOS; 0 if there is none). Not scaled
-        by ``2 * tau``; :class:`MOSLoss` does that.
-    """
-    if q.dim() != 2 or k.dim() != 2 or q.shape[1] != k.shape[1]:
-        raise ValueError(
-            f"q must be [Bq, D] and k [Bk, D], got {tuple(q.shape)} and {tuple(k.shape)}"
-        )
-    if targets.dim() != 2 or targets.shape[0] != q.shape[0]:
-        raise ValueError(f"targets must be [Bq={q.shape[0]}, Bk], got {tuple(targets.shape)}")
-    local_keys = k.shape[0]
-    k_all = all_gather_no_grad(k) if gather else k.detach()  # [W * Bk, D]
-    targets = targets.to(device=q.device, dtype=torch.float32)
-    if targets.shape[1] != k_all.shape[0]:
-        if targets.shape[1] != local_keys:
-            raise ValueError(
-                f"targets have {targets.shape[1]} columns; expected {local_keys} (this rank's keys) "
-                f"or {k_all.shape[0]} (gathered keys)"
-            )
-        _, rank = _world_and_rank()
-        padded = targets.new_zeros(targets.shape[0], k_all.shape[0])
-        padded[:, rank * local_keys : (rank + 1) * local_keys] = targets
-        targets = padded
-
-    with torch.autocast(device_type=q.device.type, enabled=False):  # softmax in float32
-        q = F.normalize(q.float(), dim=1)
-        k_all = F.normalize(k_all.float(), dim=1)
-        logits = q @ k_all.T / temperature  # [Bq, W * Bk], cosine similarity / tau
-        per_row = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1)  # [Bq]
-    has_positive = (targets.sum(dim=1) > 0).to(per_row.dtype)
-    return (per_row * has_positive).sum() / has_positive.sum().clamp_min(1.0)
 
 
 # which (query, key) view pairs each term contrasts, per form of the loss
@@ -296,7 +229,7 @@ class MOSLoss(nn.Module):
             raise ValueError(f"MOSLoss(form={self.form!r}) needs views {sorted(set(missing))}")
         first = queries[self.query_views[0]]
         zero = first.new_zeros((), dtype=torch.float32)
-        world, _ = _world_and_rank()
+        world, _ = world_and_rank()
         b = members[self.query_views[0]].shape[0]
         n = world * b if self.gather else None  # global indices < W * B
         # every key tensor (and its members) is gathered once, however many terms use it
