@@ -14,13 +14,20 @@ def _fail(e: Exception) -> click.ClickException:
     return click.ClickException(str(e))
 
 
+_FORMAT_NAMES = {
+    "timm": "timm state dict",
+    "safetensors": "safetensors, timm's keys",
+    "hf": "Hugging Face Hub / timm folder",
+}
+
+
 @click.command("export")
 @click.argument("run", type=click.Path(exists=True))
 @click.option(
     "--out",
-    type=click.Path(dir_okay=False),
+    type=click.Path(),
     required=True,
-    help="Backbone state dict to write (.pth).",
+    help="File to write (.pth for timm, .safetensors for safetensors), or folder for hf.",
 )
 @click.option(
     "--branch",
@@ -28,19 +35,42 @@ def _fail(e: Exception) -> click.ClickException:
     default="online",
     help="Online encoder, or the momentum (EMA) one.",
 )
-def export_cmd(run, out, branch) -> None:
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["timm", "safetensors", "hf"]),
+    default="timm",
+    show_default=True,
+    help="timm: a torch state dict; safetensors: the same tensors as .safetensors; "
+    "hf: a folder with config.json and model.safetensors that "
+    'timm.create_model("local-dir:OUT", pretrained=True) loads.',
+)
+def export_cmd(run, out, branch, fmt) -> None:
     """Export the backbone of RUN (its newest checkpoint, or a checkpoint file) in timm's layout.
 
-    Loads with timm.create_model(arch, num_classes=0, **kwargs).load_state_dict(..., strict=True);
-    OUT.json records arch, kwargs and input size. ResNets also get OUT_torchvision.pth.
+    timm and safetensors: load with timm.create_model(arch, num_classes=0, **kwargs) then
+    load_state_dict(..., strict=True), the kwargs (depth, img_size, patch_size, ...) as trained;
+    OUT.json records them, the input size and the normalisation. ResNets also get
+    OUT_torchvision.pth (.safetensors). hf: OUT is a folder (new, empty, or a previous hf export,
+    replaced whole) that timm.create_model("local-dir:OUT", pretrained=True) loads as trained.
+    The exact loading code is printed.
+
+    \b
+    Examples:
+      ssl-cli export runs/mos --out mos_vit.pth
+      ssl-cli export runs/mos --format hf --out exports/mos_vit
+      ssl-cli export runs/univip --branch target --format safetensors --out r50.safetensors
     """
     from train.export import export_backbone
 
     try:
-        info = export_backbone(run, out, branch=branch)
+        info = export_backbone(run, out, branch=branch, fmt=fmt)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise _fail(e) from None
-    click.echo(f"{out}: {info['arch']} ({info['branch']} branch, step {info['step']}); load with:")
-    click.echo(f"  {info['load']}")
+    click.echo(
+        f"{out}: {info['arch']} ({info['branch']} branch, step {info['step']}), "
+        f"{_FORMAT_NAMES[fmt]}; load with:\n"
+    )
+    click.echo(info["load"])
     if "torchvision" in info["files"]:
-        click.echo(f"  torchvision layout: {Path(out).with_name(info['files']['torchvision'])}")
+        click.echo(f"torchvision layout: {Path(out).with_name(info['files']['torchvision'])}")
