@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+STAMP := $(VENV)/.installed-run
+DEV_STAMP := $(VENV)/.installed-dev
 
 DATASET ?= sample
 OUT ?= data/shards/$(DATASET)$(if $(filter fmnist,$(DATASET)),_$(SPLIT))
@@ -20,20 +21,29 @@ CONFIG ?= $(firstword $(wildcard configs/$(METHOD)_*_$(DATASET).yaml))
 RUN ?= runs/$(METHOD)_$(DATASET)
 PRETRAIN_ARGS ?=
 
-.PHONY: setup test lint demo shards pretrain bench gpu-check clean
+.PHONY: setup setup-dev test lint demo shards pretrain bench gpu-check wheel clean
 
+# setup: the package and the demo's sample photographs (scikit-image, scikit-learn);
+# setup-dev: also pytest, ruff, Ray and the test-only references.
 setup: $(STAMP)
+setup-dev: $(DEV_STAMP)
 
-$(STAMP): pyproject.toml
-	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(BIN)/pip install -q -e '.[demo]'
 	touch $(STAMP)
 
-test: $(STAMP)
+$(DEV_STAMP): pyproject.toml | $(VENV)/bin/python
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(DEV_STAMP) $(STAMP)
+
+test: $(DEV_STAMP)
 	$(BIN)/pytest -q
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check pipeline shards train cli tests
 	$(BIN)/ruff format --check pipeline shards train cli tests
 
@@ -42,7 +52,7 @@ demo: $(STAMP)
 
 shards: $(STAMP)
 	@set -e; case "$(DATASET)" in \
-	  sample)   src="--sample" ;; \
+	  sample)   src="@sample" ;; \
 	  coco)     test -d "$(COCO_DIR)" || { echo "error: COCO images not found at '$(COCO_DIR)'; set COCO_DIR=/path/to/coco/train2017" >&2; exit 2; }; src="$(COCO_DIR)" ;; \
 	  imagenet) test -n "$(IMAGENET_DIR)" -a -d "$(IMAGENET_DIR)" || { echo "error: ImageNet not found at '$(IMAGENET_DIR)'; set IMAGENET_DIR=/path/to/imagenet/train" >&2; exit 2; }; src="$(IMAGENET_DIR) --layout imagenet" ;; \
 	  folder)   test -n "$(SRC)" -a -d "$(SRC)" || { echo "error: folder '$(SRC)' not found; set SRC=/path/to/images" >&2; exit 2; }; src="$(SRC)" ;; \
@@ -57,8 +67,14 @@ pretrain: $(STAMP)
 	@test -f "$(OUT)/manifest.json" || { echo "error: no finished shards in '$(OUT)'; run: make shards DATASET=$(DATASET)" >&2; exit 2; }
 	$(if $(filter 1,$(NPROC)),$(BIN)/ssl-cli,$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) $(BIN)/ssl-cli) pretrain --config $(CONFIG) --data $(OUT) --out $(RUN) $(PRETRAIN_ARGS)
 
+# A wheel in dist/ (pip install 'dist/ssl_cli-VERSION-py3-none-any.whl[demo]' elsewhere).
+wheel: $(STAMP)
+	rm -rf build
+	$(BIN)/pip wheel -q --no-deps -w dist .
+	@ls dist/*.whl
+
 clean:
-	rm -rf runs build *.egg-info
+	rm -rf runs build dist *.egg-info
 
 # Benchmarks on the embedded sample (BENCH_SHARDS= a real shard folder for real figures).
 BENCH_SHARDS ?= runs/bench/shards
@@ -68,11 +84,11 @@ bench: $(STAMP)
 	mkdir -p $(BENCH_OUT)
 	$(BIN)/ssl-cli bench shards @sample --max-side 224 --max-side 320 --max-side 400 --json $(BENCH_OUT)/shards.json
 	test -f $(BENCH_SHARDS)/manifest.json || $(BIN)/ssl-cli shards build @sample $(BENCH_SHARDS) --shard-size 8 --no-progress
-	for m in mos univip multicrop; do $(BIN)/ssl-cli bench pipeline $(BENCH_SHARDS) --method $$m --json $(BENCH_OUT)/pipeline_$$m.json || exit 1; done
+	for m in mos univip multicrop; do $(BIN)/ssl-cli bench pipeline --data $(BENCH_SHARDS) --method $$m --json $(BENCH_OUT)/pipeline_$$m.json || exit 1; done
 	$(BIN)/ssl-cli bench train --config configs/demo_mos_cpu.yaml --data $(BENCH_SHARDS) --json $(BENCH_OUT)/train_mos.json
 	$(BIN)/ssl-cli bench train --config configs/demo_univip_cpu.yaml --data $(BENCH_SHARDS) --json $(BENCH_OUT)/train_univip.json
 
 # Every GPU check in one call (pytest -m gpu, pipeline/train/quality benchmarks; JSON figures in
 # GPU_CHECK_OUT, default runs/gpu-check). DRY_RUN=1 checks the command lines on any machine.
-gpu-check: $(STAMP)
+gpu-check: $(DEV_STAMP)
 	BIN=$(BIN) DRY_RUN=$(DRY_RUN) bash scripts/gpu-check.sh

@@ -15,13 +15,16 @@ __all__ = [
     "COMPLETION",
     "RECIPE_DEFAULT",
     "HiddenArgument",
+    "ShardFolder",
     "alias",
     "git_describe",
     "overrides_argument",
+    "parse_size",
     "positional_alias",
     "recipe",
     "require",
     "split_overrides",
+    "storage_options",
     "version_string",
     "world_size",
 ]
@@ -212,3 +215,85 @@ def world_size() -> int:
     if n < 1:
         raise click.UsageError(f"WORLD_SIZE={raw!r} must be >= 1")
     return n
+
+
+# ------------------------------------------------------------------------------ object storage
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``"200G"``, ``"512M"``, ``"1.5T"`` or a plain byte count -> bytes (binary units)."""
+    s = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = s[-1:] if s[-1:] in _SIZE_UNITS else ""
+    try:
+        value = float(s[: len(s) - len(unit)])
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a size (e.g. 200G, 512M, 1000000)") from None
+    if value < 0:
+        raise click.BadParameter(f"{text!r}: a size must be >= 0")
+    return int(value * _SIZE_UNITS[unit])
+
+
+class ShardFolder(click.ParamType):
+    """A shard folder: an ``s3://``, ``gs://`` or ``https://`` URL (read through the local shard
+    cache), or a local directory (``exists``: it must exist)."""
+
+    name = "shards"
+
+    def __init__(self, exists: bool = True) -> None:
+        self.local = click.Path(exists=exists, file_okay=False)
+
+    def convert(self, value, param, ctx):
+        from shards.remote import RemoteShardError, check_url, is_url
+
+        if is_url(value):
+            try:
+                return check_url(str(value))
+            except RemoteShardError as e:
+                self.fail(str(e), param, ctx)
+        return self.local.convert(value, param, ctx)
+
+
+def _configure_storage(ctx: click.Context, param: click.Parameter, value) -> None:
+    if value is None:
+        return
+    from shards.remote import configure
+
+    if param.name == "cache_dir":
+        configure(cache_dir=value)
+    elif param.name == "cache_size":
+        configure(max_bytes=parse_size(value))
+    elif param.name == "s3_endpoint":
+        configure(endpoint_url=value)
+
+
+def storage_options(f):
+    """``--cache-dir``, ``--cache-size`` and ``--s3-endpoint`` for shard folders given as URLs;
+    they set this process's defaults (``shards.remote.configure``), so every torchrun rank
+    that parses the same command line gets the same cache."""
+    for name, help_text in (
+        (
+            "--s3-endpoint",
+            "Endpoint of an S3-compatible store (MinIO, Ceph, R2) [default: $AWS_ENDPOINT_URL, "
+            "else AWS].",
+        ),
+        (
+            "--cache-size",
+            "Size limit of the local shard cache, e.g. 200G; least recently used shards go "
+            "first [default: $SSL_CLI_SHARD_CACHE_BYTES, else no limit].",
+        ),
+        (
+            "--cache-dir",
+            "Local cache of shards read from a URL [default: $SSL_CLI_SHARD_CACHE, else "
+            "~/.cache/ssl-cli/shards].",
+        ),
+    ):
+        f = click.option(
+            name,
+            default=None,
+            expose_value=False,
+            callback=_configure_storage,
+            help=help_text,
+        )(f)
+    return f

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import click
 
-from cli.common import alias, require
+from cli.common import ShardFolder, alias, require, storage_options
 
 __all__ = ["eval_group"]
 
@@ -45,14 +45,14 @@ def _options(f):
             "--train",
             "train_shards",
             required=True,
-            type=click.Path(exists=True, file_okay=False),
+            type=ShardFolder(),
             help="Labelled shards (KEY.cls): the kNN memory bank / the probe's training set.",
         ),
         click.option(
             "--val",
             "val_shards",
             required=True,
-            type=click.Path(exists=True, file_okay=False),
+            type=ShardFolder(),
             help="Labelled shards scored for top-1 / top-5.",
         ),
         click.option(
@@ -107,7 +107,7 @@ def _options(f):
     ]
     for option in reversed(options):
         f = option(f)
-    return f
+    return storage_options(f)
 
 
 def _check(device: str, precision: str) -> None:

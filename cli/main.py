@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import COMPLETION, version_option
+from cli.common import COMPLETION, storage_options, version_option
 from shards.images import ImageParams
 from shards.proposals import SEARCH_MODES, FilterParams, SearchParams
 
@@ -61,6 +61,14 @@ def shards() -> None:
 @shards.command("build")
 @click.argument("src")
 @click.argument("out", type=click.Path(file_okay=False))
+@storage_options
+@click.option(
+    "--staging",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="With an s3:// / gs:// OUT: the local folder the build writes before each file is "
+    "uploaded (a killed build resumes from it) [default: under --cache-dir].",
+)
 @click.option(
     "--layout",
     type=click.Choice(["auto", "folder", "coco", "imagenet", "wds", "cifar", "idx"]),
@@ -195,6 +203,7 @@ def shards() -> None:
 def shards_build(
     src,
     out,
+    staging,
     layout,
     split,
     mode,
@@ -256,6 +265,11 @@ def shards_build(
             ),
             shard_size=shard_size,
         )
+        remote = _remote_out(out)
+        target = out
+        if remote:
+            out = staging or _default_staging(remote)
+            click.echo(f"building into {out}, then uploading to {remote}")
         result = build_shards(
             src,
             out,
@@ -269,6 +283,17 @@ def shards_build(
             log=click.echo,
             retry_rejects=retry_rejects,
         )
+        if remote and not result.problems:
+            from shards.remote import upload_shards
+
+            def uploaded(name: str, sent: bool) -> None:
+                click.echo(f"  {'uploaded' if sent else 'already there'}: {name}")
+
+            done = upload_shards(out, remote, on_file=uploaded)
+            click.echo(
+                f"{target}: {len(done['uploaded'])} file(s) uploaded ({done['bytes']} bytes), "
+                f"{len(done['skipped'])} already there, manifest.json last"
+            )
     except (ValueError, RuntimeError, OSError) as e:
         raise _fail(e) from None
     if result.problems:
@@ -277,8 +302,30 @@ def shards_build(
         )
 
 
+def _remote_out(out: str) -> str | None:
+    """``out`` checked as an upload target when it is a URL, else ``None``."""
+    from shards.remote import READ_ONLY, check_url, is_url
+
+    if not is_url(out):
+        return None
+    url = check_url(out)
+    if url.split("://", 1)[0] in READ_ONLY:
+        raise click.BadParameter(f"{url}: http(s) shard folders are read-only", param_hint="OUT")
+    return url
+
+
+def _default_staging(url: str) -> Path:
+    import hashlib
+
+    from shards.remote import default_cache_root
+
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    return default_cache_root() / "staging" / digest
+
+
 @shards.command("verify")
 @click.argument("out", type=click.Path(file_okay=False))
+@storage_options
 @click.option(
     "--decode/--no-decode", default=False, help="Also decode every image and check its size."
 )
@@ -305,6 +352,7 @@ def shards_verify(out, decode) -> None:
 
 @shards.command("inspect")
 @click.argument("out", type=click.Path(file_okay=False))
+@storage_options
 @click.option("--examples", type=click.IntRange(min=0), default=5, help="Samples to print.")
 def shards_inspect(out, examples) -> None:
     """Print samples, shards, labels and boxes-per-image statistics.
@@ -438,9 +486,16 @@ def demo(out, workers) -> None:
         raise click.ClickException("verification failed:\n" + "\n".join(problems))
     click.echo(inspect_shards(shards_dir))
     click.echo(f"verified: {shards_dir} (ssl-cli shards verify {shards_dir})")
-    from train.demo import demo_pretrain
+    from train.demo import demo_evaluate, demo_pretrain, next_steps
 
-    demo_pretrain(shards_dir, Path(out), log=click.echo, progress=sys.stderr.isatty())
+    try:
+        runs = demo_pretrain(shards_dir, Path(out), log=click.echo, progress=sys.stderr.isatty())
+        demo_evaluate(
+            out, {m: r["checkpoint"] for m, r in runs.items()}, log=click.echo, workers=workers
+        )
+    except (ValueError, RuntimeError, OSError) as e:
+        raise _fail(e) from None
+    click.echo(next_steps(out))
 
 
 from cli.eval_cmds import eval_group  # noqa: E402

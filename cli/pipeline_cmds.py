@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import alias, positional_alias, require
+from cli.common import ShardFolder, alias, positional_alias, require, storage_options
 
 METHODS = ["mos", "univip", "multicrop"]
 
@@ -26,16 +26,16 @@ def _device(device: str) -> str:
 
 def _data(f):
     """``--data SHARDS``, and the positional SHARDS of earlier releases (hidden)."""
-    f = positional_alias(
-        "SHARDS", "shards", "--data", type=click.Path(exists=True, file_okay=False)
-    )(f)
+    f = storage_options(f)
+    f = positional_alias("SHARDS", "shards", "--data", type=ShardFolder())(f)
     return click.option(
         "--data",
         "shards",
         metavar="SHARDS",
-        type=click.Path(exists=True, file_okay=False),
+        type=ShardFolder(),
         default=None,
-        help="Shard directory (ssl-cli shards build).  [required]",
+        help="Shard directory (ssl-cli shards build), or its s3:// / gs:// / https:// URL.  "
+        "[required]",
     )(f)
 
 

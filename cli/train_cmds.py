@@ -18,7 +18,15 @@ from pathlib import Path
 
 import click
 
-from cli.common import alias, overrides_argument, recipe, split_overrides, world_size
+from cli.common import (
+    ShardFolder,
+    alias,
+    overrides_argument,
+    recipe,
+    split_overrides,
+    storage_options,
+    world_size,
+)
 
 __all__ = ["bench_train", "pretrain"]
 
@@ -95,9 +103,10 @@ def _common(f):
             "--data",
             "shards",
             metavar="SHARDS",
-            type=click.Path(file_okay=False),
+            type=ShardFolder(exists=False),
             default=None,
-            help="Shard directory (ssl-cli shards build) [default: data.shards of --config].",
+            help="Shard directory (ssl-cli shards build), or its s3:// / gs:// / https:// URL "
+            "[default: data.shards of --config].",
         ),
         click.option(
             "--synthetic",
@@ -184,7 +193,7 @@ def _common(f):
     ]
     for option in reversed(options):
         f = option(f)
-    return f
+    return storage_options(f)
 
 
 def _global_batch(batch_size: int | None, batch_size_per_gpu: int | None) -> int | None:

@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from shards.remote import is_url
 from shards.verify import load_manifest
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, NO_AUGMENT, Augment
@@ -124,9 +125,9 @@ def read_labels(index: ShardIndex) -> np.ndarray:
     expected = column.to_numpy().astype(np.int64)
     row_of = {key: row for row, key in enumerate(index.keys)}
     labels = np.full(n, -1, dtype=np.int64)
-    for shard in manifest["shards"]:
+    for sid, shard in enumerate(manifest["shards"]):
         entries = _parse_index(root / shard["index"])
-        with open(root / shard["name"], "rb") as f:
+        with open(index.tar_path(sid), "rb") as f:  # through the shard cache for a URL
             for entry in entries:
                 if "cls" not in entry:
                     continue
@@ -263,14 +264,14 @@ class EvalLoader:
             crop_pct,
             prefetch,
         )
-        self.root = Path(shards_dir)
+        self.root = shards_dir if is_url(shards_dir) else Path(shards_dir)
         self.index = ShardIndex(self.root)
         try:
             self.labels = read_labels(self.index)
         except BaseException:
             self.index.close()
             raise
-        classes = load_manifest(self.root).get("classes")
+        classes = load_manifest(self.index.root).get("classes")  # a URL's: in the cache
         self.num_classes = max(len(classes or ()), int(self.labels.max(initial=-1)) + 1)
         self.rows = rank_rows(len(self.index), rank, world_size)
         self.rank, self.world_size = rank, world_size
@@ -450,7 +451,7 @@ class ProbeTrainLoader:
         prefetch: int = 2,
     ):
         self.views = ProbeViews(size, scale, ratio, flip)
-        self.root = Path(shards_dir)
+        self.root = shards_dir if is_url(shards_dir) else Path(shards_dir)
         self._loader = ViewLoader(
             shards_dir,
             self.views,
@@ -468,7 +469,7 @@ class ProbeTrainLoader:
         except BaseException:
             self._loader.close()
             raise
-        classes = load_manifest(self.root).get("classes")
+        classes = load_manifest(self._loader.index.root).get("classes")
         self.num_classes = max(len(classes or ()), int(self.labels.max()) + 1)
         self.device, self.size, self.batch_size = self._loader.device, size, batch_size
 

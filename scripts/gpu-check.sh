@@ -47,7 +47,7 @@ fi
 
 run pytest-gpu "$BIN/pytest" -q -m gpu --junitxml="$OUT/pytest-gpu.xml"
 for m in mos univip; do
-    run "pipeline-$m" "$BIN/ssl-cli" bench pipeline "$SHARDS" --method "$m" --device cuda \
+    run "pipeline-$m" "$BIN/ssl-cli" bench pipeline --data "$SHARDS" --method "$m" --device cuda \
         --seconds 8 --rounds 3 --json "$OUT/pipeline_$m.json"
 done
 run train-mos "$BIN/ssl-cli" bench train --config configs/mos_vits16_coco.yaml --synthetic \

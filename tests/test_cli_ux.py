@@ -12,7 +12,7 @@ import yaml
 from click.testing import CliRunner
 
 import cli.common
-from cli.common import RECIPE_DEFAULT, version_string
+from cli.common import RECIPE_DEFAULT, ShardFolder, version_string
 from cli.main import main
 from shards.build import LogProgress, _progress
 from tests.conftest import encode, photo
@@ -105,7 +105,7 @@ def dry_parse(line: str) -> None:
         given = value not in (None, (), [], ...) and repr(value) not in ("Sentinel.UNSET",)
         if param.required:
             assert given, f"{line}: missing {param.get_error_hint(ctx)}"
-        if given and not isinstance(param.type, click.Path):
+        if given and not isinstance(param.type, (click.Path, ShardFolder)):
             param.type_cast_value(ctx, value)  # BadParameter on a wrong choice or range
         if given and param.name == "overrides":
             for text in value:

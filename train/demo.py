@@ -18,6 +18,7 @@ import gzip
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import configs
 from train.config import load_yaml
 from train.loop import pretrain
 from train.methods import resolve_config
@@ -32,13 +33,15 @@ __all__ = [
 ]
 
 DEMO_METHODS = ("mos", "univip")
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(configs.__file__).resolve().parent
 
 
 def demo_config_path(method: str) -> Path:
     path = CONFIGS / f"demo_{method}_cpu.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"demo config {path} not found (run from a source checkout)")
+        raise FileNotFoundError(
+            f"demo config {path} not found: the installed package is incomplete"
+        )
     return path
 
 
@@ -178,7 +181,7 @@ def next_steps(out_dir: str | Path) -> str:
     shards, digits = out / "shards", out / "digits"
     steps = [
         (
-            f"ssl-cli preview {shards} --method mos --out {out / 'preview.png'}",
+            f"ssl-cli preview --data {shards} --method mos --out {out / 'preview.png'}",
             "the views",
         ),
         (

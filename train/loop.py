@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from shards.remote import is_url
 from train.checkpoint import (
     CHECKPOINT_FORMAT,
     capture_rng,
@@ -225,7 +226,7 @@ def build_loader(cfg: TrainConfig, info: DistInfo) -> Any:
         return synthetic_loader(cfg, info)
     if not cfg.data.shards:
         raise ConfigError("data.shards: no shard directory given (--data SHARDS)")
-    if not Path(cfg.data.shards).is_dir():
+    if not is_url(cfg.data.shards) and not Path(cfg.data.shards).is_dir():
         raise ConfigError(f"data.shards: {cfg.data.shards} is not a directory")
     try:
         from pipeline import loader as shard_loader
@@ -553,7 +554,7 @@ def build_monitor(cfg: TrainConfig, info: DistInfo) -> Any:
 
     e = cfg.eval
     for key, path in (("eval.train", e.train), ("eval.val", e.val)):
-        if not Path(path).is_dir():
+        if not is_url(path) and not Path(path).is_dir():
             raise ConfigError(f"{key}: {path} is not a directory")
     return KNNMonitor(
         e.train,
@@ -633,7 +634,8 @@ def check_data(cfg: TrainConfig, info: DistInfo, run_dir: Path, sha256: bool, lo
     node checks (nodes may hold their own copies); rank 0 keeps the digests it verified in
     ``RUN/shards-checked.json``, so a resume or a restart does not hash unchanged files again.
     Every rank raises the same :class:`~pipeline.source.ShardError` when one fails."""
-    if cfg.data.synthetic or not cfg.data.shards or not Path(cfg.data.shards).is_dir():
+    shards = cfg.data.shards
+    if cfg.data.synthetic or not shards or not (is_url(shards) or Path(shards).is_dir()):
         return  # build_loader names a missing directory
     from pipeline.source import ShardError, check_shards
 

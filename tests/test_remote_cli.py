@@ -1,0 +1,102 @@
+"""The command line on shard folders in object storage (moto's S3 server on 127.0.0.1):
+``shards build SRC s3://...`` uploads, ``shards verify|inspect``, ``pretrain --data`` and
+``eval knn --train/--val`` read the URL through the local shard cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli.main import main
+from shards import remote
+from tests.conftest import encode
+from tests.s3_server import s3_server_fixture  # noqa: F401 - the module's server
+
+pytest.importorskip("s3fs")
+pytest.importorskip("nvidia.dali")
+
+
+@pytest.fixture(autouse=True)
+def _own_cache_root(tmp_path, monkeypatch):
+    monkeypatch.setenv(remote.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(remote.CACHE_BYTES_ENV, raising=False)
+
+
+def run(*args: str) -> str:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def classes(root):
+    """Two classes of four flat images each (dark and light), in ImageNet's folder layout."""
+    for label, base in (("dark", 30), ("light", 200)):
+        (root / label).mkdir(parents=True)
+        for i in range(4):
+            img = np.full((64, 80, 3), base + 6 * i, np.uint8)
+            (root / label / f"{label}{i}.jpg").write_bytes(encode(img, quality=95))
+    return root
+
+
+@pytest.mark.slow
+def test_build_to_s3_then_verify_pretrain_and_eval_from_it(s3_server, tmp_path):
+    url = s3_server.url("cli/labelled")
+    src = classes(tmp_path / "images")
+    staging = tmp_path / "staging"
+    out = run(
+        "shards", "build", str(src), url, "--layout", "imagenet", "--shard-size", "4",
+        "--workers", "1", "--no-progress", "--staging", str(staging),
+    )  # fmt: skip
+    assert f"uploading to {url}" in out and "manifest.json last" in out
+    keys = {k for _, k, _ in s3_server.requests if "cli/labelled" in k}
+    assert any(k.endswith("manifest.json") for k in keys)
+    local = json.loads((staging / "manifest.json").read_text())
+    assert len(local["shards"]) == 2
+    # a second build finds the staging folder finished and every file uploaded already
+    again = run(
+        "shards", "build", str(src), url, "--layout", "imagenet", "--shard-size", "4",
+        "--workers", "1", "--no-progress", "--staging", str(staging),
+    )  # fmt: skip
+    assert "0 file(s) uploaded" in again
+
+    assert f"{url}: OK" in run("shards", "verify", url)
+    assert "8 samples" in run("shards", "inspect", url).replace(":", "")
+
+    run_dir = tmp_path / "run"
+    run(
+        "pretrain", "--method", "byol", "--data", url, "--out", str(run_dir), "--steps", "2",
+        "--loader-workers", "0", "--device", "cpu", "data.batch_size=4", "data.size=32",
+        "model.backbone=resnet18", "model.projector=[64,32]", "model.predictor=[64,32]",
+        "run.log_every=1",
+    )  # fmt: skip
+    losses = [json.loads(x)["loss"] for x in open(run_dir / "metrics.jsonl") if '"loss"' in x]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+
+    out = run("eval", "knn", str(run_dir), "--train", url, "--val", url, "--device", "cpu")
+    assert "top-1" in out
+    report = json.loads(next((run_dir / "eval").glob("knn-*.json")).read_text())
+    assert report["top1"] == 100.0  # the queries are the bank: each finds itself
+
+
+def test_storage_options_and_refused_targets(s3_server, tmp_path):
+    runner = CliRunner()
+    bad = runner.invoke(main, ["shards", "verify", "s3://key:secret@bucket/x"])
+    assert bad.exit_code != 0 and "secret" not in bad.output and "refused" in bad.output
+    ro = runner.invoke(main, ["shards", "build", "@sample", "https://example.org/shards"])
+    assert ro.exit_code != 0 and "read-only" in ro.output
+    size = runner.invoke(main, ["shards", "verify", "--cache-size", "lots", str(tmp_path)])
+    assert size.exit_code == 2 and "is not a size" in size.output
+    missing = runner.invoke(main, ["shards", "verify", s3_server.url("nothing/here")])
+    assert missing.exit_code != 0 and "nothing/here" in missing.output
+
+
+def test_parse_size():
+    from cli.common import parse_size
+
+    assert parse_size("200G") == 200 << 30
+    assert parse_size("512MiB") == 512 << 20
+    assert parse_size("1.5T") == int(1.5 * (1 << 40))
+    assert parse_size("1000") == 1000
