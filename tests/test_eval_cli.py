@@ -65,7 +65,6 @@ def invoke(*args):
 
 def common(run=None):
     return [
-        "--ckpt",
         run or tiny_run(),
         "--train",
         labelled_shards("train"),
