@@ -271,8 +271,9 @@ def linear(
 ) -> None:
     """Linear probe on the frozen backbone (BatchNorm without affine + Linear, SGD, cosine
     lr): fit on TRAIN, score VAL's centre crops. Prints top-1 / top-5 and writes
-    RUN/eval/linear-target-step-N.json (named like knn's). --protocol paper logs a line per
-    epoch on stderr.
+    RUN/eval/linear-target-step-N.json (named like knn's). Progress goes to stderr: a line
+    per epoch with --protocol paper; with fast, after the first and the last epoch and every
+    10 s (epoch i/N, loss, elapsed, ETA).
 
     \b
     Examples:
