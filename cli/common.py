@@ -17,6 +17,7 @@ __all__ = [
     "HiddenArgument",
     "ShardFolder",
     "alias",
+    "fail",
     "git_describe",
     "overrides_argument",
     "parse_size",
@@ -297,3 +298,8 @@ def storage_options(f):
             help=help_text,
         )(f)
     return f
+
+
+def fail(e: Exception) -> click.ClickException:
+    """A library error as the command's error message (exit status 1, no traceback)."""
+    return click.ClickException(str(e))

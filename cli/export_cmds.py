@@ -9,10 +9,7 @@ from pathlib import Path
 
 import click
 
-
-def _fail(e: Exception) -> click.ClickException:
-    return click.ClickException(str(e))
-
+from cli.common import fail as _fail
 
 _FORMAT_NAMES = {
     "timm": "timm state dict",

@@ -9,15 +9,12 @@ from pathlib import Path
 import click
 
 from cli.common import COMPLETION, storage_options, version_option
+from cli.common import fail as _fail
 from shards.images import ImageParams
 from shards.proposals import SEARCH_MODES, FilterParams, SearchParams
 
 DEFAULT_SEARCH = SearchParams()
 DEFAULT_FILTER = FilterParams()
-
-
-def _fail(e: Exception) -> click.ClickException:
-    return click.ClickException(str(e))
 
 
 @click.group(
