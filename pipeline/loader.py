@@ -39,12 +39,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .source import EpochPlan, ShardError, ShardIndex, ViewSource
 from .views import DecodeCropViews, MOSViews, MultiCropViews, UniVIPViews, view_set
+
+if TYPE_CHECKING:
+    from shards.remote import ShardCache
 
 __all__ = [
     "DecodeCropViews",
@@ -136,7 +139,8 @@ class ViewLoader:
     """Batches of views of the shards in ``shards_dir`` (see the module docstring).
 
     Args:
-        shards_dir: output folder of ``ssl-cli shards build``.
+        shards_dir: output folder of ``ssl-cli shards build``, its URL, or the
+            :class:`shards.remote.ShardCache` to read that URL through.
         views: ``MOSViews``, ``UniVIPViews``, ``MultiCropViews`` (or ``DecodeCropViews``).
         batch_size: per rank.
         rank, world_size: this process's part of the data (DDP).
@@ -151,7 +155,7 @@ class ViewLoader:
 
     def __init__(
         self,
-        shards_dir: str | Path,
+        shards_dir: str | Path | ShardCache,
         views: Any,
         batch_size: int,
         rank: int = 0,

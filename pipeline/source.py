@@ -250,8 +250,11 @@ class ShardIndex:
     ``(offset, size)``. The tars are memory-mapped lazily in each process that reads.
     """
 
-    def __init__(self, shards_dir: str | Path, cache: ShardCache | None = None):
+    def __init__(self, shards_dir: str | Path | ShardCache, cache: ShardCache | None = None):
         import pyarrow.parquet as pq
+
+        if isinstance(shards_dir, ShardCache):  # a URL read through this very cache
+            shards_dir, cache = shards_dir.url, shards_dir
 
         self.url: str | None = None  # the folder's URL when it is read through a shard cache
         self._cache: ShardCache | None = None
