@@ -264,29 +264,39 @@ def shards_build(
         )
         remote = _remote_out(out)
         target = out
+        uploader = None
         if remote:
+            from shards.remote import ShardUploader
+
             out = staging or _default_staging(remote)
-            click.echo(f"building into {out}, then uploading to {remote}")
-        result = build_shards(
-            src,
-            out,
-            params,
-            layout=layout,
-            split=split,
-            workers=workers,
-            engine=engine,
-            ray_address=ray_address,
-            progress=progress,
-            log=click.echo,
-            retry_rejects=retry_rejects,
-        )
-        if remote and not result.problems:
-            from shards.remote import upload_shards
+            click.echo(f"building into {out}, uploading to {remote} each shard as it is done")
 
             def uploaded(name: str, sent: bool) -> None:
                 click.echo(f"  {'uploaded' if sent else 'already there'}: {name}")
 
-            done = upload_shards(out, remote, on_file=uploaded)
+            uploader = ShardUploader(out, remote, on_file=uploaded)
+        try:
+            result = build_shards(
+                src,
+                out,
+                params,
+                layout=layout,
+                split=split,
+                workers=workers,
+                engine=engine,
+                ray_address=ray_address,
+                progress=progress,
+                log=click.echo,
+                retry_rejects=retry_rejects,
+                on_shard=(lambda tar, entry: uploader.queue_shard(tar, entry["sha256"]))
+                if uploader
+                else None,
+            )
+        finally:
+            if uploader is not None:
+                uploader.close()  # the shards built so far go up, also when the build fails
+        if uploader is not None and not result.problems:
+            done = uploader.finish()
             click.echo(
                 f"{target}: {len(done['uploaded'])} file(s) uploaded ({done['bytes']} bytes), "
                 f"{len(done['skipped'])} already there, manifest.json last"

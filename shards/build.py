@@ -272,6 +272,7 @@ def _run_chunks(
     chunks: dict[int, list[SourceItem]],
     results: Iterator[Sample | Reject],
     bar: tqdm | LogProgress,
+    on_shard: Callable[[Path, dict], None] | None = None,
 ) -> None:
     total_rejects = 0
     for chunk in sorted(chunks):
@@ -293,7 +294,9 @@ def _run_chunks(
                 bar.update(1)
             if not samples:
                 writer.discard()  # every input rejected: no (empty) shard
-        _finish_chunk(out, parts, chunk, samples, rejects, writer)
+        info = _finish_chunk(out, parts, chunk, samples, rejects, writer)
+        if on_shard is not None and info["shard"] is not None:
+            on_shard(out / info["shard"]["name"], info["shard"])
 
 
 def _finalize(out: Path, parts: Path, state: dict, source: Source, n_chunks: int) -> dict:
@@ -627,12 +630,16 @@ def build_shards(
     progress: bool = True,
     log: Callable[[str], None] = print,
     retry_rejects: bool = False,
+    on_shard: Callable[[Path, dict], None] | None = None,
 ) -> BuildResult:
     """Build (or resume, or confirm) the shards of ``src`` in ``out``.
 
     ``retry_rejects``: redo the chunks holding transient rejects (``worker_crashed``,
     ``unreadable``), also on a finished build. ``progress``: on stderr, a bar when it is a
     terminal, else a plain line every ``LOG_EVERY_S`` seconds or ``LOG_EVERY_PERCENT``.
+    ``on_shard(tar, entry)``: called after each shard this run writes (its tar and index
+    are complete; ``entry`` is its manifest entry: name, index, samples, bytes, sha256),
+    e.g. to upload it while the next one is built.
     """
     load_cv2()  # fail before any work when the contrib module is missing
     if src != SAMPLE_SOURCE:
@@ -654,13 +661,14 @@ def build_shards(
     with _locked(out):
         return _build_locked(
             src, out, source, params, split, workers, engine, ray_address, progress, log,
-            retry_rejects,
+            retry_rejects, on_shard,
         )  # fmt: skip
 
 
 def _build_locked(
-    src, out, source, params, split, workers, engine, ray_address, progress, log, retry_rejects
-) -> BuildResult:
+    src, out, source, params, split, workers, engine, ray_address, progress, log, retry_rejects,
+    on_shard,
+) -> BuildResult:  # fmt: skip
     state = _build_state(source, params, src, split)
     work = out / WORK
     parts = work / "parts"
@@ -717,7 +725,7 @@ def _build_locked(
     with _progress(len(source.items), len(source.items) - n_todo, progress) as bar:
         results = runner.map(process_item, items, params)
         try:
-            _run_chunks(out, parts, todo, results, bar)
+            _run_chunks(out, parts, todo, results, bar, on_shard)
         finally:
             close = getattr(results, "close", None)
             if close:

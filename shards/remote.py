@@ -727,7 +727,9 @@ class ShardUploader:
     :meth:`upload_ready` uploads the finished shards (a tar is renamed into place after its
     index, so a tar's presence means both are complete) not uploaded yet; :meth:`finish`
     uploads what is left and ``manifest.json`` last. A build calls :meth:`shard_finished`
-    (or :meth:`upload_ready`) after each shard, or :meth:`start` polls the folder from a thread.
+    after each shard (:meth:`queue_shard`: the same from a background thread, so that the
+    build goes on meanwhile), or :meth:`start` polls the folder from a thread. Before the
+    first shard goes up, a manifest at the URL that is not the local one is deleted.
     Every object gets its sha256 in its metadata; an object already at the URL with the local
     file's size and sha256 is skipped, so a killed upload resumes where it stopped.
 
@@ -757,6 +759,9 @@ class ShardUploader:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._error: BaseException | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
+        self._manifest_checked = False
 
     def _sizes(self) -> dict[str, int]:
         if self._listing is None:
@@ -805,8 +810,32 @@ class ShardUploader:
     def shard_finished(self, tar: str | os.PathLike, sha256: str | None = None) -> None:
         """A build finished the shard ``tar`` (its index is written): upload both."""
         tar = Path(tar)
+        if not self._manifest_checked:
+            with self._lock:
+                self._drop_stale_manifest()
+                self._manifest_checked = True
         self.upload_file(tar.with_suffix(".idx").name)
         self.upload_file(tar.name, sha256)
+
+    def queue_shard(self, tar: str | os.PathLike, sha256: str | None = None) -> None:
+        """:meth:`shard_finished` in a background thread (one upload at a time, in order).
+        Raises the error of an earlier queued upload, so a build stops at the first failure;
+        :meth:`finish` (or :meth:`close`) waits for what is queued."""
+        self._raise_failed(wait=False)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-upload")
+        self._pending.append(self._pool.submit(self.shard_finished, tar, sha256))
+
+    def _raise_failed(self, wait: bool) -> None:
+        pending, self._pending = self._pending, []
+        error = None
+        for future in pending:
+            if wait or future.done():
+                error = error or future.exception()
+            else:
+                self._pending.append(future)
+        if error is not None:
+            raise error
 
     def _drop_stale_manifest(self) -> None:
         """A manifest at the URL that is not the local one goes first: a reader must never see
@@ -877,7 +906,14 @@ class ShardUploader:
         return self
 
     def close(self) -> None:
-        """Stop the watcher thread; raises the error that stopped it, if any."""
+        """Wait for the queued uploads and stop the watcher thread; raises the error that
+        stopped either, if any."""
+        if self._pool is not None:
+            try:
+                self._raise_failed(wait=True)
+            finally:
+                self._pool.shutdown(wait=True)
+                self._pool = None
         if self._thread is not None:
             self._stop.set()
             self._thread.join()

@@ -342,6 +342,63 @@ def test_watcher_uploads_shards_while_a_build_writes_them(s3_server, tmp_path):
     assert json.loads((staging / "manifest.json").read_text()) == manifest
 
 
+def test_a_build_uploads_each_shard_as_it_is_done(s3_server, tmp_path):
+    from shards.build import BuildParams, build_shards
+    from shards.proposals import SearchParams
+
+    src = tmp_path / "images"
+    src.mkdir()
+    for v in range(5):
+        (src / f"g{v}.jpg").write_bytes(
+            encode(np.full((64, 80, 3), 30 + 40 * v, np.uint8), quality=95)
+        )
+    url = s3_server.url("during")
+    upload_shards(constant_shards(), url)  # an earlier, other build at the same URL
+
+    def remote_names() -> set[str]:
+        keys = s3_server.client().list_objects_v2(Bucket=s3_server.bucket, Prefix="during/")
+        return {o["Key"].rsplit("/", 1)[1] for o in keys.get("Contents", [])}
+
+    seen: list[tuple[str, bool, set[str]]] = []  # after each shard's hook: what the URL had
+    uploader = ShardUploader(tmp_path / "staging", url)
+
+    def on_shard(tar: Path, entry: dict) -> None:
+        assert (tar.with_suffix(".idx")).is_file() and entry["name"] == tar.name
+        uploader.shard_finished(tar, entry["sha256"])
+        sha = remote._remote_sha256(uploader.fs, f"{uploader.base}/{tar.name}")
+        seen.append((tar.name, sha == entry["sha256"], remote_names()))
+
+    params = BuildParams(search=SearchParams(max_side=160), shard_size=2)
+    build_shards(
+        str(src), tmp_path / "staging", params, workers=1, progress=False,
+        log=lambda *_: None, on_shard=on_shard,
+    )  # fmt: skip
+    assert [name for name, _, _ in seen] == [f"shard-00000{i}.tar" for i in range(3)]
+    for name, this_build, there in seen:  # each was up before the next was built
+        assert this_build and name.replace(".tar", ".idx") in there
+        assert "manifest.json" not in there  # the old one went first, the new one comes last
+    result = uploader.finish()
+    assert result["uploaded"][-1] == "manifest.json"
+    assert len(set(result["uploaded"])) == len(result["uploaded"]), result  # none twice
+    assert verify_shards(url) == []
+
+
+def test_a_failed_queued_upload_is_raised_by_the_next_call(s3_server):
+    local = many_shards()
+    uploader = ShardUploader(local, s3_server.url("failing"))
+    uploader.queue_shard(local / "shard-000099.tar")  # not there: its upload fails
+    with pytest.raises(RemoteShardError, match=r"shard-000099\.idx: not found"):
+        uploader.close()  # waits for the queue
+    uploader.queue_shard(local / "shard-000098.tar")
+    deadline = time.time() + 30
+    with pytest.raises(RemoteShardError, match="shard-000098"):  # the build's next shard stops
+        while time.time() < deadline:
+            uploader.queue_shard(local / "shard-000000.tar")
+            time.sleep(0.02)
+    uploader.close()  # the error was raised once; the shards queued after it went up
+    assert "shard-000000.tar" in uploader.uploaded
+
+
 # ------------------------------------------------------------------------------ training
 
 
