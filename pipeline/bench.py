@@ -12,6 +12,16 @@ timed and shut down in turn), and the median round counts:
 
 Figures are *source images* per second (one sample with all its views counts once).
 
+For shards at a URL (``s3://``, ``gs://``, ``https://``) the whole folder is first downloaded
+into a scratch cache under the shard cache root, and ``ours`` reads the URL through that warm
+cache while ``ours, local disk`` reads the very same files as a plain local folder (the other
+contestants read it too): the difference is the cost of the cache layer in steady state. Then
+``ours, cold cache`` is timed once per round from an empty cache, from the loader's start
+(manifest read, DALI built) until ``seconds`` have passed or an epoch is done, whichever comes
+first, so that every shard it reads comes over the network; the report gives it with the
+server's bandwidth (one whole shard read, timed) and the images/s that bandwidth allows at the
+shards' mean sample size.
+
 While it runs, a progress line goes to stderr at most every few seconds (phase, round,
 contestant, elapsed, ETA of the whole benchmark at its cumulative rate): the only cost in a
 timed round is a comparison against a clock read the round makes anyway. :class:`Progress`,
@@ -22,8 +32,10 @@ timed round is a comparison against a clock read the round makes anyway. :class:
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,7 +43,9 @@ from typing import Any
 
 import torch
 
+from shards.remote import ShardCache, cache_for, default_cache_root, filesystem, is_url, redact_url
 from shards.sysinfo import cpu_model
+from shards.verify import load_manifest
 
 from .loader import ViewLoader
 from .source import ShardIndex
@@ -137,6 +151,7 @@ def _dataset(shards_dir: Path) -> dict[str, Any]:
     sizes = index.jpg[:, 1]
     return {
         "samples": len(index),
+        "bytes": sum(s["bytes"] for s in load_manifest(shards_dir)["shards"]),
         "mean_jpeg_kb": round(float(sizes.mean()) / 1024, 1),
         "mean_width": round(float(index.width.mean())),
         "mean_height": round(float(index.height.mean())),
@@ -188,6 +203,53 @@ def _round(
     return n * batch_size / (time.perf_counter() - start)
 
 
+def _bandwidth(cache: ShardCache) -> dict[str, Any]:
+    """The server's read bandwidth: the largest shard, read whole once and timed."""
+    manifest = cache.open()
+    shard = max(manifest["shards"], key=lambda s: s["bytes"])
+    fs, base = filesystem(cache.url, cache.endpoint_url)
+    start = time.perf_counter()
+    data = fs.cat_file(f"{base}/{shard['name']}")
+    seconds = time.perf_counter() - start
+    return {"probe": shard["name"], "bytes": len(data), "mb_per_s": len(data) / seconds / 1e6}
+
+
+def _fill(cache: ShardCache) -> Path:
+    """Download every file of the cache's folder; returns its root (a local shard folder)."""
+    manifest = cache.open()
+    for s in manifest["shards"]:
+        cache.fetch(cache.shard(s["name"]))
+    return cache.root
+
+
+def _cold_round(
+    url: str,
+    root: Path,
+    views: Any,
+    batch_size: int,
+    seconds: float,
+    sync: Callable[[], None],
+    kwargs: dict[str, Any],
+) -> dict[str, float]:
+    """Images/s from an empty cache at ``root``, from the loader's start until ``seconds``
+    have passed or an epoch is done; the cache is removed afterwards."""
+    cache = cache_for(url, root=root)
+    try:
+        start = time.perf_counter()
+        n = 0
+        with ViewLoader(cache, views, batch_size, **kwargs) as loader:
+            for _ in loader:
+                n += 1
+                if time.perf_counter() - start >= seconds:
+                    break
+            sync()
+        elapsed = time.perf_counter() - start
+        fetched = sum(d["bytes"] for d in cache.downloads())
+        return {"images_per_s": n * batch_size / elapsed, "seconds": elapsed, "bytes": fetched}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def bench_pipeline(
     shards_dir: str | Path,
     method: str,
@@ -210,6 +272,37 @@ def bench_pipeline(
     (phase, round, contestant, elapsed, ETA), stderr by default, ``None`` for none."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {list(METHODS)}")
+    url = str(shards_dir) if is_url(shards_dir) else None
+    scratch = None
+    if url is not None:
+        default_cache_root().mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix="bench-", dir=default_cache_root()))
+    try:
+        return _bench(
+            url, shards_dir, scratch, method, batch_size, device, seconds, rounds, warmup,
+            num_threads, workers, baseline_workers, baseline, seed, log, progress,
+            progress_every,
+        )  # fmt: skip
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _bench(
+    url, shards_dir, scratch, method, batch_size, device, seconds, rounds, warmup, num_threads,
+    workers, baseline_workers, baseline, seed, log, progress, progress_every,
+) -> dict[str, Any]:  # fmt: skip
+    remote: dict[str, Any] | None = None
+    if url is not None:
+        warm = cache_for(url, root=scratch / "warm")
+        log(f"{redact_url(url)}: downloading the shards into {warm.root}")
+        t = time.perf_counter()
+        shards_dir = _fill(warm)
+        remote = {
+            "url": redact_url(url),
+            "download_s": round(time.perf_counter() - t, 2),
+            "bandwidth": _bandwidth(warm),
+        }
     shards_dir = Path(shards_dir)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -219,9 +312,9 @@ def bench_pipeline(
     baseline_workers = cores if baseline_workers is None else baseline_workers
     views = view_set(method)
 
-    def ours(v):
+    def ours(v, source=None):
         return lambda: ViewLoader(
-            shards_dir,
+            shards_dir if source is None else source,
             v,
             batch_size,
             seed=seed,
@@ -237,7 +330,13 @@ def bench_pipeline(
             shards_dir, views, batch_size, baseline_workers, seed=seed, epochs=10**6
         )
 
-    contestants: dict[str, Callable[[], Any]] = {"ours": ours(views)}
+    if remote is not None:
+        contestants: dict[str, Callable[[], Any]] = {
+            "ours": ours(views, source=warm),
+            "ours, local disk": ours(views),
+        }
+    else:
+        contestants = {"ours": ours(views)}
     if baseline:
         contestants["torchvision"] = tv
     contestants["decode+crop"] = ours(DecodeCropViews())
@@ -247,12 +346,14 @@ def bench_pipeline(
     # otherwise take cores from the next contestant.
     results: dict[str, list[float]] = {name: [] for name in contestants}
     ticker = Progress(progress, progress_every) if progress is not None else None
-    measures = rounds * len(contestants)  # the units of the ETA
+    per_round = len(contestants) + (remote is not None)
+    measures = rounds * per_round  # the units of the ETA
+    cold: list[dict[str, float]] = []
     load_before = os.getloadavg()[0]
     for r in range(rounds):
         for c, (name, make) in enumerate(contestants.items()):
             what = f"bench pipeline: round {r + 1}/{rounds}, {name}"
-            done = r * len(contestants) + c
+            done = r * per_round + c
             t = time.perf_counter()
             stream = _endless(make)
             try:
@@ -271,9 +372,22 @@ def bench_pipeline(
                 stream.close()
             if r == 0:
                 log(f"{name}: started and warmed up in {started:.1f} s")
+        if remote is not None:
+            if ticker is not None:
+                ticker.say(
+                    f"bench pipeline: round {r + 1}/{rounds}, ours, cold cache",
+                    (r + 1) * per_round - 1,
+                    measures,
+                )
+            loader_kw = {"seed": seed, "device": dev, "num_threads": num_threads}
+            loader_kw["workers"] = workers
+            cold.append(
+                _cold_round(url, scratch / f"cold-{r}", views, batch_size, seconds, sync, loader_kw)
+            )
         log(
             f"round {r + 1}/{rounds}: "
             + ", ".join(f"{n} {v[-1]:.1f}" for n, v in results.items())
+            + (f", ours, cold cache {cold[-1]['images_per_s']:.1f}" if cold else "")
             + " images/s"
         )
     load_after = os.getloadavg()[0]
@@ -298,6 +412,19 @@ def bench_pipeline(
     if baseline:
         report["speedup_vs_torchvision"] = round(median["ours"] / median["torchvision"], 2)
     report["fraction_of_decode_crop"] = round(median["ours"] / median["decode+crop"], 3)
+    if remote is not None:
+        d = report["dataset"]
+        sample_bytes = d["bytes"] / d["samples"]
+        bw = remote["bandwidth"]["mb_per_s"]
+        remote["bandwidth"]["mb_per_s"] = round(bw, 1)
+        remote["warm_vs_local_disk"] = round(median["ours"] / median["ours, local disk"], 3)
+        remote["cold_images_per_s"] = round(statistics.median(x["images_per_s"] for x in cold), 1)
+        remote["cold_rounds"] = [
+            {k: round(v, 2) if k != "bytes" else int(v) for k, v in x.items()} for x in cold
+        ]
+        remote["mean_sample_bytes"] = round(sample_bytes)
+        remote["network_bound_images_per_s"] = round(bw * 1e6 / sample_bytes, 1)
+        report["remote"] = remote
     return report
 
 
@@ -316,6 +443,18 @@ def format_report(report: dict[str, Any]) -> str:
     for name, v in report["images_per_s"].items():
         rounds = ", ".join(f"{x:.1f}" for x in report["rounds_images_per_s"][name])
         lines.append(f"| {name} | {v:.1f} | {rounds} |")
+    remote = report.get("remote")
+    if remote is not None:
+        rounds = ", ".join(f"{x['images_per_s']:.1f}" for x in remote["cold_rounds"])
+        lines.append(f"| ours, cold cache | {remote['cold_images_per_s']:.1f} | {rounds} |")
+        bw = remote["bandwidth"]
+        lines += [
+            "",
+            f"{remote['url']}: warm cache / local disk {remote['warm_vs_local_disk']:.3f}; "
+            f"server bandwidth {bw['mb_per_s']:.1f} MB/s ({bw['probe']}, {bw['bytes']} bytes "
+            f"read whole), {remote['mean_sample_bytes']} bytes per sample: the network "
+            f"allows {remote['network_bound_images_per_s']:.1f} images/s",
+        ]
     if "speedup_vs_torchvision" in report:
         lines.append(f"\nours / torchvision: {report['speedup_vs_torchvision']:.2f}x")
     lines.append(f"ours / decode+crop: {report['fraction_of_decode_crop']:.3f}")

@@ -209,9 +209,10 @@ def _default_max_bytes() -> int | None:
     return None
 
 
-def cache_for(url: str) -> ShardCache:
-    """The cache of ``url`` with this process's defaults (:func:`configure`)."""
-    return ShardCache(url, endpoint_url=_DEFAULTS["endpoint_url"])
+def cache_for(url: str, root: str | os.PathLike | None = None) -> ShardCache:
+    """The cache of ``url`` with this process's defaults (:func:`configure`); ``root``: in
+    this folder instead of the default one."""
+    return ShardCache(url, root=root, endpoint_url=_DEFAULTS["endpoint_url"])
 
 
 def default_prefetch() -> int:

@@ -100,3 +100,29 @@ def test_parse_size():
     assert parse_size("512MiB") == 512 << 20
     assert parse_size("1.5T") == int(1.5 * (1 << 40))
     assert parse_size("1000") == 1000
+
+
+def test_bench_pipeline_on_a_url_times_it_next_to_local_disk(s3_server, tmp_path):
+    from shards.remote import upload_shards
+    from tests.test_pipeline_shards import photo_shards
+
+    url = s3_server.url("cli/bench")
+    upload_shards(photo_shards(), url)
+    report_path = tmp_path / "bench.json"
+    out = run(
+        "bench", "pipeline", "--data", url, "--method", "mos", "--device", "cpu",
+        "--batch-size", "4", "--seconds", "0.3", "--rounds", "2", "--no-baseline",
+        "--cache-dir", str(tmp_path / "cache-cli"), "--json", str(report_path),
+    )  # fmt: skip
+    report = json.loads(report_path.read_text())
+    assert set(report["images_per_s"]) == {"ours", "ours, local disk", "decode+crop"}
+    assert all(v > 0 for v in report["images_per_s"].values())
+    r = report["remote"]
+    assert r["url"] == url and r["warm_vs_local_disk"] > 0
+    assert len(r["cold_rounds"]) == 2 and r["cold_images_per_s"] > 0
+    # every cold round started from an empty cache: it fetched shards over the network
+    assert all(x["bytes"] > 0 for x in r["cold_rounds"])
+    assert r["bandwidth"]["mb_per_s"] > 0 and r["network_bound_images_per_s"] > 0
+    assert "| ours, cold cache |" in out and "warm cache / local disk" in out
+    # the scratch caches are gone, the shards' own cache was not used
+    assert not any((tmp_path / "cache-cli").glob("bench-*"))
