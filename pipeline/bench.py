@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from shards.remote import ShardCache, cache_for, default_cache_root, filesystem, is_url, redact_url
-from shards.sysinfo import cpu_model
+from shards.sysinfo import cpu_model, library_versions
 from shards.verify import load_manifest
 
 from .loader import ViewLoader
@@ -133,17 +133,12 @@ def hardware(device: torch.device) -> str:
     return desc
 
 
-def _versions() -> dict[str, str]:
-    import PIL
-    import torchvision
-    from nvidia import dali
+def _versions() -> dict[str, str | None]:
+    import PIL  # noqa: F401 - loaded, so its own __version__ is read
+    import torchvision  # noqa: F401
+    from nvidia import dali  # noqa: F401
 
-    return {
-        "dali": dali.__version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "pillow": PIL.__version__,
-    }
+    return library_versions("dali", "torch", "torchvision", "pillow")
 
 
 def _dataset(shards_dir: Path) -> dict[str, Any]:

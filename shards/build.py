@@ -23,7 +23,6 @@ import fcntl
 import gzip
 import json
 import os
-import platform
 import re
 import sys
 import time
@@ -38,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from . import sysinfo
 from .engines import make_engine
 from .process import BuildParams, Reject, Sample, process_item
 from .proposals import load_cv2
@@ -81,25 +81,15 @@ def shard_name(chunk: int) -> str:
 
 
 def library_versions() -> dict[str, str]:
-    import PIL
-    import webdataset
+    """What a manifest records about the build's software (``unknown``: not installed)."""
+    load_cv2()  # the module whose version counts is the one the build runs
+    import PIL  # noqa: F401 - loaded, so its own __version__ is read
+    import webdataset  # noqa: F401
 
-    cv2 = load_cv2()
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        ours = version("ssl-cli")
-    except PackageNotFoundError:
-        ours = "unknown"
-    return {
-        "ssl-cli": ours,
-        "python": platform.python_version(),
-        "opencv": cv2.__version__,
-        "numpy": np.__version__,
-        "pillow": PIL.__version__,
-        "pyarrow": pa.__version__,
-        "webdataset": getattr(webdataset, "__version__", "unknown"),
-    }
+    found = sysinfo.library_versions(
+        "ssl-cli", "opencv", "numpy", "pillow", "pyarrow", "webdataset"
+    )
+    return {k: v or "unknown" for k, v in found.items()}
 
 
 def proposals_table(samples: list[Sample], shard: str) -> pa.Table:

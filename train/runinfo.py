@@ -8,7 +8,6 @@ credential.
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import os
 import platform
 import re
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from shards import sysinfo
 from shards.sysinfo import cpu_model
 
 __all__ = ["describe_device", "git_sha", "library_versions", "redact_command", "run_info"]
@@ -45,37 +45,16 @@ def git_sha(path: str | Path = _REPO) -> dict | None:
     return {"sha": sha.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
-def _version(dist_name: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist_name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def library_versions() -> dict[str, str | None]:
     """Versions of python and the libraries that shape a run (``None``: not installed)."""
-    dali = next(
-        (
-            v
-            for d in ("nvidia-dali-cuda120", "nvidia-dali-cuda130", "nvidia-dali-cuda110")
-            if (v := _version(d))
-        ),
-        None,
+    versions = sysinfo.library_versions(
+        "torch", "timm", "numpy", "dali", "ssl-cli", "tensorboard", "wandb"
     )
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": str(torch.backends.cudnn.version())
-        if torch.backends.cudnn.is_available()
-        else None,
-        "timm": _version("timm"),
-        "numpy": _version("numpy"),
-        "dali": dali,
-        "ssl-cli": _version("ssl-cli"),
-        "tensorboard": _version("tensorboard"),
-        "wandb": _version("wandb"),
-    }
+    versions["cuda"] = torch.version.cuda
+    versions["cudnn"] = (
+        str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else None
+    )
+    return versions
 
 
 def describe_device(device: torch.device) -> str:
