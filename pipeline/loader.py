@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .source import EpochPlan, ShardError, ShardIndex, ViewSource
-from .views import DecodeCropViews, MOSViews, MultiCropViews, UniVIPViews, view_set
+from .views import DecodeCropViews, MOSViews, MultiCropViews, UniVIPViews, ViewSet, view_set
 
 if TYPE_CHECKING:
     from shards.remote import ShardCache
@@ -141,7 +141,8 @@ class ViewLoader:
     Args:
         shards_dir: output folder of ``ssl-cli shards build``, its URL, or the
             :class:`shards.remote.ShardCache` to read that URL through.
-        views: ``MOSViews``, ``UniVIPViews``, ``MultiCropViews`` (or ``DecodeCropViews``).
+        views: a :class:`~pipeline.views.ViewSet`: ``MOSViews``, ``UniVIPViews``,
+            ``MultiCropViews`` (or ``DecodeCropViews``), e.g. from :func:`view_set`.
         batch_size: per rank.
         rank, world_size: this process's part of the data (DDP).
         seed: the whole order and every random decision derive from it.
@@ -156,7 +157,7 @@ class ViewLoader:
     def __init__(
         self,
         shards_dir: str | Path | ShardCache,
-        views: Any,
+        views: ViewSet,
         batch_size: int,
         rank: int = 0,
         world_size: int = 1,

@@ -43,13 +43,16 @@ import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from shards.remote import RemoteShardError, ShardCache, is_url
 from shards.verify import load_manifest
 from shards.writer import sha256_file
+
+if TYPE_CHECKING:
+    from .views import SamplePlan, ViewSet
 
 __all__ = [
     "EpochPlan",
@@ -507,7 +510,7 @@ class ViewSource:
     """
 
     index: ShardIndex
-    views: Any
+    views: ViewSet
     plan: EpochPlan
     rank: int
     start_epoch: int
@@ -557,7 +560,7 @@ class ViewSource:
             self._batch_plans[key] = self.views.plan_batch(batch_rng(self.plan.seed, epoch, batch))
         return self._batch_plans[key]
 
-    def sample(self, epoch: int, batch: int, idx_in_batch: int) -> tuple[int, Any]:
+    def sample(self, epoch: int, batch: int, idx_in_batch: int) -> tuple[int, SamplePlan]:
         """Row and :class:`~pipeline.views.SamplePlan` of one sample position."""
         row = int(self.plan.rows(epoch, batch, self.rank)[idx_in_batch])
         boxes = self.index.read_boxes(row) if self.views.needs_boxes else None

@@ -1,6 +1,8 @@
 """View sets: which crops of a sample to cut, with which augmentation, and how to assemble them.
 
-A view set is a frozen dataclass of paper defaults with three jobs:
+A view set is a frozen dataclass of paper defaults, registered by name
+(:func:`register_view_set`, built by :func:`view_set`, listed by :func:`list_view_sets`), with
+the interface :class:`ViewSet` that the loader reads:
 
 - :meth:`banks`: the DALI side. Every view is rendered as *frames* of one fixed size; frames of
   one size and one augmentation form a *bank*, one DALI sequence ``[F, s, s, 3]`` per sample
@@ -8,9 +10,11 @@ A view set is a frozen dataclass of paper defaults with three jobs:
   over the whole sequence with per-frame arguments) turns into ``[B, F, 3, s, s]`` float32.
   A few batched chains instead of one chain per view, and a bank's chain holds only the
   operators its augmentation can use (no solarization where its probability is 0).
+- :meth:`plan_batch` (numpy, once per batch, from the batch's generator): what every sample of
+  the batch shares (the MOS stitching layouts; ``None`` for the other view sets).
 - :meth:`plan_sample` (numpy, in the view source, once per sample): the crop windows of every
   frame in the decoded image and every frame's photometric parameters, drawn from the
-  sample's own generator.
+  sample's own generator (and from its proposal boxes where ``needs_boxes``).
 - :meth:`assemble` (torch, on the loader's device): the batch dict the trainer reads.
 
 Windows are ``(y0, x0, y1, x1)`` float32 pixels of the decoded image (``fn.resize``'s
@@ -33,9 +37,11 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache, reduce
-from typing import Any
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -58,6 +64,9 @@ from .layout import (
 from .univip import NUM_INSTANCES, SCENE_RATIO, SCENE_SCALE, TRIES, random_resized_crop_boxes
 from .univip import sample_scene_pair as _sample_scene_pair
 
+if TYPE_CHECKING:
+    from torch import Tensor
+
 __all__ = [
     "MOS_VIEW1",
     "MOS_VIEW2",
@@ -68,8 +77,11 @@ __all__ = [
     "MultiCropViews",
     "SamplePlan",
     "UniVIPViews",
+    "ViewSet",
     "crop_windows",
     "frame_windows",
+    "list_view_sets",
+    "register_view_set",
     "view_set",
 ]
 
@@ -121,6 +133,73 @@ class SamplePlan:
     windows: dict[str, np.ndarray]  # bank -> [F, 4] float32 (y0, x0, y1, x1)
     photometric: dict[str, Photometric]  # bank -> per-frame parameters
     extras: dict[str, np.ndarray] = field(default_factory=dict)  # name -> int32 array
+
+
+class ViewSet(Protocol):
+    """What :class:`~pipeline.loader.ViewLoader` and :class:`~pipeline.source.ViewSource` read
+    of a view set (module docstring). ``batch_plan`` is whatever :meth:`plan_batch` returns; the
+    view set alone reads it."""
+
+    needs_boxes: bool  # plan_sample reads the sample's proposal boxes (else it gets None)
+
+    def banks(self) -> tuple[Bank, ...]:
+        """The banks DALI renders, in the order of the pipeline's outputs."""
+        ...
+
+    def plan_batch(self, rng: np.random.Generator) -> Any:
+        """What every sample of one batch shares, drawn from the batch's generator."""
+        ...
+
+    def plan_sample(
+        self,
+        width: int,
+        height: int,
+        boxes: np.ndarray | None,
+        rng: np.random.Generator,
+        batch_plan: Any,
+    ) -> SamplePlan:
+        """One sample's windows and photometric parameters per bank, and its extras."""
+        ...
+
+    def assemble(
+        self, banks: dict[str, Tensor], extras: dict[str, Tensor], index: Tensor
+    ) -> dict[str, Any]:
+        """The batch dict: ``banks`` ``[B, F, 3, s, s]`` per bank, ``extras`` per name (host
+        int32), ``index [B]`` int64 on the loader's device."""
+        ...
+
+
+_REGISTRY: dict[str, type] = {}
+VIEW_SETS: Mapping[str, type] = MappingProxyType(_REGISTRY)  # name -> class, read-only
+_V = TypeVar("_V", bound=type)
+
+
+def register_view_set(name: str) -> Callable[[_V], _V]:
+    """Class decorator: register a view set as ``name`` (which becomes its ``name``), so that
+    :func:`view_set` builds it and :func:`list_view_sets` lists it."""
+
+    def register(cls: _V) -> _V:
+        if _REGISTRY.get(name, cls) is not cls:
+            raise ValueError(f"view set {name!r} is already registered ({_REGISTRY[name]})")
+        cls.name = name  # type: ignore[attr-defined]
+        _REGISTRY[name] = cls
+        return cls
+
+    return register
+
+
+def list_view_sets() -> list[str]:
+    """The registered view sets' names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def view_set(name: str, **kwargs: Any) -> ViewSet:
+    """The view set registered as ``name`` with its defaults (or ``kwargs``)."""
+    try:
+        cls = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown view set {name!r}; valid: {list_view_sets()}") from None
+    return cls(**kwargs)
 
 
 def _check_size(v: object, name: str) -> int:
@@ -271,6 +350,7 @@ def _boxes_i32(*boxes: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------- MOS
 
 
+@register_view_set("mos")
 @dataclass(frozen=True)
 class MOSViews:
     """MOS (§3.1, Table 6): two single-object views and two stitched multi-object views.
@@ -294,7 +374,6 @@ class MOSViews:
     single_augment: tuple[Augment, Augment] = (MOS_VIEW1, MOS_VIEW2)
     multi_augment: tuple[Augment, Augment] = (MOS_VIEW1, MOS_VIEW2)
 
-    name = "mos"
     needs_boxes = False
 
     def __post_init__(self) -> None:
@@ -439,6 +518,7 @@ def _mosaic_frames(layout: StitchLayout, c: int, g: int):
 # ------------------------------------------------------------------------------------ UniVIP
 
 
+@register_view_set("univip")
 @dataclass(frozen=True)
 class UniVIPViews:
     """UniVIP (§3.2-3.3, §4, A.2): two scene views whose overlap holds ``k`` proposals, and
@@ -460,7 +540,6 @@ class UniVIPViews:
     scene_augment: tuple[Augment, Augment] = (BYOL_VIEW1, BYOL_VIEW2)
     instance_augment: Augment = BYOL_VIEW1
 
-    name = "univip"
     needs_boxes = True
 
     def __post_init__(self) -> None:
@@ -522,6 +601,7 @@ class UniVIPViews:
 # --------------------------------------------------------------------------------- multicrop
 
 
+@register_view_set("multicrop")
 @dataclass(frozen=True)
 class MultiCropViews:
     """``num_global`` global + ``num_local`` local crops (DINO-style multi-crop; BYOL and
@@ -542,7 +622,6 @@ class MultiCropViews:
     global_augment: tuple[Augment, ...] = (BYOL_VIEW1, BYOL_VIEW2)
     local_augment: Augment = Augment(blur=0.5, solarize=0.0)
 
-    name = "multicrop"
     needs_boxes = False
 
     @classmethod
@@ -614,6 +693,7 @@ class MultiCropViews:
 # ------------------------------------------------------------------------------ decode only
 
 
+@register_view_set("decode")
 @dataclass(frozen=True)
 class DecodeCropViews:
     """One random resized crop, resize and normalize, no photometric augmentation: the
@@ -623,7 +703,6 @@ class DecodeCropViews:
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = RATIO
 
-    name = "decode"
     needs_boxes = False
 
     def __post_init__(self) -> None:
@@ -643,20 +722,3 @@ class DecodeCropViews:
 
     def assemble(self, banks: dict, extras: dict, index) -> dict[str, Any]:
         return {"crop": banks["crop"][:, 0], "index": index}
-
-
-VIEW_SETS = {
-    "mos": MOSViews,
-    "univip": UniVIPViews,
-    "multicrop": MultiCropViews,
-    "decode": DecodeCropViews,
-}
-
-
-def view_set(name: str, **kwargs):
-    """The view set registered as ``name`` with its defaults (or ``kwargs``)."""
-    try:
-        cls = VIEW_SETS[name]
-    except KeyError:
-        raise ValueError(f"unknown view set {name!r}; valid: {sorted(VIEW_SETS)}") from None
-    return cls(**kwargs)

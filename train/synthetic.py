@@ -34,7 +34,9 @@ from pipeline.stitching import MOS_GRID_CHOICES, MOS_SCALE_CHOICES, sample_layou
 
 __all__ = ["SyntheticLoader"]
 
-VIEW_SETS = ("mos", "univip", "multicrop")
+# The registered view sets (pipeline.views) this loader imitates -> the method making a batch.
+_BATCHES = {"mos": "_mos_batch", "univip": "_univip_batch", "multicrop": "_multicrop_batch"}
+VIEW_SETS = tuple(_BATCHES)
 _BASE_SIDE = 8  # side of the random image a synthetic sample is upsampled from (smoothness)
 
 
@@ -157,31 +159,38 @@ class SyntheticLoader:
         indices = self._indices(epoch, index)
         bases = self._bases(indices)
         g = torch.Generator().manual_seed(_mix(self.seed, 3, epoch, index, self.rank))
-        s = self.size
-        if self.views == "mos":
-            batch = {"single1": self._view(bases, s, g), "single2": self._view(bases, s, g)}
-            layout_rng = random.Random(_mix(self.seed, 4, epoch, index))  # same on every rank
-            grid = layout_rng.choice(self.grid_choices)  # one r for both views, as MOSViews
-            for v in (1, 2):
-                layout = sample_layout(
-                    s, self.grid_choices, self.scale_choices, rng=layout_rng, grid=grid
-                )
-                cells = []
-                for scale, side in zip(layout.scales, layout.crop_sizes, strict=True):
-                    crops = [self._view(bases, side, g) for _ in range(scale * scale)]
-                    cells.append(torch.stack(crops, dim=1))  # [B, s*s, 3, side, side]
-                images, members = stitch_multiscale(cells, layout.grid)
-                batch[f"multi{v}"] = images
-                batch[f"members{v}"] = members
-                batch[f"layout{v}"] = layout
-        elif self.views == "univip":
-            batch = {"scene1": self._view(bases, s, g), "scene2": self._view(bases, s, g)}
-            inst = [self._view(bases, self.instance_size, g) for _ in range(self.num_instances)]
-            batch["instances"] = torch.stack(inst, dim=1)  # [B, K, 3, s, s]
-        else:
-            batch = {"crops": [self._view(bases, s, g) for _ in range(self.num_crops)]}
+        batch = getattr(self, _BATCHES[self.views])(bases, g, epoch, index)
         batch["index"] = indices.to(torch.int64)
         return {k: _to(v, self.device) for k, v in batch.items()}
+
+    def _mos_batch(self, bases: Tensor, g: torch.Generator, epoch: int, index: int) -> dict:
+        s = self.size
+        batch = {"single1": self._view(bases, s, g), "single2": self._view(bases, s, g)}
+        layout_rng = random.Random(_mix(self.seed, 4, epoch, index))  # same on every rank
+        grid = layout_rng.choice(self.grid_choices)  # one r for both views, as MOSViews
+        for v in (1, 2):
+            layout = sample_layout(
+                s, self.grid_choices, self.scale_choices, rng=layout_rng, grid=grid
+            )
+            cells = []
+            for scale, side in zip(layout.scales, layout.crop_sizes, strict=True):
+                crops = [self._view(bases, side, g) for _ in range(scale * scale)]
+                cells.append(torch.stack(crops, dim=1))  # [B, s*s, 3, side, side]
+            images, members = stitch_multiscale(cells, layout.grid)
+            batch[f"multi{v}"] = images
+            batch[f"members{v}"] = members
+            batch[f"layout{v}"] = layout
+        return batch
+
+    def _univip_batch(self, bases: Tensor, g: torch.Generator, epoch: int, index: int) -> dict:
+        s = self.size
+        batch = {"scene1": self._view(bases, s, g), "scene2": self._view(bases, s, g)}
+        inst = [self._view(bases, self.instance_size, g) for _ in range(self.num_instances)]
+        batch["instances"] = torch.stack(inst, dim=1)  # [B, K, 3, s, s]
+        return batch
+
+    def _multicrop_batch(self, bases: Tensor, g: torch.Generator, epoch: int, index: int) -> dict:
+        return {"crops": [self._view(bases, self.size, g) for _ in range(self.num_crops)]}
 
 
 def _to(value, device: torch.device):
