@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
-from .augment import (
+from ..augment import (
     BYOL_VIEW1,
     BYOL_VIEW2,
     NO_AUGMENT,
@@ -54,15 +54,15 @@ from .augment import (
     blur_radius,
     draw_photometric,
 )
-from .layout import (
+from ..layout import (
     MOS_GRID_CHOICES,
     MOS_SCALE_CHOICES,
     StitchLayout,
     sample_layout,
     stitch_layout,
 )
-from .univip import NUM_INSTANCES, SCENE_RATIO, SCENE_SCALE, TRIES, random_resized_crop_boxes
-from .univip import sample_scene_pair as _sample_scene_pair
+from ..univip import NUM_INSTANCES, SCENE_RATIO, SCENE_SCALE, TRIES, random_resized_crop_boxes
+from ..univip import sample_scene_pair as _sample_scene_pair
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -478,7 +478,7 @@ class MOSViews:
     def assemble(self, banks: dict, extras: dict, index) -> dict[str, Any]:
         """``single1, single2, multi1, multi2 [B, 3, S, S]``, ``members1, members2 [B, M]``,
         ``index [B]``; ``layout1, layout2``: the :class:`StitchLayout` of each stitched view."""
-        from .stitching import stitch_mosaic  # torch: only where batches are assembled
+        from ..stitching import stitch_mosaic  # torch: only where batches are assembled
 
         codes = extras["layout"]  # [B, 2, 1 + max_cells]
         if not bool((codes == codes[:1]).all()):
