@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import platform
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,19 +20,6 @@ from .sources import open_source
 from .sysinfo import cpu_model
 
 ORL_RECIPE = SearchParams(mode="fast", max_side=0)
-
-
-@dataclass
-class SearchBench:
-    label: str
-    params: SearchParams
-    seconds: float
-    images: int
-    boxes: int
-
-    @property
-    def images_per_s(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else float("nan")
 
 
 def _recall(reference: list[np.ndarray], ours: list[np.ndarray], thr: float = 0.5) -> float:
