@@ -19,6 +19,7 @@ __all__ = [
     "alias",
     "fail",
     "git_describe",
+    "library_errors",
     "overrides_argument",
     "parse_size",
     "positional_alias",
@@ -303,3 +304,31 @@ def storage_options(f):
 def fail(e: Exception) -> click.ClickException:
     """A library error as the command's error message (exit status 1, no traceback)."""
     return click.ClickException(str(e))
+
+
+LIBRARY_ERRORS = (ValueError, RuntimeError, OSError, KeyError)
+
+
+def library_errors(f=None, *, usage: tuple[str, ...] = ()):
+    """Decorate a command: what the library raises for bad input (``ValueError``,
+    ``RuntimeError``, ``OSError``, ``KeyError``: messages that name the file, key or option)
+    becomes the command's error message, exit status 1 and no traceback. ``usage``: the names
+    of the exceptions (``"ConfigError"``, ``"FileNotFoundError"``) that are usage errors
+    instead (exit status 2, with the usage line). click's own exceptions pass unchanged."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except click.ClickException:
+                raise
+            except LIBRARY_ERRORS as e:
+                names = {c.__name__ for c in type(e).__mro__}
+                if names & set(usage):
+                    raise click.UsageError(str(e)) from None
+                raise fail(e) from None
+
+        return wrapper
+
+    return decorate(f) if f is not None else decorate

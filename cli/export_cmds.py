@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import fail as _fail
+from cli.common import library_errors
 
 _FORMAT_NAMES = {
     "timm": "timm state dict",
@@ -42,6 +42,7 @@ _FORMAT_NAMES = {
     "hf: a folder with config.json and model.safetensors that "
     'timm.create_model("local-dir:OUT", pretrained=True) loads.',
 )
+@library_errors
 def export_cmd(run, out, branch, fmt) -> None:
     """Export the backbone of RUN (its newest checkpoint, or a checkpoint file) in timm's layout.
 
@@ -60,10 +61,7 @@ def export_cmd(run, out, branch, fmt) -> None:
     """
     from train.export import export_backbone
 
-    try:
-        info = export_backbone(run, out, branch=branch, fmt=fmt)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise _fail(e) from None
+    info = export_backbone(run, out, branch=branch, fmt=fmt)
     click.echo(
         f"{out}: {info['arch']} ({info['branch']} branch, step {info['step']}), "
         f"{_FORMAT_NAMES[fmt]}; load with:\n"

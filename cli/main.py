@@ -8,8 +8,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import COMPLETION, storage_options, version_option
-from cli.common import fail as _fail
+from cli.common import COMPLETION, library_errors, storage_options, version_option
 from shards.images import ImageParams
 from shards.proposals import SEARCH_MODES, FilterParams, SearchParams
 
@@ -197,6 +196,7 @@ def shards() -> None:
     default=True,
     help="Progress on stderr: a bar on a terminal, otherwise a log line every 30 s or 10%.",
 )
+@library_errors
 def shards_build(
     src,
     out,
@@ -244,65 +244,62 @@ def shards_build(
 
     image_side = min_image_side or min_side or ImageParams().min_side
     box_side = min_box_side or min_side or DEFAULT_FILTER.min_side
+    params = BuildParams(
+        search=SearchParams(mode=mode, max_side=max_side, base_k=base_k, scale_k=scale_k),
+        filter=FilterParams(
+            min_side=box_side,
+            min_aspect=min_aspect,
+            max_aspect=max_aspect,
+            max_iou=max_iou,
+            top_n=top_n,
+        ),
+        image=ImageParams(
+            min_side=image_side,
+            max_pixels=max_pixels,
+            max_file_bytes=max_file_bytes,
+            transcode_quality=jpeg_quality,
+        ),
+        shard_size=shard_size,
+    )
+    remote = _remote_out(out)
+    target = out
+    uploader = None
+    if remote:
+        from shards.remote import ShardUploader
+
+        out = staging or _default_staging(remote)
+        click.echo(f"building into {out}, uploading to {remote} each shard as it is done")
+
+        def uploaded(name: str, sent: bool) -> None:
+            click.echo(f"  {'uploaded' if sent else 'already there'}: {name}")
+
+        uploader = ShardUploader(out, remote, on_file=uploaded)
     try:
-        params = BuildParams(
-            search=SearchParams(mode=mode, max_side=max_side, base_k=base_k, scale_k=scale_k),
-            filter=FilterParams(
-                min_side=box_side,
-                min_aspect=min_aspect,
-                max_aspect=max_aspect,
-                max_iou=max_iou,
-                top_n=top_n,
-            ),
-            image=ImageParams(
-                min_side=image_side,
-                max_pixels=max_pixels,
-                max_file_bytes=max_file_bytes,
-                transcode_quality=jpeg_quality,
-            ),
-            shard_size=shard_size,
+        result = build_shards(
+            src,
+            out,
+            params,
+            layout=layout,
+            split=split,
+            workers=workers,
+            engine=engine,
+            ray_address=ray_address,
+            progress=progress,
+            log=click.echo,
+            retry_rejects=retry_rejects,
+            on_shard=(lambda tar, entry: uploader.queue_shard(tar, entry["sha256"]))
+            if uploader
+            else None,
         )
-        remote = _remote_out(out)
-        target = out
-        uploader = None
-        if remote:
-            from shards.remote import ShardUploader
-
-            out = staging or _default_staging(remote)
-            click.echo(f"building into {out}, uploading to {remote} each shard as it is done")
-
-            def uploaded(name: str, sent: bool) -> None:
-                click.echo(f"  {'uploaded' if sent else 'already there'}: {name}")
-
-            uploader = ShardUploader(out, remote, on_file=uploaded)
-        try:
-            result = build_shards(
-                src,
-                out,
-                params,
-                layout=layout,
-                split=split,
-                workers=workers,
-                engine=engine,
-                ray_address=ray_address,
-                progress=progress,
-                log=click.echo,
-                retry_rejects=retry_rejects,
-                on_shard=(lambda tar, entry: uploader.queue_shard(tar, entry["sha256"]))
-                if uploader
-                else None,
-            )
-        finally:
-            if uploader is not None:
-                uploader.close()  # the shards built so far go up, also when the build fails
-        if uploader is not None and not result.problems:
-            done = uploader.finish()
-            click.echo(
-                f"{target}: {len(done['uploaded'])} file(s) uploaded ({done['bytes']} bytes), "
-                f"{len(done['skipped'])} already there, manifest.json last"
-            )
-    except (ValueError, RuntimeError, OSError) as e:
-        raise _fail(e) from None
+    finally:
+        if uploader is not None:
+            uploader.close()  # the shards built so far go up, also when the build fails
+    if uploader is not None and not result.problems:
+        done = uploader.finish()
+        click.echo(
+            f"{target}: {len(done['uploaded'])} file(s) uploaded ({done['bytes']} bytes), "
+            f"{len(done['skipped'])} already there, manifest.json last"
+        )
     if result.problems:
         raise click.ClickException(
             f"{result.out}: the build finished, but:\n  " + "\n  ".join(result.problems)
@@ -336,6 +333,7 @@ def _default_staging(url: str) -> Path:
 @click.option(
     "--decode/--no-decode", default=False, help="Also decode every image and check its size."
 )
+@library_errors
 def shards_verify(out, decode) -> None:
     """Recompute checksums and counts; check that tar samples and Parquet rows match one to one.
 
@@ -346,10 +344,7 @@ def shards_verify(out, decode) -> None:
     """
     from shards.verify import verify_shards
 
-    try:
-        problems = verify_shards(out, decode=decode)
-    except (OSError, ValueError, KeyError) as e:
-        raise _fail(e) from None
+    problems = verify_shards(out, decode=decode)
     if problems:
         for p in problems:
             click.echo(f"FAIL {p}", err=True)
@@ -361,6 +356,7 @@ def shards_verify(out, decode) -> None:
 @click.argument("out", type=click.Path(file_okay=False))
 @storage_options
 @click.option("--examples", type=click.IntRange(min=0), default=5, help="Samples to print.")
+@library_errors
 def shards_inspect(out, examples) -> None:
     """Print samples, shards, labels and boxes-per-image statistics.
 
@@ -371,10 +367,7 @@ def shards_inspect(out, examples) -> None:
     """
     from shards.verify import inspect_shards
 
-    try:
-        click.echo(inspect_shards(out, examples=examples))
-    except (OSError, ValueError, KeyError) as e:
-        raise _fail(e) from None
+    click.echo(inspect_shards(out, examples=examples))
 
 
 # ----------------------------------------------------------------------------------------- bench
@@ -422,6 +415,7 @@ def bench() -> None:
     default=None,
     help="Also write the report as JSON.",
 )
+@library_errors
 def bench_shards(src, max_sides, mode, scale_k, limit, json_out) -> None:
     """Selective search: our configuration vs the ORL recipe (fast mode, full resolution).
 
@@ -436,15 +430,12 @@ def bench_shards(src, max_sides, mode, scale_k, limit, json_out) -> None:
     from shards.bench import bench_search
 
     sides = max_sides or (DEFAULT_SEARCH.max_side,)
-    try:
-        report = bench_search(
-            src,
-            [SearchParams(mode=mode, max_side=s, scale_k=scale_k) for s in sides],
-            limit=limit,
-            log=click.echo,
-        )
-    except (ValueError, RuntimeError, OSError) as e:
-        raise _fail(e) from None
+    report = bench_search(
+        src,
+        [SearchParams(mode=mode, max_side=s, scale_k=scale_k) for s in sides],
+        limit=limit,
+        log=click.echo,
+    )
     click.echo(f"hardware: {report['hardware']}, OpenCV {report['opencv']}")
     if json_out:
         Path(json_out).write_text(json.dumps(report, indent=1) + "\n")
@@ -463,6 +454,7 @@ def bench_shards(src, max_sides, mode, scale_k, limit, json_out) -> None:
     default=None,
     help="Selective-search worker processes of the sample build [default: all cores].",
 )
+@library_errors
 def demo(out, workers) -> None:
     """The embedded default: builds the embedded sample shards, verifies them, pretrains MOS
     and UniVIP for a few CPU steps, evaluates them with kNN on labelled sample shards, and
@@ -477,31 +469,25 @@ def demo(out, workers) -> None:
     from shards.verify import inspect_shards, verify_shards
 
     shards_dir = Path(out) / "shards"
-    try:
-        build_shards(
-            "@sample",
-            shards_dir,
-            BuildParams(shard_size=8),
-            workers=workers,
-            log=click.echo,
-            progress=sys.stderr.isatty(),
-        )
-        problems = verify_shards(shards_dir, decode=True)
-    except (ValueError, RuntimeError, OSError) as e:
-        raise _fail(e) from None
+    build_shards(
+        "@sample",
+        shards_dir,
+        BuildParams(shard_size=8),
+        workers=workers,
+        log=click.echo,
+        progress=sys.stderr.isatty(),
+    )
+    problems = verify_shards(shards_dir, decode=True)
     if problems:
         raise click.ClickException("verification failed:\n" + "\n".join(problems))
     click.echo(inspect_shards(shards_dir))
     click.echo(f"verified: {shards_dir} (ssl-cli shards verify {shards_dir})")
     from train.demo import demo_evaluate, demo_pretrain, next_steps
 
-    try:
-        runs = demo_pretrain(shards_dir, Path(out), log=click.echo, progress=sys.stderr.isatty())
-        demo_evaluate(
-            out, {m: r["checkpoint"] for m, r in runs.items()}, log=click.echo, workers=workers
-        )
-    except (ValueError, RuntimeError, OSError) as e:
-        raise _fail(e) from None
+    runs = demo_pretrain(shards_dir, Path(out), log=click.echo, progress=sys.stderr.isatty())
+    demo_evaluate(
+        out, {m: r["checkpoint"] for m, r in runs.items()}, log=click.echo, workers=workers
+    )
     click.echo(next_steps(out))
 
 

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import click
 
-from cli.common import ShardFolder, alias, positional_alias, require, storage_options
+from cli.common import (
+    ShardFolder,
+    alias,
+    library_errors,
+    positional_alias,
+    require,
+    storage_options,
+)
 
 METHODS = ["mos", "univip", "multicrop"]
 
@@ -76,6 +83,7 @@ def _data(f):
     show_default=True,
     help="Where DALI builds the views.",
 )
+@library_errors
 def preview(shards, method, out, samples, seed, augment, device) -> None:
     """Write a PNG of the views a method trains on, for a few samples of --data SHARDS.
 
@@ -93,12 +101,9 @@ def preview(shards, method, out, samples, seed, augment, device) -> None:
     from pipeline.preview import render_preview
 
     require(shards, "shards")
-    try:
-        path = render_preview(
-            shards, method, out, samples=samples, seed=seed, device=_device(device), augment=augment
-        )
-    except (ValueError, OSError, RuntimeError) as e:
-        raise click.ClickException(str(e)) from None
+    path = render_preview(
+        shards, method, out, samples=samples, seed=seed, device=_device(device), augment=augment
+    )
     click.echo(f"wrote {path}")
 
 
@@ -173,6 +178,7 @@ def preview(shards, method, out, samples, seed, augment, device) -> None:
     default=None,
     help="Also write the report as JSON.",
 )
+@library_errors
 def bench_pipeline(
     shards,
     method,
@@ -201,22 +207,19 @@ def bench_pipeline(
     require(shards, "shards")
     device = _device(device)
     batch_size = batch_size or (256 if device == "cuda" else 32)
-    try:
-        report = run(
-            shards,
-            method,
-            batch_size=batch_size,
-            device=device,
-            seconds=seconds,
-            rounds=rounds,
-            num_threads=threads,
-            workers=workers,
-            baseline_workers=baseline_workers,
-            baseline=baseline,
-            log=click.echo,
-        )
-    except (ValueError, OSError, RuntimeError) as e:
-        raise click.ClickException(str(e)) from None
+    report = run(
+        shards,
+        method,
+        batch_size=batch_size,
+        device=device,
+        seconds=seconds,
+        rounds=rounds,
+        num_threads=threads,
+        workers=workers,
+        baseline_workers=baseline_workers,
+        baseline=baseline,
+        log=click.echo,
+    )
     click.echo(format_report(report))
     if json_out:
         Path(json_out).write_text(json.dumps(report, indent=1) + "\n")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import fail as _fail
+from cli.common import library_errors
 
 
 @click.command("plot")
@@ -22,6 +22,7 @@ from cli.common import fail as _fail
     default=None,
     help="PNG to write [default with one RUN: RUN/curves.png; required with several].",
 )
+@library_errors
 def plot_cmd(runs, out) -> None:
     """Plot loss terms, learning rate and eval accuracy of runs against steps.
 
@@ -43,8 +44,5 @@ def plot_cmd(runs, out) -> None:
             f"{len(runs)} runs given: say where the comparison goes with --out PNG "
             "(only a single RUN defaults to RUN/curves.png)"
         )
-    try:
-        path = plot_runs(list(runs), out or Path(runs[0]) / "curves.png")
-    except (OSError, ValueError) as e:
-        raise _fail(e) from None
+    path = plot_runs(list(runs), out or Path(runs[0]) / "curves.png")
     click.echo(f"wrote {path}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli.common import overrides_argument, split_overrides
+from cli.common import library_errors, overrides_argument, split_overrides
 
 RECIPES = ("cpu", "gpu")
 RECIPE_DEFAULT = "[default: from --recipe; see --dry-run]"
@@ -106,6 +106,7 @@ def _csv(kind: type):
     "KEY=VALUE arguments after the options do the same.",
 )
 @click.option("--dry-run", is_flag=True, help="Print the plan (runs, budgets, configs) and exit.")
+@library_errors(usage=("ConfigError",))
 def bench_quality(
     overrides,
     train_shards,
@@ -135,32 +136,26 @@ def bench_quality(
       ssl-cli bench quality --train data/shards/fmnist_train --val data/shards/fmnist_test --out runs/quality-gpu --recipe gpu --device cuda
       ssl-cli bench quality --train data/shards/fmnist_train --val data/shards/fmnist_test --out runs/quality --dry-run optim.base_lr=1e-3
     """
-    from train.config import ConfigError
     from train.quality import QualityPlan, run_quality
 
-    try:
-        plan = QualityPlan.build(
-            train=train_shards,
-            val=val_shards,
-            bank=bank_shards,
-            out=out,
-            methods=methods,
-            seeds=seeds,
-            recipe=recipe,
-            budget_seconds=budget_seconds,
-            budget_fe=budget_fe,
-            eval_every=eval_every,
-            device=device,
-            assignments=tuple(assignments) + split_overrides(overrides, shards_option=None),
-        )
-        if dry_run:
-            click.echo(plan.describe())
-            return
-        report = run_quality(plan, log=click.echo)
-    except ConfigError as e:
-        raise click.UsageError(str(e)) from None
-    except (ValueError, RuntimeError, OSError) as e:
-        raise click.ClickException(str(e)) from None
+    plan = QualityPlan.build(
+        train=train_shards,
+        val=val_shards,
+        bank=bank_shards,
+        out=out,
+        methods=methods,
+        seeds=seeds,
+        recipe=recipe,
+        budget_seconds=budget_seconds,
+        budget_fe=budget_fe,
+        eval_every=eval_every,
+        device=device,
+        assignments=tuple(assignments) + split_overrides(overrides, shards_option=None),
+    )
+    if dry_run:
+        click.echo(plan.describe())
+        return
+    report = run_quality(plan, log=click.echo)
     click.echo(
         f"wrote {report['files']['json']}, {report['files']['table']}, {report['files']['png']}"
     )
