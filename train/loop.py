@@ -1,9 +1,12 @@
-"""The pretraining loop: one function, read top to bottom (:func:`pretrain`).
+"""The pretraining loop (:func:`pretrain`), in named phases read top to bottom.
 
 Set-up (:func:`build_parts`) makes the model, loss, optimizer, scaler, loader and the per-step
-schedules; :func:`train_step` is one optimizer step; :func:`pretrain` is the loop around it with
-logging, the non-finite-loss guard, the periodic kNN evaluation (``eval.every``,
-:func:`knn_step`) and checkpoints. ``ssl-cli bench train`` times the same :func:`train_step`.
+schedules; :func:`train_step` is one optimizer step. One start of a run (:func:`_pretrain`):
+restore state (:func:`_read_resume`, :func:`_restore`), open the run (:func:`_open_run`: the
+run directory's files and the metrics sinks behind :meth:`train.runlog.RunLog.write`), the step
+loop (:func:`_step_loop`) with its metrics lines, non-finite-loss guard, periodic kNN
+evaluation (``eval.every``, :func:`knn_step`) and checkpoints (:func:`_save`), and close.
+``ssl-cli bench train`` times the same :func:`train_step`.
 
 Resume semantics (``docs/training.md``): a checkpoint restores the model (online, predictor,
 extras and EMA target), optimizer, grad scaler, step, RNG of every rank and the loader's data
@@ -31,7 +34,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -671,238 +674,352 @@ def check_data(cfg: TrainConfig, info: DistInfo, run_dir: Path, sha256: bool, lo
 def _pretrain(
     cfg: TrainConfig, info: DistInfo, loader: Any, resume: Any, log: Callable, verify: bool
 ) -> dict:
+    """One start of a run, phase by phase: restore state, open the run, the step loop (with its
+    evaluations and checkpoints), close."""
     if not cfg.run.out:
         raise ConfigError("run.out: no run directory given (--out RUN)")
     run_dir = Path(cfg.run.out)
-    main = info.is_main
     _check_loggers(cfg, info)  # before any work: W&B on but not installed
-    if main:  # temporary files of a save that a kill interrupted
-        removed, kept = remove_stale_temporaries(run_dir)
-        if removed:
-            log(
-                f"removed {len(removed)} temporary file(s) of an interrupted save: "
-                + ", ".join(str(p.relative_to(run_dir)) for p in removed)
-            )
-        for path in kept:
-            log(f"kept {path}: its writer (PID {path.name.rsplit('-', 1)[1]}) is still running")
-    ckpt_path = find_resume_checkpoint(run_dir, resume)
-    state = load_checkpoint(ckpt_path) if ckpt_path else None
-    relaxed: list[str] = []
-    if state is not None:
-        non_finite = read_non_finite(ckpt_path)
-        relaxed = check_resume_config(cfg, state["config"], non_finite, int(state["step"]))
-        if relaxed and main:
-            log(
-                f"resuming {ckpt_path.name} after the non-finite stop at step "
-                f"{non_finite['step']} with changed keys (allowed after a non-finite stop, "
-                "docs/training.md): " + "; ".join(relaxed)
-            )
-        if state["world_size"] != info.world_size:
-            raise ConfigError(
-                f"cannot resume {ckpt_path}: it was written by {state['world_size']} process(es), "
-                f"this run has {info.world_size}; resume with the same number of processes"
-            )
+    if info.is_main:
+        _remove_temporaries(run_dir, log)
+    resumed = _read_resume(cfg, info, run_dir, resume, log)
     check_data(cfg, info, run_dir, verify, log)
-    own_loader = loader is None
-    parts = build_parts(cfg, info, loader)
+    run = _open_run(cfg, info, run_dir, loader, resumed, log)
+    finished = False
     try:
-        monitor = build_monitor(cfg, info)
-    except BaseException:
-        if own_loader:
-            parts.loader.close()
+        _step_loop(run)
+        finished = True
+    except NonFiniteLossError as e:
+        run.record_non_finite(e)
         raise
-    sched = parts.schedules
-    steps_per_epoch, total = sched.steps_per_epoch, sched.total_steps
-    global_batch = cfg.data.batch_size
+    finally:  # also on a crash or a NaN: stop the loader's threads, flush the events
+        run.close(ok=finished)
+    if info.is_main and run.start >= run.total:
+        log(f"nothing to do: {run_dir} is already trained to step {run.total}")
+    return {
+        "step": run.total,
+        "checkpoint": str(run.last_ckpt) if run.last_ckpt else None,
+        "metrics": run.logged,
+        "eval": run.evals,
+    }
 
-    start = 0
-    resume_position: dict = {}
-    if state is not None:
-        parts.model.load_state_dict(state["model"])
-        parts.optimizer.load_state_dict(state["optimizer"])
-        parts.scaler.load_state_dict(state["scaler"])
-        start = int(state["step"])
-        saved_pos = state["loader"]
-        if saved_pos["epoch"] * steps_per_epoch + saved_pos["batch"] != start:
-            raise ConfigError(
-                f"cannot resume {ckpt_path}: its data position {saved_pos} does not match step "
-                f"{start} with {steps_per_epoch} batches per epoch (did the data set change?)"
-            )
-        restore_rng(state["rng"][info.rank], info.device)
-        resume_position = saved_pos
-        del state
-    else:
+
+def _step_loop(run: _Run) -> None:
+    """The steps from ``run.start`` to the last: next batch, :func:`train_step`, and at their
+    intervals the metrics line, the kNN evaluation and the checkpoint."""
+    cfg, parts = run.cfg, run.parts
+    steps_per_epoch, total = run.steps_per_epoch, run.total
+    batches = run.batches
+    parts.model.train()
+    for step in range(run.start, total):
+        epoch, index = divmod(step, steps_per_epoch)
+        if index == 0 and step != run.start:  # a new epoch (the first is positioned already)
+            parts.loader.set_epoch(epoch)
+            batches = iter(parts.loader)
+        batch = next(batches)
+
+        values = train_step(parts, batch, step)
+
+        run.observe(step, values)
+        done = step + 1
+        if done % cfg.run.log_every == 0 or done == total:
+            run.log_metrics(step)
+        # before the checkpoint of the same step: a run resumed from that checkpoint never
+        # lacks this line, and one resumed from an earlier checkpoint recomputes it
+        if run.monitor is not None and (done % cfg.eval.every == 0 or done == total):
+            run.evaluate(done)
+        if done % cfg.run.ckpt_every == 0 or done == total:
+            run.checkpoint(done)
+
+
+# ------------------------------------------------------------------------ phases of a start
+
+
+def _remove_temporaries(run_dir: Path, log: Callable) -> None:
+    """Rank 0: remove the temporary files of a save that a kill interrupted."""
+    removed, kept = remove_stale_temporaries(run_dir)
+    if removed:
+        log(
+            f"removed {len(removed)} temporary file(s) of an interrupted save: "
+            + ", ".join(str(p.relative_to(run_dir)) for p in removed)
+        )
+    for path in kept:
+        log(f"kept {path}: its writer (PID {path.name.rsplit('-', 1)[1]}) is still running")
+
+
+@dataclass
+class _Resumed:
+    """The checkpoint a start resumes from: its path, its contents (``None`` for a new run)
+    and the changes a non-finite stop allowed (:func:`check_resume_config`)."""
+
+    path: Path | None = None
+    state: dict | None = None
+    relaxed: list[str] = field(default_factory=list)
+
+
+def _read_resume(
+    cfg: TrainConfig, info: DistInfo, run_dir: Path, resume: Any, log: Callable
+) -> _Resumed:
+    """Find and load the checkpoint to resume (:func:`find_resume_checkpoint`) and check that
+    this run may continue it: same config but :data:`RESUMABLE_KEYS`, same world size."""
+    path = find_resume_checkpoint(run_dir, resume)
+    if path is None:
+        return _Resumed()
+    state = load_checkpoint(path)
+    non_finite = read_non_finite(path)
+    relaxed = check_resume_config(cfg, state["config"], non_finite, int(state["step"]))
+    if relaxed and info.is_main:
+        log(
+            f"resuming {path.name} after the non-finite stop at step "
+            f"{non_finite['step']} with changed keys (allowed after a non-finite stop, "
+            "docs/training.md): " + "; ".join(relaxed)
+        )
+    if state["world_size"] != info.world_size:
+        raise ConfigError(
+            f"cannot resume {path}: it was written by {state['world_size']} process(es), "
+            f"this run has {info.world_size}; resume with the same number of processes"
+        )
+    return _Resumed(path, state, relaxed)
+
+
+def _restore(parts: Parts, resumed: _Resumed) -> tuple[int, dict]:
+    """Load the checkpoint into the parts (model, optimizer, scaler, this rank's RNG) and
+    return ``(start step, data position)``; a new run seeds this rank's streams instead."""
+    cfg, info = parts.cfg, parts.info
+    state = resumed.state
+    if state is None:
         seed = cfg.run.seed + info.rank  # per-rank streams (drop path), after the shared init
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
         random.seed(seed)
-
-    # ---- run directory: resolved config, run info; metrics, TensorBoard, W&B (rank 0's RunLog)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_yaml(to_dict(cfg)))
-        info_path = run_dir / "run.json"
-        sessions = []
-        if info_path.exists():
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                sessions = json.loads(info_path.read_text())["sessions"]
-        session = run_info(info.device, info.world_size)
-        session.update(
-            start_step=start,
-            resumed_from=str(ckpt_path) if ckpt_path else None,
-            precision=parts.precision,
-            steps_per_epoch=steps_per_epoch,
-            total_steps=total,
+        return 0, {}
+    steps_per_epoch = parts.schedules.steps_per_epoch
+    parts.model.load_state_dict(state["model"])
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.scaler.load_state_dict(state["scaler"])
+    start = int(state["step"])
+    position = state["loader"]
+    if position["epoch"] * steps_per_epoch + position["batch"] != start:
+        raise ConfigError(
+            f"cannot resume {resumed.path}: its data position {position} does not match step "
+            f"{start} with {steps_per_epoch} batches per epoch (did the data set change?)"
         )
-        if relaxed:
-            session["changed_after_non_finite"] = relaxed
-        write_json_atomic(info_path, {"method": cfg.method, "sessions": [*sessions, session]})
-    try:
-        runlog = _open_runlog(cfg, info, run_dir, start, parts.terms)
-    except BaseException:
-        if own_loader:
-            parts.loader.close()
-        if monitor is not None:
-            monitor.close()
-        raise
+    restore_rng(state["rng"][info.rank], info.device)
+    resumed.state = None  # the checkpoint's tensors are in the parts now
+    return start, position
 
-    # ---- data position
-    if start < total:
-        epoch, index = divmod(start, steps_per_epoch)
-        if index == 0:
-            parts.loader.set_epoch(epoch)
-        else:
-            parts.loader.load_state_dict({**resume_position, "epoch": epoch, "batch": index})
-    batches = iter(parts.loader)
 
-    from tqdm import tqdm
-
-    bar = tqdm(
-        total=total,
-        initial=start,
-        unit="step",
-        dynamic_ncols=True,
-        disable=not (main and cfg.run.progress and sys.stderr.isatty()),
+def _write_run_files(run: _Run, resumed: _Resumed) -> None:
+    """Rank 0: the resolved ``config.yaml`` and this start's session appended to ``run.json``."""
+    cfg, run_dir = run.cfg, run.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_yaml(to_dict(cfg)))
+    info_path = run_dir / "run.json"
+    sessions = []
+    if info_path.exists():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            sessions = json.loads(info_path.read_text())["sessions"]
+    session = run_info(run.info.device, run.info.world_size)
+    session.update(
+        start_step=run.start,
+        resumed_from=str(resumed.path) if resumed.path else None,
+        precision=run.parts.precision,
+        steps_per_epoch=run.steps_per_epoch,
+        total_steps=run.total,
     )
-    if main:
-        log(
-            f"{cfg.method}: steps {start}/{total} ({steps_per_epoch} per epoch), global batch "
-            f"{global_batch} on {info.world_size} x {info.device}, {parts.precision}, run dir {run_dir}"
-        )
-    guard = _FiniteGuard(parts.terms, info.device)
-    sums = torch.zeros(len(parts.terms), device=info.device)
-    logged: list[dict] = []
-    evals: list[dict] = []
-    last_ckpt: Path | None = ckpt_path
-    t_last, n_since = time.perf_counter(), 0
-    t_begin = t_last
-    train_seconds = 0.0  # training time since this start (kNN and checkpoint saves excluded)
-    finished = False
+    if resumed.relaxed:
+        session["changed_after_non_finite"] = resumed.relaxed
+    write_json_atomic(info_path, {"method": cfg.method, "sessions": [*sessions, session]})
 
+
+def _open_run(
+    cfg: TrainConfig,
+    info: DistInfo,
+    run_dir: Path,
+    loader: Any,
+    resumed: _Resumed,
+    log: Callable,
+) -> _Run:
+    """Build the parts (:func:`build_parts`) and the periodic kNN, restore the checkpoint into
+    them, write the run directory's files, open the metrics sinks (:class:`RunLog`) and put
+    the loader at the start step. On any failure what was opened is closed again."""
+    run = _Run(cfg, info, run_dir, build_parts(cfg, info, loader), loader is None, log)
+    run.last_ckpt = resumed.path
     try:
-        parts.model.train()
-        for step in range(start, total):
-            epoch, index = divmod(step, steps_per_epoch)
-            if index == 0 and step != start:
+        run.monitor = build_monitor(cfg, info)
+        run.start, position = _restore(run.parts, resumed)
+        if info.is_main:
+            _write_run_files(run, resumed)
+        run.runlog = _open_runlog(cfg, info, run_dir, run.start, run.parts.terms)
+        run.begin(position)
+    except BaseException:
+        run.close(ok=False)
+        raise
+    return run
+
+
+class _Run:
+    """One start of a run while it trains: the parts, the periodic kNN, rank 0's
+    :class:`RunLog`, the progress bar, the loss-term sums of the current log window, the
+    training-time clock (kNN and checkpoint saves excluded) and what this start logged."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        info: DistInfo,
+        run_dir: Path,
+        parts: Parts,
+        own_loader: bool,
+        log: Callable,
+    ) -> None:
+        self.cfg, self.info, self.run_dir, self.parts, self.log = cfg, info, run_dir, parts, log
+        self.own_loader = own_loader
+        self.main = info.is_main
+        self.steps_per_epoch = parts.schedules.steps_per_epoch
+        self.total = parts.schedules.total_steps
+        self.start = 0
+        self.done = 0
+        self.monitor: Any = None
+        self.runlog: RunLog | None = None
+        self.bar: Any = None
+        self.batches: Any = None
+        self.last_ckpt: Path | None = None
+        self.logged: list[dict] = []
+        self.evals: list[dict] = []
+
+    def begin(self, position: dict) -> None:
+        """The loader at the start step (``position``: the checkpoint's data position), the
+        progress bar, the start line; the clocks start now."""
+        cfg, parts = self.cfg, self.parts
+        if self.start < self.total:
+            epoch, index = divmod(self.start, self.steps_per_epoch)
+            if index == 0:
                 parts.loader.set_epoch(epoch)
-                batches = iter(parts.loader)
-            batch = next(batches)
+            else:
+                parts.loader.load_state_dict({**position, "epoch": epoch, "batch": index})
+        self.batches = iter(parts.loader)
 
-            values = train_step(parts, batch, step)
+        from tqdm import tqdm
 
-            guard.observe(step, values)
-            sums += values
-            n_since += 1
-            done = step + 1
-            bar.update(1)
+        self.bar = tqdm(
+            total=self.total,
+            initial=self.start,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (self.main and cfg.run.progress and sys.stderr.isatty()),
+        )
+        if self.main:
+            self.log(
+                f"{cfg.method}: steps {self.start}/{self.total} ({self.steps_per_epoch} per "
+                f"epoch), global batch {cfg.data.batch_size} on {self.info.world_size} x "
+                f"{self.info.device}, {parts.precision}, run dir {self.run_dir}"
+            )
+        self.guard = _FiniteGuard(parts.terms, self.info.device)
+        self.sums = torch.zeros(len(parts.terms), device=self.info.device)
+        self.done = self.start
+        self.t_last, self.n_since = time.perf_counter(), 0
+        self.t_begin = self.t_last
+        self.train_seconds = 0.0  # training time since this start
 
-            if done % cfg.run.log_every == 0 or done == total:
-                guard.check()
-                means = all_reduce_mean(sums / n_since).tolist()  # mean over steps and ranks
-                now = time.perf_counter()
-                train_seconds += now - t_last
-                rate = n_since * global_batch / max(now - t_last, 1e-9)  # this window's
-                record = {
-                    "step": done,
-                    "epoch": round(done / steps_per_epoch, 4),
-                    "lr": float(sched.lr[step]),
-                    "wd": float(sched.weight_decay[step]),
-                    "momentum": float(sched.momentum[step]),
-                    **dict(zip(parts.terms, means, strict=True)),
-                    "images_per_s": round(rate, 2),
-                    "elapsed_s": round(now - t_begin, 3),
-                }
-                logged.append(record)
-                if main:
-                    runlog.write(record)
-                    shown = {t: f"{v:.4f}" for t, v in zip(parts.terms, means, strict=True)}
-                    bar.set_postfix(**shown, img_s=f"{rate:.1f}", refresh=False)
-                    if bar.disable:
-                        eta = eta_seconds(done, start, total, train_seconds)
-                        log(
-                            f"step {done}/{total} ep {record['epoch']:.2f} "
-                            + " ".join(f"{t} {v}" for t, v in shown.items())
-                            + f" lr {record['lr']:.3g} {rate:.1f} img/s eta {_format_eta(eta)}"
-                        )
-                sums.zero_()
-                t_last, n_since = now, 0
+    def observe(self, step: int, values: Tensor) -> None:
+        """Step ``step``'s loss terms: into the non-finite guard and the window's sums."""
+        self.guard.observe(step, values)
+        self.sums += values
+        self.n_since += 1
+        self.done = step + 1
+        self.bar.update(1)
 
-            # before the checkpoint of the same step: a run resumed from that checkpoint never
-            # lacks this line, and one resumed from an earlier checkpoint recomputes it
-            if monitor is not None and (done % cfg.eval.every == 0 or done == total):
-                t_eval = time.perf_counter()
-                record = knn_step(parts, monitor, done)
-                evals.append(record)
-                seconds = time.perf_counter() - t_eval
-                t_last += seconds  # images/s and the ETA count training time only
-                if main:
-                    runlog.write(record)
-                    with tqdm.external_write_mode():
-                        first = "online" if cfg.eval.branch == "online" else "target"
-                        online = record.get("eval/knn_online_top1")
-                        log(
-                            f"step {done}/{total} kNN top-1 {record['eval/knn_top1']:.2f}% "
-                            f"top-5 {record['eval/knn_top5']:.2f}% ({first}"
-                            + (f"; online top-1 {online:.2f}%" if online is not None else "")
-                            + f", {seconds:.1f} s)"
-                        )
+    def log_metrics(self, step: int) -> None:
+        """The training line of the window ending with ``step``: terms averaged over its steps
+        and all ranks, schedules, images/s; to the :class:`RunLog`, the bar or the log."""
+        self.guard.check()
+        cfg, sched, terms = self.cfg, self.parts.schedules, self.parts.terms
+        done = step + 1
+        means = all_reduce_mean(self.sums / self.n_since).tolist()  # over steps and ranks
+        now = time.perf_counter()
+        self.train_seconds += now - self.t_last
+        rate = self.n_since * cfg.data.batch_size / max(now - self.t_last, 1e-9)  # window's
+        record = {
+            "step": done,
+            "epoch": round(done / self.steps_per_epoch, 4),
+            "lr": float(sched.lr[step]),
+            "wd": float(sched.weight_decay[step]),
+            "momentum": float(sched.momentum[step]),
+            **dict(zip(terms, means, strict=True)),
+            "images_per_s": round(rate, 2),
+            "elapsed_s": round(now - self.t_begin, 3),
+        }
+        self.logged.append(record)
+        if self.main:
+            self.runlog.write(record)
+            shown = {t: f"{v:.4f}" for t, v in zip(terms, means, strict=True)}
+            self.bar.set_postfix(**shown, img_s=f"{rate:.1f}", refresh=False)
+            if self.bar.disable:
+                eta = eta_seconds(done, self.start, self.total, self.train_seconds)
+                self.log(
+                    f"step {done}/{self.total} ep {record['epoch']:.2f} "
+                    + " ".join(f"{t} {v}" for t, v in shown.items())
+                    + f" lr {record['lr']:.3g} {rate:.1f} img/s eta {_format_eta(eta)}"
+                )
+        self.sums.zero_()
+        self.t_last, self.n_since = now, 0
 
-            if done % cfg.run.ckpt_every == 0 or done == total:
-                guard.check()
-                t_save = time.perf_counter()
-                last_ckpt = _save(parts, run_dir, done, steps_per_epoch)
-                t_last += time.perf_counter() - t_save  # not training time either
-        finished = True
+    def evaluate(self, done: int) -> None:
+        """The kNN line after ``done`` steps (:func:`knn_step`), to the :class:`RunLog` and the
+        log; its time is not training time (images/s, ETA)."""
+        from tqdm import tqdm
 
-    except NonFiniteLossError as e:
-        if main:  # what lets the resume change the lr or clipping (check_resume_config)
+        t_eval = time.perf_counter()
+        record = knn_step(self.parts, self.monitor, done)
+        self.evals.append(record)
+        seconds = time.perf_counter() - t_eval
+        self.t_last += seconds
+        if self.main:
+            self.runlog.write(record)
+            with tqdm.external_write_mode():
+                first = "online" if self.cfg.eval.branch == "online" else "target"
+                online = record.get("eval/knn_online_top1")
+                self.log(
+                    f"step {done}/{self.total} kNN top-1 {record['eval/knn_top1']:.2f}% "
+                    f"top-5 {record['eval/knn_top5']:.2f}% ({first}"
+                    + (f"; online top-1 {online:.2f}%" if online is not None else "")
+                    + f", {seconds:.1f} s)"
+                )
+
+    def checkpoint(self, done: int) -> None:
+        """The checkpoint after ``done`` steps (:func:`_save`), once every loss so far is
+        finite; its time is not training time either."""
+        self.guard.check()
+        t_save = time.perf_counter()
+        self.last_ckpt = _save(self.parts, self.run_dir, done, self.steps_per_epoch)
+        self.t_last += time.perf_counter() - t_save
+
+    def record_non_finite(self, e: NonFiniteLossError) -> None:
+        """Rank 0 writes ``RUN/non-finite.json``: what lets the resume change the lr or the
+        clipping (:func:`check_resume_config`)."""
+        if self.main:
             write_json_atomic(
-                run_dir / NON_FINITE_FILE,
+                self.run_dir / NON_FINITE_FILE,
                 {
-                    "step": e.step if e.step is not None else done,
-                    "last_checkpoint": str(last_ckpt) if last_ckpt else None,
+                    "step": e.step if e.step is not None else self.done,
+                    "last_checkpoint": str(self.last_ckpt) if self.last_ckpt else None,
                     "message": str(e),
-                    "optim.base_lr": cfg.optim.base_lr,
-                    "optim.clip_grad": cfg.optim.clip_grad,
+                    "optim.base_lr": self.cfg.optim.base_lr,
+                    "optim.clip_grad": self.cfg.optim.clip_grad,
                 },
             )
-        raise
-    finally:  # also on a crash or a NaN: stop the loader's threads, flush the events
-        bar.close()
-        if own_loader:
-            parts.loader.close()
-        if monitor is not None:
-            monitor.close()
-        if runlog is not None:
-            runlog.close(ok=finished)
-    if main and start >= total:
-        log(f"nothing to do: {run_dir} is already trained to step {total}")
-    return {
-        "step": total,
-        "checkpoint": str(last_ckpt) if last_ckpt else None,
-        "metrics": logged,
-        "eval": evals,
-    }
+
+    def close(self, ok: bool) -> None:
+        """Close what this start opened: the bar, its own loader, the kNN loaders, the
+        :class:`RunLog` (``ok=False``: the W&B run is marked failed)."""
+        if self.bar is not None:
+            self.bar.close()
+        if self.own_loader:
+            self.parts.loader.close()
+        if self.monitor is not None:
+            self.monitor.close()
+        if self.runlog is not None:
+            self.runlog.close(ok=ok)
 
 
 def _check_loggers(cfg: TrainConfig, info: DistInfo) -> None:
