@@ -221,20 +221,15 @@ def world_size() -> int:
 
 # ------------------------------------------------------------------------------ object storage
 
-_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
 
 def parse_size(text: str) -> int:
     """``"200G"``, ``"512M"``, ``"1.5T"`` or a plain byte count -> bytes (binary units)."""
-    s = text.strip().upper().removesuffix("IB").removesuffix("B")
-    unit = s[-1:] if s[-1:] in _SIZE_UNITS else ""
+    from shards.remote import parse_size as parse
+
     try:
-        value = float(s[: len(s) - len(unit)])
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a size (e.g. 200G, 512M, 1000000)") from None
-    if value < 0:
-        raise click.BadParameter(f"{text!r}: a size must be >= 0")
-    return int(value * _SIZE_UNITS[unit])
+        return parse(text)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 class ShardFolder(click.ParamType):

@@ -60,7 +60,7 @@ SCHEMES = ("s3", "gs", "gcs", "http", "https")
 READ_ONLY = ("http", "https")
 INSTALL_HINT = "install with pip install -e '.[s3]'"
 CACHE_DIR_ENV = "SSL_CLI_SHARD_CACHE"  # root of the shard caches
-CACHE_BYTES_ENV = "SSL_CLI_SHARD_CACHE_BYTES"  # their size limit, bytes
+CACHE_BYTES_ENV = "SSL_CLI_SHARD_CACHE_BYTES"  # their size limit: 200G, 512M, bytes
 ENDPOINT_ENV = "AWS_ENDPOINT_URL"
 BLOCK_SIZE = 64 << 20  # multipart part size of uploads
 _SMALL_FILES = ("proposals", "rejects", "ignored", "classes")  # keys of manifest["files"]
@@ -197,15 +197,32 @@ def default_cache_root() -> Path:
     return Path(base) / "ssl-cli" / "shards"
 
 
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``"200G"``, ``"512M"``, ``"1.5T"`` or a plain byte count -> bytes (binary units);
+    ``ValueError`` for anything else."""
+    s = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    unit = s[-1:] if s[-1:] in _SIZE_UNITS else ""
+    try:
+        value = float(s[: len(s) - len(unit)])
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size (e.g. 200G, 512M, 1000000)") from None
+    if value < 0:
+        raise ValueError(f"{text!r}: a size must be >= 0")
+    return int(value * _SIZE_UNITS[unit])
+
+
 def _default_max_bytes() -> int | None:
     if _DEFAULTS["max_bytes"] is not None:
         return _DEFAULTS["max_bytes"]
     raw = os.environ.get(CACHE_BYTES_ENV)
     if raw:
         try:
-            return int(raw)
-        except ValueError:
-            raise ValueError(f"{CACHE_BYTES_ENV}={raw!r} is not a number of bytes") from None
+            return parse_size(raw)
+        except ValueError as e:
+            raise ValueError(f"{CACHE_BYTES_ENV}={raw!r}: {e}") from None
     return None
 
 

@@ -126,3 +126,11 @@ def test_bench_pipeline_on_a_url_times_it_next_to_local_disk(s3_server, tmp_path
     assert "| ours, cold cache |" in out and "warm cache / local disk" in out
     # the scratch caches are gone, the shards' own cache was not used
     assert not any((tmp_path / "cache-cli").glob("bench-*"))
+
+
+def test_cache_size_from_the_environment_takes_units(monkeypatch):
+    monkeypatch.setenv(remote.CACHE_BYTES_ENV, "1.5G")
+    assert remote._default_max_bytes() == int(1.5 * (1 << 30))
+    monkeypatch.setenv(remote.CACHE_BYTES_ENV, "lots")
+    with pytest.raises(ValueError, match=r"SSL_CLI_SHARD_CACHE_BYTES='lots': 'lots' is not a size"):
+        remote._default_max_bytes()
