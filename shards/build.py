@@ -42,7 +42,7 @@ from .engines import make_engine
 from .process import BuildParams, Reject, Sample, process_item
 from .proposals import load_cv2
 from .sources import SAMPLE_SOURCE, Source, SourceError, SourceItem, open_source, printable
-from .writer import ShardWriter, atomic_write_bytes
+from .writer import ShardWriter, atomic_write_bytes, sha256_file
 
 FORMAT = "ssl-cli-shards/1"
 WORK = ".ssl-cli"
@@ -166,6 +166,7 @@ def _finish_chunk(
             "samples": writer.count,
             "bytes": writer.nbytes,
             "sha256": writer.sha256,
+            "index_sha256": sha256_file(writer.index_path),
         }
     atomic_write_bytes(parts / f"{name}.json", json.dumps(info, sort_keys=True).encode())
     return info

@@ -386,7 +386,10 @@ class ShardCache:
         ]
         stamps = self._stamps([w.name for w in small])
         wants = [_Want(w.name, of=stamps.get(w.name)) for w in small]
-        wants += [_Want(s["index"], of=s["sha256"]) for s in manifest["shards"]]
+        wants += [
+            _Want(s["index"], sha256=s.get("index_sha256"), of=s["sha256"])
+            for s in manifest["shards"]
+        ]
         with ThreadPoolExecutor(min(16, max(1, len(wants)))) as pool:
             for f in [pool.submit(self.fetch, w, pin=False) for w in wants]:
                 f.result()
@@ -446,7 +449,7 @@ class ShardCache:
         except (OSError, ValueError):
             return False
         if want.sha256 is not None:
-            return meta.get("sha256") == want.sha256 and size == want.bytes
+            return meta.get("sha256") == want.sha256 and want.bytes in (None, size)
         return meta.get("of") == want.of and want.of is not None and size == meta.get("bytes")
 
     def fetch(self, want: _Want | str, pin: bool = False) -> Path:
@@ -485,11 +488,12 @@ class ShardCache:
             raise RemoteShardError(f"{url}: download failed ({_reason(e)})") from None
         size = tmp.stat().st_size
         digest = sha256_file(tmp)
-        if want.sha256 is not None and (size != want.bytes or digest != want.sha256):
+        if want.sha256 is not None and (want.bytes not in (None, size) or digest != want.sha256):
             tmp.unlink(missing_ok=True)
+            says = f"{want.bytes} bytes with sha256" if want.bytes is not None else "sha256"
             raise RemoteShardError(
                 f"{url}: {size} bytes with sha256 {digest[:16]}..., "
-                f"{self.remote('manifest.json')} says {want.bytes} bytes with sha256 "
+                f"{self.remote('manifest.json')} says {says} "
                 f"{want.sha256[:16]}...: the remote file is damaged or from another build; "
                 "upload the shards again (ssl-cli shards verify URL names every mismatch)"
             )

@@ -207,6 +207,9 @@ def _verify(
                 f"{shard['name']}: {len(order)} samples, manifest says {shard['samples']}"
             )
         idx_path = index_path_for(path)
+        if shard.get("index_sha256") and idx_path.is_file():
+            if sha256_file(idx_path) != shard["index_sha256"]:
+                problems.append(f"{idx_path.name}: sha256 differs from the manifest")
         try:
             index = read_index(idx_path)
         except (OSError, ValueError) as e:

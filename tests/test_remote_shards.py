@@ -453,3 +453,17 @@ def test_read_only_http_folder(tmp_path):
             upload_shards(local, url)
     finally:
         server.shutdown()
+
+
+def test_damaged_remote_index_is_an_error_naming_it(s3_server):
+    local = constant_shards()
+    manifest = load_manifest(local)
+    assert all(s["index_sha256"] for s in manifest["shards"])  # the manifest has each index's
+    url = copy_of(s3_server, local, "damaged-index")
+    idx = bytearray((local / "shard-000001.idx").read_bytes())
+    idx[-2] = ord("9") if idx[-2] != ord("9") else ord("8")  # one digit of an offset off
+    s3_server.client().put_object(
+        Bucket=s3_server.bucket, Key="damaged-index/shard-000001.idx", Body=bytes(idx)
+    )
+    with pytest.raises(ShardError, match=r"damaged-index/shard-000001\.idx: .*sha256"):
+        ShardIndex(url)
