@@ -232,13 +232,13 @@ class ViewLoader:
     # ---------------------------------------------------------------------- pipeline
 
     def _build(self) -> None:
-        from .graph import source_layout, view_pipeline
+        from .graph import view_pipeline
 
         self._release()
         self._source = ViewSource(
             self.index, self.views, self.plan, self.rank, self._epoch, self._batch
         )
-        outputs, self._extras = source_layout(self._source)
+        self._extras = self._source.extras()  # the pipeline's extra outputs, in order
         self._pipe = view_pipeline(
             self._source,
             self.batch_size,
