@@ -120,20 +120,31 @@ class ShardWriter:
         _fsync_dir(self.path.parent)
 
 
-def read_index(index_path: str | os.PathLike) -> list[dict[str, tuple[int, int]]]:
-    """Parse a DALI webdataset index -> per sample ``{ext: (offset, size)}``."""
-    lines = Path(index_path).read_text(encoding="ascii").splitlines()
+def read_index(index_path: str | os.PathLike, names: bool = False) -> list[dict[str, tuple]]:
+    """Parse a DALI webdataset index -> per sample ``{ext: (offset, size)}``, with ``names``
+    ``{ext: (offset, size, member name)}``.
+
+    Raises ``OSError`` when the file cannot be read, ``ValueError`` naming the file when it is
+    not ASCII or not a well-formed ``v1.2`` index (a malformed line, a header count that differs
+    from the number of lines)."""
+    path = Path(index_path)
+    lines = path.read_text(encoding="ascii").splitlines()
     if not lines or not lines[0].startswith(DALI_INDEX_VERSION + " "):
-        raise ValueError(f"{index_path}: not a DALI {DALI_INDEX_VERSION} webdataset index")
-    count = int(lines[0].split()[1])
+        raise ValueError(f"{path}: not a DALI {DALI_INDEX_VERSION} webdataset index")
     samples = []
     for line in lines[1:]:
-        fields = line.split()
-        if len(fields) % 4:
-            raise ValueError(f"{index_path}: malformed line {line!r}")
-        samples.append(
-            {fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)}
-        )
+        f = line.split()
+        if len(f) % 4:
+            raise ValueError(f"{path}: malformed line {line!r}")
+        try:
+            entry = {f[i]: (int(f[i + 1]), int(f[i + 2]), f[i + 3]) for i in range(0, len(f), 4)}
+        except ValueError as e:
+            raise ValueError(f"{path}: malformed DALI index ({e})") from None
+        samples.append(entry if names else {k: v[:2] for k, v in entry.items()})
+    try:
+        count = int(lines[0].split()[1])
+    except (ValueError, IndexError) as e:
+        raise ValueError(f"{path}: malformed DALI index ({e})") from None
     if len(samples) != count:
-        raise ValueError(f"{index_path}: header says {count} samples, found {len(samples)}")
+        raise ValueError(f"{path}: header count {count} differs from {len(samples)} lines")
     return samples
