@@ -20,7 +20,7 @@ __all__ = ["VIEW_SETS", "ViewSet", "list_view_sets", "register_view_set", "view_
 
 class ViewSet(Protocol):
     """What :class:`~pipeline.loader.ViewLoader` and :class:`~pipeline.source.ViewSource` read
-    of a view set (module docstring). ``batch_plan`` is whatever :meth:`plan_batch` returns; the
+    of a view set (:mod:`pipeline.views`). ``batch_plan`` is whatever :meth:`plan_batch` returns; the
     view set alone reads it."""
 
     needs_boxes: bool  # plan_sample reads the sample's proposal boxes (else it gets None)
