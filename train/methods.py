@@ -2,7 +2,9 @@
 
 Adding a method is one loss file in ``train/losses/`` plus one :func:`register` call here: a
 loss-config dataclass, a recipe (config defaults taken from the method's paper), the view set it
-reads from the loader, and a step function ``(model, loss, batch) -> {"loss": ..., terms...}``.
+reads from the loader, and a step function ``(model, batch) -> {"loss": ..., terms...}`` that
+sends the views through the branches and calls the model's loss (``model.loss``, built by the
+method's ``build_loss``) on their outputs.
 
 Which features feed each loss (``p``: online backbone -> projector -> predictor; ``z``: EMA
 backbone -> EMA projector, stop-gradient):
@@ -65,7 +67,7 @@ class Method:
     views: str  # the loader's view set: "mos" | "univip" | "multicrop"
     loss_config: type  # dataclass of the loss's hyper-parameters (the config's ``loss`` section)
     build_loss: Callable[[object], nn.Module]
-    step: Callable[[SSLModel, nn.Module, dict], dict[str, Tensor]]
+    step: Callable[[SSLModel, dict], dict[str, Tensor]]  # views -> branches -> model.loss
     terms: tuple[str, ...]  # loss terms logged besides "loss"
     recipe: dict = field(default_factory=dict)  # config defaults, nested like the YAML file
     build_extra: Callable[[TrainConfig, int], dict[str, nn.Module]] | None = None
@@ -93,7 +95,8 @@ def get_method(name: str) -> Method:
 
 
 def build_model(cfg: TrainConfig) -> tuple[SSLModel, nn.Module]:
-    """The method's model (backbone + heads + EMA target + extras) and its loss module."""
+    """The method's model (backbone + heads + EMA target + extras + loss) and, second, its loss
+    module: the same object as ``model.loss``, a submodule of the model."""
     method = get_method(cfg.method)
     backbone = build_backbone(cfg.model)
     if cfg.model.freeze_patch_embed:
@@ -109,16 +112,13 @@ def build_model(cfg: TrainConfig) -> tuple[SSLModel, nn.Module]:
         )
     loss = method.build_loss(cfg.loss)
     extra = method.build_extra(cfg, out_dim) if method.build_extra else None
-
-    def step(model: SSLModel, batch: dict) -> dict[str, Tensor]:
-        return method.step(model, loss, batch)
-
     if cfg.model.batch_views == "auto":
         group = not has_batchnorm(backbone)
     else:
         group = cfg.model.batch_views == "grouped"
     online = Encoder(backbone, projector, group_views=group)
-    return SSLModel(online, predictor, step, extra), loss
+    model = SSLModel(online, predictor, loss, method.step, extra)
+    return model, model.loss
 
 
 # --------------------------------------------------------------------------------------- MOS
@@ -155,8 +155,9 @@ def _object_members(batch: dict, view: int) -> Tensor:
     return members.index_select(1, first)
 
 
-def _mos_step(model: SSLModel, loss: nn.Module, batch: dict) -> dict[str, Tensor]:
-    """The loss's query views through the base branch, its key views through the momentum one.
+def _mos_step(model: SSLModel, batch: dict) -> dict[str, Tensor]:
+    """The loss's query views through the base branch, its key views through the momentum one,
+    then :class:`~train.losses.mos.MOSLoss` on them by view name.
 
     With ``loss.form = "paper"`` (section 3.2) that is ``single1, multi2`` with gradient and
     ``single1, single2, multi1`` without: 2 + 3 passes. Members per object, made global for
@@ -170,9 +171,10 @@ def _mos_step(model: SSLModel, loss: nn.Module, batch: dict) -> dict[str, Tensor
         "multi1": global_members(_object_members(batch, 1), b),
         "multi2": global_members(_object_members(batch, 2), b),
     }
+    loss = model.loss
     queries = dict(zip(loss.query_views, model.predict([batch[v] for v in loss.query_views])))
     keys = dict(zip(loss.key_views, model.project_target([batch[v] for v in loss.key_views])))
-    return loss(queries, keys, members)
+    return model.loss(queries, keys, members)
 
 
 register(
@@ -275,7 +277,7 @@ def _univip_extra(cfg: TrainConfig, dim: int) -> dict[str, nn.Module]:
     return {"instance_map": nn.Linear(cfg.data.num_instances * dim, dim)}
 
 
-def _univip_step(model: SSLModel, loss: nn.Module, batch: dict) -> dict[str, Tensor]:
+def _univip_step(model: SSLModel, batch: dict) -> dict[str, Tensor]:
     """Scenes and instances through both branches, ``I`` from the online instance predictions."""
     instances = batch["instances"]  # [B, K, 3, h, w]
     b, k = instances.shape[:2]
@@ -285,7 +287,7 @@ def _univip_step(model: SSLModel, loss: nn.Module, batch: dict) -> dict[str, Ten
     o = o.view(b, k, -1)  # [B, K, D] online instance outputs
     t = t.view(b, k, -1)  # [B, K, D] target instance projections
     inst = model.extra["instance_map"](o.flatten(1))  # eq. 4, [B, D]
-    return loss(p1, p2, z1, z2, inst, o, t)
+    return model.loss(p1, p2, z1, z2, inst, o, t)  # eq. 12
 
 
 register(
@@ -329,14 +331,14 @@ class MoCoV3LossConfig:
     temperature: float = DEFAULT_TEMPERATURE  # MoCo v3 ViT: 0.2
 
 
-def _two_view_step(model: SSLModel, loss: nn.Module, batch: dict) -> dict[str, Tensor]:
+def _two_view_step(model: SSLModel, batch: dict) -> dict[str, Tensor]:
     """The first two global crops through both branches (BYOL and MoCo v3)."""
     crops = batch["crops"]
     if len(crops) < 2:
         raise ValueError(f"two-view methods need at least 2 global crops, got {len(crops)}")
     p1, p2 = model.predict(crops[:2])
     z1, z2 = model.project_target(crops[:2])
-    return loss(p1, p2, z1, z2)
+    return model.loss(p1, p2, z1, z2)
 
 
 register(

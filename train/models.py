@@ -9,11 +9,15 @@ Nothing here inherits from a base method. One :class:`SSLModel` holds
   (:func:`deterministic_copy`, as MoCo v3, DINO and PatchMix build theirs): a deterministic
   function of its weights and input, BatchNorm batch statistics aside;
 - ``extra``: method-specific trainable modules (UniVIP's instance linear map, eq. 4);
+- ``loss``: the method's loss module (``train.losses``), a registered submodule: it moves to
+  the model's device with it, and any state it holds is in the model's ``state_dict`` and so in
+  every checkpoint (the four losses today hold none, so their ``state_dict`` is empty);
 
 and ``momentum_pairs``, the explicit list of ``(online, ema)`` module pairs that
 :func:`update_momentum` walks (solo-learn's ``momentum_pairs``). The method's step function
-(``train.methods``) decides which views go through which branch; ``SSLModel.forward`` only calls
-it, so that DDP sees one forward per step.
+(``train.methods``) decides which views go through which branch and calls ``model.loss`` on
+their outputs, as DINO's loop calls ``dino_loss(student_output, teacher_output, epoch)``;
+``SSLModel.forward`` only calls the step, so that DDP sees one forward per step.
 """
 
 from __future__ import annotations
@@ -157,16 +161,19 @@ class Encoder(nn.Module):
 
 
 class SSLModel(nn.Module):
-    """Online encoder + predictor + EMA target (+ method extras), see the module docstring.
+    """Online encoder + predictor + EMA target (+ method extras) and the method's loss, see
+    the module docstring.
 
-    ``step_fn(model, batch) -> dict[str, Tensor]`` is the method's forward (views -> loss
-    terms, ``"loss"`` to backpropagate); ``forward`` delegates to it.
+    ``step_fn(model, batch) -> dict[str, Tensor]`` is the method's step (views through the
+    branches, then ``model.loss`` on their outputs: the loss terms, ``"loss"`` to
+    backpropagate); ``forward`` delegates to it.
     """
 
     def __init__(
         self,
         online: Encoder,
         predictor: nn.Module,
+        loss: nn.Module,
         step_fn: Callable[[SSLModel, dict], dict[str, Tensor]],
         extra: dict[str, nn.Module] | None = None,
     ) -> None:
@@ -177,6 +184,7 @@ class SSLModel(nn.Module):
         for p in self.target.parameters():
             p.requires_grad_(False)
         self.extra = nn.ModuleDict(extra or {})
+        self.loss = loss
         self.step_fn = step_fn
 
     @property
