@@ -349,9 +349,8 @@ def pretrain(
       ssl-cli pretrain --method univip --data data/shards/coco --batch-size-per-gpu 64 --print-config
       torchrun --nproc-per-node 8 $(which ssl-cli) pretrain --config configs/mos_vits16_coco.yaml --data data/shards/coco --out runs/mos_coco
     """
-    from train.checkpoint import read_checkpoint_config
     from train.config import ConfigError, dump_yaml, to_dict
-    from train.loop import NonFiniteLossError, find_resume_checkpoint
+    from train.loop import NonFiniteLossError, resolve_resume
     from train.loop import pretrain as run_pretrain
     from train.methods import resolve_config
 
@@ -379,9 +378,7 @@ def pretrain(
             return
         if not cfg.run.out:
             raise click.UsageError("no run directory: pass --out RUN (or run.out in --config)")
-        ckpt = find_resume_checkpoint(cfg.run.out, resume)
-        if ckpt is not None:  # the checkpoint's config is the base; options given now override
-            cfg = resolve_config(read_checkpoint_config(ckpt), *layers)
+        cfg, ckpt = resolve_resume(cfg, layers, resume)  # the checkpoint's config is the base
         _check_device(cfg.run.device, cfg.run.precision)
         run_pretrain(cfg, resume=ckpt, log=click.echo, verify_shards=verify_shards)
     except NonFiniteLossError as e:

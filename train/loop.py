@@ -33,7 +33,7 @@ import os  # noqa: F401  (part of this module's namespace, as _trim_metrics belo
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ from train.checkpoint import (
     capture_rng,
     latest_checkpoint,
     load_checkpoint,
+    read_checkpoint_config,
     remove_stale_temporaries,
     restore_rng,
     save_checkpoint,
@@ -85,6 +86,7 @@ __all__ = [
     "knn_step",
     "pretrain",
     "resolve_precision",
+    "resolve_resume",
     "train_step",
 ]
 
@@ -401,6 +403,25 @@ def find_resume_checkpoint(run_dir: str | Path | None, resume: str | Path | None
     return latest_checkpoint(run_dir) if run_dir else None
 
 
+def resolve_resume(
+    cfg: TrainConfig, layers: Sequence[dict] = (), resume: str | Path | None = None
+) -> tuple[TrainConfig, Path | None]:
+    """The checkpoint a start of the run ``cfg.run.out`` resumes from, and that start's config:
+    the one place that decides both (``ssl-cli pretrain`` calls it, then :func:`pretrain`).
+
+    The checkpoint is ``resume`` (a checkpoint file, or a run directory's newest) or else the
+    newest in ``cfg.run.out`` (:func:`find_resume_checkpoint`); for a new run it is ``None``
+    and ``cfg`` is kept. A resumed run's config is the checkpoint's, under the same ``layers``
+    that made ``cfg`` (values given now override it; :func:`check_resume_config` refuses, when
+    the run starts, those that change what is computed). Pass the checkpoint on as
+    :func:`pretrain`'s ``resume``.
+    """
+    ckpt = find_resume_checkpoint(cfg.run.out, resume)
+    if ckpt is None:
+        return cfg, None
+    return resolve_config(read_checkpoint_config(ckpt), *layers), ckpt
+
+
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
@@ -610,8 +631,9 @@ def pretrain(
 ) -> dict:
     """Pretrain ``cfg.method`` into the run directory ``cfg.run.out``.
 
-    Resumes from ``resume`` (a checkpoint file or a run directory) or, if not given, from the
-    newest checkpoint already in ``cfg.run.out``. ``loader``: any object with the loader
+    Resumes from ``resume`` (a checkpoint file, as :func:`resolve_resume` returns it with the
+    config that goes with it, or a run directory) or, if not given, from the newest checkpoint
+    already in ``cfg.run.out``. ``loader``: any object with the loader
     interface (tests pass a :class:`train.synthetic.SyntheticLoader`); by default it is built
     from the config. Under ``torchrun`` every rank calls this. ``verify_shards``: check each
     shard's sha256 against the manifest before training (:func:`check_data`; sizes are always
