@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from train.checkpoint import load_checkpoint
 from train.distributed import gather_rows
-from train.evaluation import Accuracy, knn_accuracy
+from train.probes import Accuracy, knn_accuracy
 
 __all__ = [
     "BRANCH_CHOICES",
