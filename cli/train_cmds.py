@@ -352,7 +352,7 @@ def pretrain(
     from train.config import ConfigError, dump_yaml, to_dict
     from train.loop import NonFiniteLossError, resolve_resume
     from train.loop import pretrain as run_pretrain
-    from train.methods import resolve_config
+    from train.resolve import resolve_config
 
     _check_device(common["device"])
     flags = _common_flags(**common)
@@ -444,7 +444,7 @@ def bench_train(
     """
     from train.bench import bench_train as run_bench
     from train.config import ConfigError, dump_yaml, to_dict
-    from train.methods import resolve_config
+    from train.resolve import resolve_config
 
     _check_device(common["device"])
     flags = _common_flags(**common)

@@ -170,21 +170,6 @@ class EvalConfig:
     # "both" also logs the online backbone (eval/knn_online_*)
     branch: Literal["online", "target", "both"] = "target"
 
-    def __post_init__(self) -> None:
-        if self.every < 0:
-            raise ValueError(f"eval.every must be >= 0 (0: off), got {self.every}")
-        if self.k < 1 or self.batch_size < 1:
-            raise ValueError(
-                f"eval.k and eval.batch_size must be >= 1, got {self.k}, {self.batch_size}"
-            )
-        if not self.temperature > 0:
-            raise ValueError(f"eval.temperature must be > 0, got {self.temperature}")
-        if self.every and not (self.train and self.val):
-            raise ValueError(
-                f"eval.every={self.every} needs labelled shards for eval.train and eval.val "
-                "(--eval-train SHARDS --eval-val SHARDS)"
-            )
-
 
 @dataclass(frozen=True)
 class TrainConfig:

@@ -104,8 +104,8 @@ def load_backbones(
     and ``{"checkpoint", "step", "method", "branches", "branch_requested", "config"}``
     (config: the resolved :class:`~train.config.TrainConfig`)."""
     from train.export import backbone_state_dict, resolve_checkpoint
-    from train.methods import resolve_config
     from train.models import build_backbone
+    from train.resolve import resolve_config
 
     path = resolve_checkpoint(run_or_ckpt)
     ckpt = load_checkpoint(path)

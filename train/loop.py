@@ -63,9 +63,10 @@ from train.distributed import (
     cleanup_distributed,
     init_distributed,
 )
-from train.methods import Method, build_model, get_method, resolve_config
+from train.methods import Method, build_model, get_method
 from train.models import SSLModel, update_momentum
 from train.optim import build_optimizer, set_hyperparameters
+from train.resolve import resolve_config
 from train.runinfo import run_info
 from train.runlog import RunLog, require_wandb, write_json_atomic
 from train.runlog import trim_metrics as _trim_metrics  # noqa: F401  (train.loop._trim_metrics)

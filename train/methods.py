@@ -4,7 +4,9 @@ Adding a method is one loss file in ``train/losses/`` plus one :func:`register` 
 loss-config dataclass, a recipe (config defaults taken from the method's paper), the view set it
 reads from the loader, and a step function ``(model, batch) -> {"loss": ..., terms...}`` that
 sends the views through the branches and calls the model's loss (``model.loss``, built by the
-method's ``build_loss``) on their outputs.
+method's ``build_loss``) on their outputs. Layers to a checked config (the recipe under the
+layers, the ``loss`` section against the loss dataclass): :mod:`train.resolve`, whose
+``resolve_config`` and ``validate_config`` are importable from here too.
 
 Which features feed each loss (``p``: online backbone -> projector -> predictor; ``z``: EMA
 backbone -> EMA projector, stop-gradient):
@@ -22,7 +24,6 @@ backbone -> EMA projector, stop-gradient):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -30,7 +31,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from train.config import ConfigError, TrainConfig, deep_merge, from_dict
+from train.config import TrainConfig
 from train.losses.byol import BYOLLoss
 from train.losses.mocov3 import MoCoV3Loss
 from train.losses.mos import DEFAULT_TEMPERATURE, MOSLoss, global_members, global_single_members
@@ -49,6 +50,7 @@ from train.models import (
     has_batchnorm,
     mlp,
 )
+from train.resolve import resolve_config, validate_config  # noqa: F401  (train.methods names)
 
 __all__ = [
     "METHODS",
@@ -396,97 +398,3 @@ register(
         summary="MoCo v3: InfoNCE between predictions and gathered momentum keys",
     )
 )
-
-
-# ------------------------------------------------------------------------------- resolution
-
-
-def resolve_config(*layers: dict) -> TrainConfig:
-    """The typed config from layers of nested dicts, later layers winning.
-
-    The method (``method`` key of the merged layers, default ``mos``) puts its recipe under the
-    layers; the ``loss`` section is checked against the method's loss dataclass. Unknown keys,
-    wrong types and out-of-range values raise :class:`ConfigError`.
-    """
-    merged: dict = {}
-    for layer in layers:
-        if not isinstance(layer, dict):
-            raise ConfigError(f"a config layer must be a mapping, got {type(layer).__name__}")
-        merged = deep_merge(merged, layer)
-    name = merged.get("method", TrainConfig.method)
-    if not isinstance(name, str):
-        raise ConfigError(f"method: expected str, got {type(name).__name__} {name!r}")
-    try:
-        method = get_method(name)
-    except ValueError as e:
-        raise ConfigError(f"method: {e}") from None
-    merged = deep_merge(method.recipe, merged)
-    merged["method"] = name
-    loss = merged.pop("loss", None)
-    cfg = from_dict(TrainConfig, merged)
-    loss_cfg = from_dict(method.loss_config, {} if loss is None else loss, prefix="loss.")
-    cfg = cfg.replace(loss=loss_cfg)
-    validate_config(cfg)
-    return cfg
-
-
-def validate_config(cfg: TrainConfig) -> None:
-    """Range checks that types alone cannot express; raises :class:`ConfigError`."""
-    checks = [
-        ("data.batch_size", cfg.data.batch_size >= 1, ">= 1"),
-        ("data.size", cfg.data.size >= 1, ">= 1"),
-        ("data.instance_size", cfg.data.instance_size >= 1, ">= 1"),
-        ("data.num_instances", cfg.data.num_instances >= 1, ">= 1"),
-        (
-            "data.num_threads",
-            cfg.data.num_threads is None or cfg.data.num_threads >= 1,
-            ">= 1 or null",
-        ),
-        ("data.workers", cfg.data.workers is None or cfg.data.workers >= 0, ">= 0 or null"),
-        ("data.synthetic_samples", cfg.data.synthetic_samples >= 1, ">= 1"),
-        (
-            "model.projector",
-            all(s >= 1 for s in cfg.model.projector) and cfg.model.projector,
-            "non-empty, sizes >= 1",
-        ),
-        (
-            "model.predictor",
-            all(s >= 1 for s in cfg.model.predictor) and cfg.model.predictor,
-            "non-empty, sizes >= 1",
-        ),
-        ("model.drop_path_rate", 0.0 <= cfg.model.drop_path_rate < 1.0, "in [0, 1)"),
-        ("optim.base_lr", 0 <= cfg.optim.base_lr < math.inf, "finite and >= 0"),
-        ("optim.min_lr", 0 <= cfg.optim.min_lr < math.inf, "finite and >= 0"),
-        ("optim.weight_decay", 0 <= cfg.optim.weight_decay < math.inf, "finite and >= 0"),
-        (
-            "optim.weight_decay_end",
-            0 <= cfg.optim.weight_decay_end < math.inf,
-            "finite and >= 0",
-        ),
-        ("optim.momentum", 0.0 <= cfg.optim.momentum < 1.0, "in [0, 1)"),
-        ("optim.betas", all(0.0 <= b < 1.0 for b in cfg.optim.betas), "in [0, 1)"),
-        ("optim.lars_eta", cfg.optim.lars_eta > 0, "> 0"),
-        (
-            "optim.clip_grad",
-            0 <= cfg.optim.clip_grad < math.inf,
-            "finite and >= 0 (0 disables clipping)",
-        ),
-        ("schedule.epochs", cfg.schedule.epochs >= 1, ">= 1"),
-        ("schedule.steps", cfg.schedule.steps is None or cfg.schedule.steps >= 1, ">= 1 or null"),
-        ("schedule.warmup_epochs", cfg.schedule.warmup_epochs >= 0, ">= 0"),
-        ("ema.start", 0.0 <= cfg.ema.start <= 1.0, "in [0, 1]"),
-        ("ema.end", 0.0 <= cfg.ema.end <= 1.0, "in [0, 1]"),
-        ("run.log_every", cfg.run.log_every >= 1, ">= 1"),
-        ("run.ckpt_every", cfg.run.ckpt_every >= 1, ">= 1"),
-        ("run.keep_last", cfg.run.keep_last >= 1, ">= 1"),
-    ]
-    for key, ok, expected in checks:
-        if not ok:
-            raise ConfigError(f"{key}: must be {expected}, got {_value(cfg, key)!r}")
-
-
-def _value(cfg: TrainConfig, key: str) -> object:
-    obj: object = cfg
-    for part in key.split("."):
-        obj = getattr(obj, part)
-    return obj
