@@ -328,6 +328,7 @@ def _rewrite_sample(out: Path, key: str, **components) -> None:
     for s in manifest["shards"]:
         if s["name"] == tar.name:
             s["sha256"], s["bytes"] = sha256_file(tar), tar.stat().st_size
+            s["index_sha256"] = sha256_file(tar.with_suffix(".idx"))
     (out / "manifest.json").write_text(json.dumps(manifest))
 
 
