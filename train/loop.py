@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -71,6 +71,9 @@ from train.runinfo import run_info
 from train.runlog import RunLog, require_wandb, write_json_atomic
 from train.runlog import trim_metrics as _trim_metrics  # noqa: F401  (train.loop._trim_metrics)
 from train.schedules import Schedules, build_schedules
+
+if TYPE_CHECKING:
+    from pipeline.views import ViewSet
 
 __all__ = [
     "NON_FINITE_FILE",
@@ -166,9 +169,10 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def _real_view_set(module: Any, views: str, cfg: TrainConfig) -> Any:
-    """The loader's view set for ``views`` with our sizes; ``data.views`` is passed on verbatim
-    (it wins, and the view set rejects keys it does not know).
+def _real_view_set(views: str, cfg: TrainConfig) -> ViewSet:
+    """The loader's view set for ``views`` (a registered name, ``pipeline.views.view_set``)
+    with our sizes; ``data.views`` is passed on verbatim (it wins, and the view set rejects
+    keys it does not know).
 
     - mos: ``MOSViews(size=data.size)``;
     - univip: ``UniVIPViews(size=data.size, instance_size=data.instance_size,
@@ -176,20 +180,19 @@ def _real_view_set(module: Any, views: str, cfg: TrainConfig) -> Any:
     - multicrop (BYOL, MoCo v3): two global crops of area 0.08..1 and no local crops
       (``MultiCropViews.byol``).
     """
+    from pipeline.views import VIEW_SETS, view_set
+
     d = cfg.data
-    if views == "mos":
-        cls, kwargs = module.MOSViews, {"size": d.size}
-    elif views == "univip":
-        cls = module.UniVIPViews
-        kwargs = {"size": d.size, "instance_size": d.instance_size, "k": d.num_instances}
-    else:
-        cls = module.MultiCropViews
-        kwargs = {"global_size": d.size, "num_local": 0, "global_scale": (0.08, 1.0)}
+    kwargs: dict[str, Any] = {
+        "mos": {"size": d.size},
+        "univip": {"size": d.size, "instance_size": d.instance_size, "k": d.num_instances},
+        "multicrop": {"global_size": d.size, "num_local": 0, "global_scale": (0.08, 1.0)},
+    }[views]
     kwargs.update(d.views)
     try:
-        return cls(**kwargs)
+        return view_set(views, **kwargs)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"data.views: {cls.__name__}(**{kwargs}): {e}") from None
+        raise ConfigError(f"data.views: {VIEW_SETS[views].__name__}(**{kwargs}): {e}") from None
 
 
 def synthetic_loader(cfg: TrainConfig, info: DistInfo, **overrides: Any) -> Any:
@@ -243,7 +246,7 @@ def build_loader(cfg: TrainConfig, info: DistInfo) -> Any:
         ) from None
     return shard_loader.ViewLoader(
         cfg.data.shards,
-        views=_real_view_set(shard_loader, method.views, cfg),
+        views=_real_view_set(method.views, cfg),
         batch_size=local,
         rank=info.rank,
         world_size=info.world_size,
