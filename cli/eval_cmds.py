@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import click
 
-from cli.common import ShardFolder, alias, require, storage_options
+from cli.common import ShardFolder, alias, library_errors, require, storage_options
 
 __all__ = ["eval_group"]
 
@@ -153,15 +153,8 @@ def _show(report: dict, what: str) -> None:
 def _run(fn, **kwargs) -> dict:
     import sys
 
-    from train.config import ConfigError
-
     kwargs["progress"] = kwargs["progress"] and sys.stderr.isatty()
-    try:
-        return fn(**kwargs)
-    except (ConfigError, FileNotFoundError) as e:
-        raise click.UsageError(str(e)) from None
-    except (ValueError, RuntimeError, OSError, KeyError) as e:
-        raise click.ClickException(str(e)) from None
+    return library_errors(fn, usage=("ConfigError", "FileNotFoundError"))(**kwargs)
 
 
 @eval_group.command("knn")

@@ -21,6 +21,7 @@ import click
 from cli.common import (
     ShardFolder,
     alias,
+    library_errors,
     overrides_argument,
     recipe,
     split_overrides,
@@ -313,6 +314,7 @@ def _common_flags(
     help="Before training, check every shard's sha256 against manifest.json (digests of "
     "unchanged files are cached in RUN/shards-checked.json); sizes are checked either way.",
 )
+@library_errors(usage=("ConfigError", "FileNotFoundError"))
 def pretrain(
     method,
     config_file,
@@ -349,9 +351,9 @@ def pretrain(
       ssl-cli pretrain --method univip --data data/shards/coco --batch-size-per-gpu 64 --print-config
       torchrun --nproc-per-node 8 $(which ssl-cli) pretrain --config configs/mos_vits16_coco.yaml --data data/shards/coco --out runs/mos_coco
     """
-    from train.config import ConfigError, dump_yaml, to_dict
-    from train.loop import NonFiniteLossError, resolve_resume
+    from train.config import dump_yaml, to_dict
     from train.loop import pretrain as run_pretrain
+    from train.loop import resolve_resume
     from train.resolve import resolve_config
 
     _check_device(common["device"])
@@ -370,23 +372,16 @@ def pretrain(
             "eval.val": eval_val,
         }
     )
-    try:
-        layers = _layers(config_file, method, assignments + split_overrides(overrides), flags)
-        cfg = resolve_config(*layers)
-        if print_config:
-            click.echo(dump_yaml(to_dict(cfg)), nl=False)
-            return
-        if not cfg.run.out:
-            raise click.UsageError("no run directory: pass --out RUN (or run.out in --config)")
-        cfg, ckpt = resolve_resume(cfg, layers, resume)  # the checkpoint's config is the base
-        _check_device(cfg.run.device, cfg.run.precision)
-        run_pretrain(cfg, resume=ckpt, log=click.echo, verify_shards=verify_shards)
-    except NonFiniteLossError as e:
-        raise click.ClickException(str(e)) from None
-    except (ConfigError, FileNotFoundError) as e:
-        raise click.UsageError(str(e)) from None
-    except (ValueError, RuntimeError, OSError) as e:
-        raise click.ClickException(str(e)) from None
+    layers = _layers(config_file, method, assignments + split_overrides(overrides), flags)
+    cfg = resolve_config(*layers)
+    if print_config:
+        click.echo(dump_yaml(to_dict(cfg)), nl=False)
+        return
+    if not cfg.run.out:
+        raise click.UsageError("no run directory: pass --out RUN (or run.out in --config)")
+    cfg, ckpt = resolve_resume(cfg, layers, resume)  # the checkpoint's config is the base
+    _check_device(cfg.run.device, cfg.run.precision)
+    run_pretrain(cfg, resume=ckpt, log=click.echo, verify_shards=verify_shards)
 
 
 @click.command("train", context_settings={"show_default": True})
@@ -418,6 +413,7 @@ def pretrain(
     default=None,
     help="Also write the report as JSON.",
 )
+@library_errors(usage=("ConfigError",))
 def bench_train(
     method,
     config_file,
@@ -443,38 +439,33 @@ def bench_train(
       ssl-cli bench train --method mos --baseline mocov3 --data data/shards/coco --json runs/bench-train.json
     """
     from train.bench import bench_train as run_bench
-    from train.config import ConfigError, dump_yaml, to_dict
+    from train.config import dump_yaml, to_dict
     from train.resolve import resolve_config
 
     _check_device(common["device"])
     flags = _common_flags(**common)
-    try:
-        layers = _layers(config_file, method, assignments + split_overrides(overrides), flags)
-        cfg = resolve_config(*layers)
-        if print_config:
-            click.echo(dump_yaml(to_dict(cfg)), nl=False)
-            return
-        _check_device(cfg.run.device, cfg.run.precision)
-        if baseline is not None:
-            from train.methods import get_method
+    layers = _layers(config_file, method, assignments + split_overrides(overrides), flags)
+    cfg = resolve_config(*layers)
+    if print_config:
+        click.echo(dump_yaml(to_dict(cfg)), nl=False)
+        return
+    _check_device(cfg.run.device, cfg.run.precision)
+    if baseline is not None:
+        from train.methods import get_method
 
-            try:
-                get_method(baseline)
-            except ValueError as e:
-                raise click.BadParameter(str(e), param_hint="--baseline") from None
-        elif not synthetic_only and not cfg.data.synthetic and not cfg.data.shards:
-            raise click.UsageError("pass --data SHARDS (or --synthetic-only)")
-        report = run_bench(
-            cfg,
-            steps=steps,
-            warmup=warmup,
-            synthetic_only=synthetic_only,
-            baseline=baseline,
-            log=click.echo,
-        )
-    except ConfigError as e:
-        raise click.UsageError(str(e)) from None
-    except (ValueError, RuntimeError, OSError) as e:
-        raise click.ClickException(str(e)) from None
+        try:
+            get_method(baseline)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--baseline") from None
+    elif not synthetic_only and not cfg.data.synthetic and not cfg.data.shards:
+        raise click.UsageError("pass --data SHARDS (or --synthetic-only)")
+    report = run_bench(
+        cfg,
+        steps=steps,
+        warmup=warmup,
+        synthetic_only=synthetic_only,
+        baseline=baseline,
+        log=click.echo,
+    )
     if json_out:
         Path(json_out).write_text(json.dumps(report, indent=1) + "\n")
