@@ -23,6 +23,7 @@ __all__ = [
     "all_gather_objects",
     "all_reduce_max",
     "all_reduce_mean",
+    "all_reduce_sum",
     "barrier",
     "cleanup_distributed",
     "gather_rows",
@@ -128,6 +129,13 @@ def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
     """Element-wise max over ranks (in place); ``x`` unchanged without a process group."""
     if is_distributed():
         dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over ranks (in place); ``x`` unchanged without a process group."""
+    if is_distributed():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
 
 

@@ -28,7 +28,6 @@ from train.probes import (  # noqa: F401  (names of train.evaluation, re-exporte
     Accuracy,
     LinearProbeConfig,
     PaperProbeConfig,
-    _all_reduce_sum,
     _epoch_timing,
     _topk_accuracy,
     cosine_schedule,

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from pipeline.bench import eta_seconds, format_duration
 from pipeline.eval import PROBE_SCALE
 from pipeline.views import RATIO
-from train.distributed import is_distributed
+from train.distributed import all_reduce_sum, is_distributed
 
 __all__ = [
     "Accuracy",
@@ -265,15 +265,6 @@ def cosine_schedule(peak: float, total: int) -> list[float]:
     return [peak * 0.5 * (1 + math.cos(math.pi * t / total)) for t in range(total)]
 
 
-def _all_reduce_sum(t: Tensor) -> Tensor:
-    """Sum over ranks in place (no-op in a single process)."""
-    if is_distributed():
-        import torch.distributed as dist
-
-        dist.all_reduce(t)
-    return t
-
-
 def train_paper_probe(
     backbone: nn.Module,
     loader: Any,
@@ -339,7 +330,7 @@ def train_paper_probe(
                 loss.backward()
                 if world > 1:
                     for p in probe.parameters():
-                        _all_reduce_sum(p.grad).div_(world)
+                        all_reduce_sum(p.grad).div_(world)
                 for group in opt.param_groups:
                     group["lr"] = lrs[step]
                 opt.step()
@@ -352,7 +343,7 @@ def train_paper_probe(
                         torch.tensor(float(n), dtype=torch.float64, device=device),
                     ]
                 )
-            _all_reduce_sum(sums)
+            all_reduce_sum(sums)
             row = {
                 "epoch": epoch + 1,
                 "loss": float(sums[0] / sums[2]),
@@ -378,5 +369,5 @@ def train_paper_probe(
     if world > 1:  # every rank normalised its own batches: average the running statistics
         bn = probe[0]
         for buf in (bn.running_mean, bn.running_var):
-            _all_reduce_sum(buf).div_(world)
+            all_reduce_sum(buf).div_(world)
     return probe.eval(), history
