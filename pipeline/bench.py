@@ -2,7 +2,8 @@
 
 Three contestants read the same shards in the same epoch order and are timed in alternating
 rounds (so that a change of machine load hits all of them alike; each is started, warmed up,
-timed and shut down in turn), and the median round counts:
+timed and shut down in turn; every other round runs them in reverse order, so that none always
+goes first), and the median round counts:
 
 - ``ours``: :class:`~pipeline.loader.ViewLoader` with the method's view set;
 - ``torchvision``: :func:`~pipeline.torchvision_baseline.baseline_loader`, the same views with
@@ -346,7 +347,10 @@ def _bench(
     cold: list[dict[str, float]] = []
     load_before = os.getloadavg()[0]
     for r in range(rounds):
-        for c, (name, make) in enumerate(contestants.items()):
+        order = list(contestants.items())
+        if r % 2:  # every other round in reverse: no contestant always runs first or last
+            order.reverse()
+        for c, (name, make) in enumerate(order):
             what = f"bench pipeline: round {r + 1}/{rounds}, {name}"
             done = r * per_round + c
             t = time.perf_counter()
