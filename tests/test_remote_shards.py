@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -429,6 +430,31 @@ def test_pretraining_from_url_gives_the_losses_of_local_disk(s3_server, tmp_path
     a = [m["loss"] for m in whole["metrics"]]
     b = [m["loss"] for m in remote_run["metrics"]]
     assert len(a) == len(b) > 0 and a == b
+
+
+@pytest.mark.slow
+def test_killed_run_on_a_url_resumes_to_the_losses_of_local_disk(s3_server, tmp_path):
+    from tests.test_train_loop import quiet
+    from tests.test_train_shards import Crash, KilledAfter, real
+    from train.distributed import init_distributed
+    from train.loop import build_loader, pretrain
+
+    local = photo_shards()
+    url = uploaded(s3_server, local, "photos")
+    whole = pretrain(real("mos", tmp_path / "whole", local, ckpt_every=2), log=quiet)
+    cut = real("mos", tmp_path / "cut", local, ckpt_every=2)
+    cut = replace(cut, data=replace(cut.data, shards=url))  # the same shards, at their URL
+    inner = build_loader(cut, init_distributed("cpu"))
+    assert inner.index.url == url
+    with pytest.raises(Crash):
+        pretrain(cut, loader=KilledAfter(inner, 3), log=quiet)  # killed after step 3
+    inner.close()
+    resumed = pretrain(cut, log=quiet)  # from the step-2 checkpoint, reading the URL
+    assert resumed["metrics"][0]["step"] == 3
+    a = [json.loads(x)["loss"] for x in open(tmp_path / "whole" / "metrics.jsonl")]
+    b = [json.loads(x)["loss"] for x in open(tmp_path / "cut" / "metrics.jsonl")]
+    assert len(a) == len(b) == len(whole["metrics"]) > 3
+    assert a == b  # bit for bit: the order, the views and the resume of local disk
 
 
 def test_read_only_http_folder(tmp_path):
