@@ -200,9 +200,9 @@ def _round(
 
 
 def _bandwidth(cache: ShardCache) -> dict[str, Any]:
-    """The server's read bandwidth: the largest shard, read whole once and timed."""
-    manifest = cache.open()
-    shard = max(manifest["shards"], key=lambda s: s["bytes"])
+    """The server's read bandwidth: the largest shard of the opened ``cache``, read whole once
+    and timed."""
+    shard = max(cache.manifest["shards"], key=lambda s: s["bytes"])
     fs, base = filesystem(cache.url, cache.endpoint_url)
     start = time.perf_counter()
     data = fs.cat_file(f"{base}/{shard['name']}")
@@ -211,7 +211,8 @@ def _bandwidth(cache: ShardCache) -> dict[str, Any]:
 
 
 def _fill(cache: ShardCache) -> Path:
-    """Download every file of the cache's folder; returns its root (a local shard folder)."""
+    """Open the cache and download every file of its folder; returns its root (a local shard
+    folder)."""
     manifest = cache.open()
     for s in manifest["shards"]:
         cache.fetch(cache.shard(s["name"]))

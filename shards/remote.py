@@ -876,8 +876,8 @@ class ShardUploader:
         self._sizes().pop("manifest.json", None)
 
     def upload_ready(self) -> int:
-        """Upload every finished shard not uploaded yet; returns how many files went up."""
-        self._drop_stale_manifest()
+        """Upload every finished shard not uploaded yet; returns how many files went up
+        (:meth:`shard_finished` first drops a stale manifest at the URL)."""
         n = 0
         for tar in sorted(self.local.glob("shard-*.tar")):
             if _SHARD_NAME.match(tar.name) and tar.name not in self._done:
