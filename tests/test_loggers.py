@@ -4,6 +4,7 @@ and hparams, Weights & Biases (offline) across a resume; a missing wandb; the ET
 import json
 import struct
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -51,6 +52,23 @@ def wandb_records(path: Path):
             yield record
 
 
+def finished_records(path: Path, timeout: float = 60.0) -> list:
+    """The records of an offline run's ``.wandb`` file once it holds the run's ``exit`` record.
+    ``run.finish()`` can return before W&B's service process has written the file out (seen on
+    loaded machines), so this waits for the writer, at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            records = list(wandb_records(path))
+        except Exception:  # noqa: BLE001 - a record caught half-written; read again
+            records = []
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path}: no exit record after {timeout:.0f} s")
+        time.sleep(0.2)
+
+
 def read_offline_run(run_dir: Path) -> dict:
     """``{"id", "config", "history": [{key: value}], "summary": {key: value}}`` of one offline
     W&B run directory (``RUN/wandb/offline-run-*``)."""
@@ -60,7 +78,7 @@ def read_offline_run(run_dir: Path) -> dict:
     def key(item):
         return item.key or "/".join(item.nested_key)
 
-    for record in wandb_records(path):
+    for record in finished_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             out["id"] = record.run.run_id
@@ -145,7 +163,7 @@ def test_wandb_named_after_the_run_directory_with_tags(tmp_path, offline_wandb):
     cfg = resolve_config(tiny("byol", run, schedule={"steps": 2, "warmup_epochs": 0}), layer)
     pretrain(cfg, log=quiet)
     (path,) = (run / "wandb").glob("offline-run-*/*.wandb")
-    (record,) = [r for r in wandb_records(path) if r.WhichOneof("record_type") == "run"]
+    (record,) = [r for r in finished_records(path) if r.WhichOneof("record_type") == "run"]
     assert record.run.display_name == "my-run" and list(record.run.tags) == ["a", "b"]
     assert record.run.project == "p"
 
