@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +248,21 @@ def _cold_round(
         shutil.rmtree(root, ignore_errors=True)
 
 
+@contextmanager
+def _scratch(url: str | None) -> Iterator[Path | None]:
+    """A scratch folder under the shard cache root for a benchmark of ``url`` (its warm copy
+    and the cold-cache rounds), removed afterwards; ``None`` for a local shard folder."""
+    if url is None:
+        yield None
+        return
+    default_cache_root().mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="bench-", dir=default_cache_root()))
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def bench_pipeline(
     shards_dir: str | Path,
     method: str,
@@ -270,162 +286,148 @@ def bench_pipeline(
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {list(METHODS)}")
     url = str(shards_dir) if is_url(shards_dir) else None
-    scratch = None
-    if url is not None:
-        default_cache_root().mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix="bench-", dir=default_cache_root()))
-    try:
-        return _bench(
-            url, shards_dir, scratch, method, batch_size, device, seconds, rounds, warmup,
-            num_threads, workers, baseline_workers, baseline, seed, log, progress,
-            progress_every,
-        )  # fmt: skip
-    finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _bench(
-    url, shards_dir, scratch, method, batch_size, device, seconds, rounds, warmup, num_threads,
-    workers, baseline_workers, baseline, seed, log, progress, progress_every,
-) -> dict[str, Any]:  # fmt: skip
-    remote: dict[str, Any] | None = None
-    if url is not None:
-        warm = cache_for(url, root=scratch / "warm")
-        log(f"{redact_url(url)}: downloading the shards into {warm.root}")
-        t = time.perf_counter()
-        shards_dir = _fill(warm)
-        remote = {
-            "url": redact_url(url),
-            "download_s": round(time.perf_counter() - t, 2),
-            "bandwidth": _bandwidth(warm),
-        }
-    shards_dir = Path(shards_dir)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    cores = os.cpu_count() or 1
-    baseline_workers = cores if baseline_workers is None else baseline_workers
-    views = view_set(method)
-
-    def ours(v, source=None):
-        return lambda: ViewLoader(
-            shards_dir if source is None else source,
-            v,
-            batch_size,
-            seed=seed,
-            device=dev,
-            num_threads=num_threads,
-            workers=workers,
-        )
-
-    def tv():
-        from .torchvision_baseline import baseline_loader
-
-        return baseline_loader(
-            shards_dir, views, batch_size, baseline_workers, seed=seed, epochs=10**6
-        )
-
-    if remote is not None:
-        contestants: dict[str, Callable[[], Any]] = {
-            "ours": ours(views, source=warm),
-            "ours, local disk": ours(views),
-        }
-    else:
-        contestants = {"ours": ours(views)}
-    if baseline:
-        contestants["torchvision"] = tv
-    contestants["decode+crop"] = ours(DecodeCropViews())
-
-    # Each round starts every contestant afresh, warms it up, times it and shuts it down before
-    # the next one starts: a DataLoader's workers keep prefetching after a round ends and would
-    # otherwise take cores from the next contestant.
-    results: dict[str, list[float]] = {name: [] for name in contestants}
-    ticker = Progress(progress, progress_every) if progress is not None else None
-    per_round = len(contestants) + (remote is not None)
-    measures = rounds * per_round  # the units of the ETA
-    cold: list[dict[str, float]] = []
-    load_before = os.getloadavg()[0]
-    for r in range(rounds):
-        order = list(contestants.items())
-        if r % 2:  # every other round in reverse: no contestant always runs first or last
-            order.reverse()
-        for c, (name, make) in enumerate(order):
-            what = f"bench pipeline: round {r + 1}/{rounds}, {name}"
-            done = r * per_round + c
+    with _scratch(url) as scratch:
+        remote: dict[str, Any] | None = None
+        if url is not None:
+            warm = cache_for(url, root=scratch / "warm")
+            log(f"{redact_url(url)}: downloading the shards into {warm.root}")
             t = time.perf_counter()
-            stream = _endless(make)
-            try:
-                for i in range(warmup):
-                    next(stream)
-                    if ticker is not None and ticker.due(now := time.perf_counter()):
-                        ticker.say(
-                            f"{what}, warm-up: {i + 1}/{warmup} batches", done, measures, now
-                        )
-                sync()
-                started = time.perf_counter() - t
-                results[name].append(
-                    _round(stream, seconds, batch_size, sync, ticker, what, done, measures)
-                )
-            finally:
-                stream.close()
-            if r == 0:
-                log(f"{name}: started and warmed up in {started:.1f} s")
-        if remote is not None:
-            if ticker is not None:
-                ticker.say(
-                    f"bench pipeline: round {r + 1}/{rounds}, ours, cold cache",
-                    (r + 1) * per_round - 1,
-                    measures,
-                )
-            loader_kw = {"seed": seed, "device": dev, "num_threads": num_threads}
-            loader_kw["workers"] = workers
-            cold.append(
-                _cold_round(url, scratch / f"cold-{r}", views, batch_size, seconds, sync, loader_kw)
-            )
-        log(
-            f"round {r + 1}/{rounds}: "
-            + ", ".join(f"{n} {v[-1]:.1f}" for n, v in results.items())
-            + (f", ours, cold cache {cold[-1]['images_per_s']:.1f}" if cold else "")
-            + " images/s"
-        )
-    load_after = os.getloadavg()[0]
+            shards_dir = _fill(warm)
+            remote = {
+                "url": redact_url(url),
+                "download_s": round(time.perf_counter() - t, 2),
+                "bandwidth": _bandwidth(warm),
+            }
+        shards_dir = Path(shards_dir)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(device)
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        cores = os.cpu_count() or 1
+        baseline_workers = cores if baseline_workers is None else baseline_workers
+        views = view_set(method)
 
-    median = {name: statistics.median(v) for name, v in results.items()}
-    report = {
-        "method": method,
-        "device": str(dev),
-        "hardware": hardware(dev),
-        "batch_size": batch_size,
-        "num_threads": num_threads,
-        "workers": workers,
-        "baseline_workers": baseline_workers if baseline else None,
-        "seconds_per_round": seconds,
-        "rounds": rounds,
-        "images_per_s": {k: round(v, 1) for k, v in median.items()},
-        "rounds_images_per_s": {k: [round(x, 1) for x in v] for k, v in results.items()},
-        "load_average": [round(load_before, 2), round(load_after, 2)],
-        "dataset": _dataset(shards_dir),
-        "versions": _versions(),
-    }
-    if baseline:
-        report["speedup_vs_torchvision"] = round(median["ours"] / median["torchvision"], 2)
-    report["fraction_of_decode_crop"] = round(median["ours"] / median["decode+crop"], 3)
-    if remote is not None:
-        d = report["dataset"]
-        sample_bytes = d["bytes"] / d["samples"]
-        bw = remote["bandwidth"]["mb_per_s"]
-        remote["bandwidth"]["mb_per_s"] = round(bw, 1)
-        remote["warm_vs_local_disk"] = round(median["ours"] / median["ours, local disk"], 3)
-        remote["cold_images_per_s"] = round(statistics.median(x["images_per_s"] for x in cold), 1)
-        remote["cold_rounds"] = [
-            {k: round(v, 2) if k != "bytes" else int(v) for k, v in x.items()} for x in cold
-        ]
-        remote["mean_sample_bytes"] = round(sample_bytes)
-        remote["network_bound_images_per_s"] = round(bw * 1e6 / sample_bytes, 1)
-        report["remote"] = remote
-    return report
+        def ours(v, source=None):
+            return lambda: ViewLoader(
+                shards_dir if source is None else source,
+                v,
+                batch_size,
+                seed=seed,
+                device=dev,
+                num_threads=num_threads,
+                workers=workers,
+            )
+
+        def tv():
+            from .torchvision_baseline import baseline_loader
+
+            return baseline_loader(
+                shards_dir, views, batch_size, baseline_workers, seed=seed, epochs=10**6
+            )
+
+        if remote is not None:
+            contestants: dict[str, Callable[[], Any]] = {
+                "ours": ours(views, source=warm),
+                "ours, local disk": ours(views),
+            }
+        else:
+            contestants = {"ours": ours(views)}
+        if baseline:
+            contestants["torchvision"] = tv
+        contestants["decode+crop"] = ours(DecodeCropViews())
+
+        # Each round starts every contestant afresh, warms it up, times it and shuts it down before
+        # the next one starts: a DataLoader's workers keep prefetching after a round ends and would
+        # otherwise take cores from the next contestant.
+        results: dict[str, list[float]] = {name: [] for name in contestants}
+        ticker = Progress(progress, progress_every) if progress is not None else None
+        per_round = len(contestants) + (remote is not None)
+        measures = rounds * per_round  # the units of the ETA
+        cold: list[dict[str, float]] = []
+        load_before = os.getloadavg()[0]
+        for r in range(rounds):
+            order = list(contestants.items())
+            if r % 2:  # every other round in reverse: no contestant always runs first or last
+                order.reverse()
+            for c, (name, make) in enumerate(order):
+                what = f"bench pipeline: round {r + 1}/{rounds}, {name}"
+                done = r * per_round + c
+                t = time.perf_counter()
+                stream = _endless(make)
+                try:
+                    for i in range(warmup):
+                        next(stream)
+                        if ticker is not None and ticker.due(now := time.perf_counter()):
+                            ticker.say(
+                                f"{what}, warm-up: {i + 1}/{warmup} batches", done, measures, now
+                            )
+                    sync()
+                    started = time.perf_counter() - t
+                    results[name].append(
+                        _round(stream, seconds, batch_size, sync, ticker, what, done, measures)
+                    )
+                finally:
+                    stream.close()
+                if r == 0:
+                    log(f"{name}: started and warmed up in {started:.1f} s")
+            if remote is not None:
+                if ticker is not None:
+                    ticker.say(
+                        f"bench pipeline: round {r + 1}/{rounds}, ours, cold cache",
+                        (r + 1) * per_round - 1,
+                        measures,
+                    )
+                loader_kw = {"seed": seed, "device": dev, "num_threads": num_threads}
+                loader_kw["workers"] = workers
+                cold.append(
+                    _cold_round(
+                        url, scratch / f"cold-{r}", views, batch_size, seconds, sync, loader_kw
+                    )
+                )
+            log(
+                f"round {r + 1}/{rounds}: "
+                + ", ".join(f"{n} {v[-1]:.1f}" for n, v in results.items())
+                + (f", ours, cold cache {cold[-1]['images_per_s']:.1f}" if cold else "")
+                + " images/s"
+            )
+        load_after = os.getloadavg()[0]
+
+        median = {name: statistics.median(v) for name, v in results.items()}
+        report = {
+            "method": method,
+            "device": str(dev),
+            "hardware": hardware(dev),
+            "batch_size": batch_size,
+            "num_threads": num_threads,
+            "workers": workers,
+            "baseline_workers": baseline_workers if baseline else None,
+            "seconds_per_round": seconds,
+            "rounds": rounds,
+            "images_per_s": {k: round(v, 1) for k, v in median.items()},
+            "rounds_images_per_s": {k: [round(x, 1) for x in v] for k, v in results.items()},
+            "load_average": [round(load_before, 2), round(load_after, 2)],
+            "dataset": _dataset(shards_dir),
+            "versions": _versions(),
+        }
+        if baseline:
+            report["speedup_vs_torchvision"] = round(median["ours"] / median["torchvision"], 2)
+        report["fraction_of_decode_crop"] = round(median["ours"] / median["decode+crop"], 3)
+        if remote is not None:
+            d = report["dataset"]
+            sample_bytes = d["bytes"] / d["samples"]
+            bw = remote["bandwidth"]["mb_per_s"]
+            remote["bandwidth"]["mb_per_s"] = round(bw, 1)
+            remote["warm_vs_local_disk"] = round(median["ours"] / median["ours, local disk"], 3)
+            remote["cold_images_per_s"] = round(
+                statistics.median(x["images_per_s"] for x in cold), 1
+            )
+            remote["cold_rounds"] = [
+                {k: round(v, 2) if k != "bytes" else int(v) for k, v in x.items()} for x in cold
+            ]
+            remote["mean_sample_bytes"] = round(sample_bytes)
+            remote["network_bound_images_per_s"] = round(bw * 1e6 / sample_bytes, 1)
+            report["remote"] = remote
+        return report
 
 
 def format_report(report: dict[str, Any]) -> str:
