@@ -130,6 +130,7 @@ def test_harness_end_to_end_resumes_and_learns(task, tmp_path):
     assert best > random_init + 5, (best, random_init)
     table = (out / "table.md").read_text()
     assert "| mocov3 | vit_tiny_patch16_224 | 100 |" in table and "raw pixels" in table
+    assert "One seed (0), no spread" in table and "±" not in table
 
     # a re-run with the same options trains nothing again; other options are refused
     again = run_quality(QualityPlan.build(**plan_args), log=lambda m: None)
@@ -148,3 +149,25 @@ def test_spread_over_seeds():
         "max": 64.0,
         "n": 3,
     }
+
+
+def test_table_states_the_spread_only_over_several_seeds():
+    from train.quality import QualityPlan, _markdown, _spread
+
+    def summary(values):
+        cell = _spread(values)
+        row = {"backbone": "vit_tiny_patch16_224", "steps": 10, "forward_equivalents": 1e4}
+        row["train_seconds"] = _spread([5.0] * len(values))
+        row.update(
+            {f"{b}/{m}": cell for b in ("target", "online") for m in ("knn_top1", "linear_top1")}
+        )
+        refs = {"raw_pixels": {"knn_top1": 80.0}}
+        return {"methods": {"mos": row}, "references": refs}
+
+    def plan(seeds):
+        return QualityPlan(train="t", val="v", out="o", methods=("mos",), seeds=seeds, budget_fe=1)
+
+    three = _markdown(summary([60.0, 62.0, 64.0]), plan((0, 1, 2)))
+    assert "| 62.00 ± 2.00 (60.0–64.0) |" in three and "over seeds 0, 1, 2" in three
+    one = _markdown(summary([61.3]), plan((2,)))
+    assert "| 61.30 |" in one and "±" not in one and "One seed (2), no spread" in one

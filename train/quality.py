@@ -514,7 +514,11 @@ def summarise(runs: list[dict], refs: dict) -> dict:
 
 
 def _markdown(summary: dict, plan: QualityPlan) -> str:
-    def cell(s: dict) -> str:
+    one_seed = len(plan.seeds) == 1
+
+    def cell(s: dict) -> str:  # one seed has no spread: its value alone
+        if one_seed:
+            return f"{s['mean']:.2f}"
         return f"{s['mean']:.2f} ± {s['std']:.2f} ({s['min']:.1f}–{s['max']:.1f})"
 
     lines = [
@@ -542,8 +546,12 @@ def _markdown(summary: dict, plan: QualityPlan) -> str:
             )
     lines.append("")
     lines.append(
-        f"Mean ± standard deviation (min–max) over seeds {', '.join(map(str, plan.seeds))}; "
-        f"kNN k = {KNN_K}, T = {KNN_T}; budget "
+        (
+            f"One seed ({plan.seeds[0]}), no spread; "
+            if one_seed
+            else f"Mean ± standard deviation (min–max) over seeds {', '.join(map(str, plan.seeds))}; "
+        )
+        + f"kNN k = {KNN_K}, T = {KNN_T}; budget "
         + (
             f"{plan.budget_fe} forward-equivalents"
             if plan.budget_fe
