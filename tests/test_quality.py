@@ -14,7 +14,13 @@ from train.quality import QualityPlan, forward_equivalents
 
 def stripes(root, per_class: int, seed: int) -> None:
     """An easy 4-class task in an ImageNet layout: stripe orientation (vertical, horizontal,
-    diagonal, checker) at a random frequency, phase and colour pair."""
+    diagonal, checker) at a random frequency and phase, grey levels of a random contrast.
+
+    Grey, because instance discrimination learns the cue that tells images apart first: with a
+    random colour pair per image, MoCo v3's kNN after 100 steps sat at chance (18.75% and 15.6%
+    of 64 images, 4 classes, under two weight-decay and warm-up settings), and only the probe's
+    noise decided the learning check. Without it the orientation is that cue (kNN 98.4% against 65.6% at
+    random init, probe 98.4% against 89.1%)."""
     rng = np.random.default_rng(seed)
     side = 40
     y, x = np.mgrid[0:side, 0:side] / side
@@ -29,7 +35,8 @@ def stripes(root, per_class: int, seed: int) -> None:
                 np.sin(2 * np.pi * f * (x + y) / 1.4 + ph),
                 np.sin(2 * np.pi * f * x + ph) * np.sin(2 * np.pi * f * y + ph),
             ][c]
-            img = rng.uniform(0, 0.5, 3) + (wave[..., None] > 0) * rng.uniform(0.2, 1.0, 3)
+            dark, light = rng.uniform(0.0, 0.2), rng.uniform(0.7, 0.9)
+            img = np.repeat(np.where(wave > 0, light, dark)[..., None], 3, axis=2)
             img = np.clip(img + rng.normal(0, 0.05, img.shape), 0, 1)
             Image.fromarray((img * 255).astype(np.uint8)).save(folder / f"{i}.JPEG", quality=95)
 
@@ -75,6 +82,22 @@ def test_dry_run_states_the_budget_per_method(task, tmp_path):
     )
     assert "byol: resnet18" in result.output and "univip: resnet18" in result.output
     assert not (tmp_path / "q").exists()  # a dry run writes nothing
+
+
+def test_cpu_recipe_resolves_the_cited_schedule_values():
+    """Fashion-MNIST's 4x runs: 20,000 train samples, batch 128 (156 steps per epoch)."""
+    from train.schedules import build_schedules
+
+    plan = QualityPlan(train="t", val="v", bank="b", out="o", methods=("mos",), seeds=(0,))
+    plan.train_samples = 20_000
+    for method, steps, warmup in (("mos", 520, 65), ("mocov3", 585, 73), ("byol", 585, 58)):
+        cfg = plan.config(method, 0, steps)
+        lr = build_schedules(cfg, steps_per_epoch=156).lr
+        assert int(np.argmax(lr)) == warmup, method  # 12.5% (ViT, appendix D), 10% (ResNet)
+        assert cfg.eval.every * 3 < steps <= cfg.eval.every * 4  # 4 evals, the last at the end
+    vit, resnet = plan.config("mos", 0, 520).optim, plan.config("byol", 0, 585).optim
+    assert (vit.name, vit.weight_decay, vit.weight_decay_end) == ("adamw", 0.1, 0.1)
+    assert (resnet.name, resnet.weight_decay, resnet.weight_decay_end) == ("sgd", 1e-4, 1e-4)
 
 
 @pytest.mark.parametrize(
@@ -124,10 +147,14 @@ def test_harness_end_to_end_resumes_and_learns(task, tmp_path):
     assert all(r["knn_curve"][-1]["online"] is not None for r in runs)  # both branches logged
     refs = report["summary"]["references"]
     assert refs["raw_pixels"]["knn_top1"] > 50  # the task is easy in pixel space
-    # trained features beat the same backbone at random init (linear probe, best branch)
-    random_init = refs["random_init/mocov3"]["linear_top1"]
-    best = max(row["online/linear_top1"]["mean"], row["target/linear_top1"]["mean"])
-    assert best > random_init + 5, (best, random_init)
+    # trained features beat the same backbone at random init, on kNN and the linear probe
+    # (best branch; measured 98.4 against 65.6 kNN and 98.4 against 89.1 probe)
+    for metric, margin in (("knn_top1", 20), ("linear_top1", 5)):
+        random_init = refs["random_init/mocov3"][metric]
+        best = max(row[f"online/{metric}"]["mean"], row[f"target/{metric}"]["mean"])
+        assert best > random_init + margin, (metric, best, random_init)
+    curve = runs[0]["knn_curve"]
+    assert curve[-1]["online"] > curve[0]["online"] + 20, curve  # kNN rises during the run
     table = (out / "table.md").read_text()
     assert "| mocov3 | vit_tiny_patch16_224 | 100 |" in table and "raw pixels" in table
     assert "One seed (0), no spread" in table and "±" not in table
