@@ -19,8 +19,8 @@ def stripes(root, per_class: int, seed: int) -> None:
     Grey, because instance discrimination learns the cue that tells images apart first: with a
     random colour pair per image, MoCo v3's kNN after 100 steps sat at chance (18.75% and 15.6%
     of 64 images, 4 classes, under two weight-decay and warm-up settings), and only the probe's
-    noise decided the learning check. Without it the orientation is that cue (kNN 98.4% against 65.6% at
-    random init, probe 98.4% against 89.1%)."""
+    noise decided the learning check. Without it the orientation is that cue (kNN 98.4% against
+    65.6% at random init, probe 98.4% against 89.1%)."""
     rng = np.random.default_rng(seed)
     side = 40
     y, x = np.mgrid[0:side, 0:side] / side
