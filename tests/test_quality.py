@@ -84,6 +84,24 @@ def test_dry_run_states_the_budget_per_method(task, tmp_path):
     assert not (tmp_path / "q").exists()  # a dry run writes nothing
 
 
+def test_dry_run_shows_the_resolved_schedule_and_overrides(task, tmp_path):
+    args = ["bench", "quality", "--train", str(task["train"]), "--val", str(task["val"])]
+    args += ["--out", str(tmp_path / "q"), "--budget-fe", "100000", "--methods", "mos,mocov3"]
+    result = CliRunner().invoke(main, [*args, "--dry-run", "ema.end=0.5", "optim.base_lr=1e-3"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    mos = lines[lines.index(next(x for x in lines if x.startswith("  mos:"))) + 1]
+    # 86 steps; the ViT warm-up is 12.5% of them, round(0.125 * 86) = 11; evals ceil(86 / 4)
+    assert (
+        mos.split()
+        == (
+            "adamw lr 0.001 per 256, weight decay 0.1, warm-up 11 of 86 steps, momentum 0 -> 0.5, "
+            "kNN every 22 steps"
+        ).split()
+    ), mos
+    assert "override ema.end=0.5: resolves to mos 0.5, mocov3 0.5" in result.output
+
+
 def test_cpu_recipe_resolves_the_cited_schedule_values():
     """Fashion-MNIST's 4x runs: 20,000 train samples, batch 128 (156 steps per epoch)."""
     from train.schedules import build_schedules
@@ -107,6 +125,9 @@ def test_cpu_recipe_resolves_the_cited_schedule_values():
         (["--methods", "mos,mos"], "must not repeat"),
         (["--seeds", "0,x"], "comma-separated list"),
         (["--set", "optim.bogus=1"], "unknown key 'optim.bogus'"),
+        # MOS's views take scale_choices, MoCo v3's do not: an error now, not after the
+        # references and MOS's runs
+        (["--methods", "mos,mocov3", "data.views.scale_choices=[1]"], "mocov3: data.views"),
     ],
 )
 def test_bad_options_are_usage_errors(task, tmp_path, extra, message):

@@ -89,6 +89,7 @@ __all__ = [
     "find_resume_checkpoint",
     "knn_step",
     "pretrain",
+    "real_view_set",
     "resolve_precision",
     "resolve_resume",
     "train_step",
@@ -169,7 +170,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def _real_view_set(views: str, cfg: TrainConfig) -> ViewSet:
+def real_view_set(views: str, cfg: TrainConfig) -> ViewSet:
     """The loader's view set for ``views`` (a registered name, ``pipeline.views.view_set``)
     with our sizes; ``data.views`` is passed on verbatim (it wins, and the view set rejects
     keys it does not know).
@@ -246,7 +247,7 @@ def build_loader(cfg: TrainConfig, info: DistInfo) -> Any:
         ) from None
     return shard_loader.ViewLoader(
         cfg.data.shards,
-        views=_real_view_set(method.views, cfg),
+        views=real_view_set(method.views, cfg),
         batch_size=local,
         rank=info.rank,
         world_size=info.world_size,

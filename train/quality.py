@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from train.config import ConfigError, TrainConfig, deep_merge, parse_assignment, to_dict
+from train.schedules import warmup_steps
 
 __all__ = [
     "RECIPES",
@@ -218,8 +219,14 @@ class QualityPlan:
             plan.budget_seconds = RECIPES[plan.recipe]["budget_seconds"]
         if plan.budget_fe is not None:
             plan.budget_seconds = None
+        from train.loop import real_view_set
+
         for m in plan.methods:  # every layer resolves now, not after an hour of training
-            plan.config(m, plan.seeds[0], steps=1)
+            cfg = plan.config(m, plan.seeds[0], steps=1)
+            try:  # data.views keys the method's view set does not take
+                real_view_set(get_method(m).views, cfg)
+            except ConfigError as e:
+                raise ConfigError(f"{m}: {e}") from None
         saved = Path(plan.out) / "plan.json"
         if saved.exists():
             plan._adopt(json.loads(saved.read_text()))
@@ -318,7 +325,34 @@ class QualityPlan:
                 f"  {m}: {cfg.model.backbone}, batch {cfg.data.batch_size}, {fe:g} "
                 f"forward-equivalents per sample, steps {steps}"
             )
+            if isinstance(steps, int):
+                lines.append("    " + self._schedule_line(m, steps))
+        for a in self.assignments:
+            key = a.partition("=")[0].strip()
+            values = {m: self._resolved(m, key) for m in self.methods}
+            shown = ", ".join(f"{m} {v}" for m, v in values.items())
+            lines.append(f"  override {a}: resolves to {shown}")
         return "\n".join(lines)
+
+    def _schedule_line(self, method: str, steps: int) -> str:
+        """The schedule values a run of ``steps`` steps resolves to, as its trainer sees them."""
+        cfg = self.config(method, self.seeds[0], steps=steps)
+        o, e = cfg.optim, cfg.ema
+        per_epoch = max(self.train_samples // cfg.data.batch_size, 1)
+        warmup = max(0, min(warmup_steps(cfg, per_epoch), steps))  # as cosine_schedule clamps
+        wd = f"{o.weight_decay:g}" + (
+            "" if o.weight_decay_end == o.weight_decay else f" -> {o.weight_decay_end:g}"
+        )
+        return (
+            f"{o.name} lr {o.base_lr:g} per 256, weight decay {wd}, warm-up {warmup} of "
+            f"{steps} steps, momentum {e.start:g} -> {e.end:g}, kNN every {cfg.eval.every} steps"
+        )
+
+    def _resolved(self, method: str, key: str) -> Any:
+        node: Any = to_dict(self.config(method, self.seeds[0], steps=self.steps.get(method, 1)))
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
 
     def _fe_steps(self, cfg: TrainConfig) -> int:
         per_step = forward_equivalents(cfg) * cfg.data.batch_size

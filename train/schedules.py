@@ -14,7 +14,7 @@ import numpy as np
 
 from train.config import TrainConfig
 
-__all__ = ["Schedules", "build_schedules", "cosine_schedule", "peak_lr"]
+__all__ = ["Schedules", "build_schedules", "cosine_schedule", "peak_lr", "warmup_steps"]
 
 
 def cosine_schedule(
@@ -58,6 +58,11 @@ class Schedules:
         return len(self.lr)
 
 
+def warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Steps of linear lr warm-up: ``schedule.warmup_epochs * steps_per_epoch``, rounded."""
+    return round(cfg.schedule.warmup_epochs * steps_per_epoch)
+
+
 def build_schedules(cfg: TrainConfig, steps_per_epoch: int) -> Schedules:
     """All schedules of a run: ``steps_per_epoch`` is ``len(loader)`` (batches per rank and epoch).
 
@@ -77,7 +82,7 @@ def build_schedules(cfg: TrainConfig, steps_per_epoch: int) -> Schedules:
             "one global batch (data.batch_size)"
         )
     total = cfg.schedule.steps or cfg.schedule.epochs * steps_per_epoch
-    warmup = round(cfg.schedule.warmup_epochs * steps_per_epoch)
+    warmup = warmup_steps(cfg, steps_per_epoch)
     return Schedules(
         lr=cosine_schedule(peak_lr(cfg), cfg.optim.min_lr, total, warmup),
         weight_decay=cosine_schedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end, total),
