@@ -62,8 +62,9 @@ class MOSViews:
     crops ``multi_scale`` (0.2..1), aspect ratio 3/4..4/3. Per batch and stitched view the
     layout ``r`` (grid) and ``s_j`` (per cell) are drawn from ``grid_choices`` and
     ``scale_choices`` (``{1, 2}``, :mod:`pipeline.stitching`): objects at ``1/r`` and
-    ``1/(r s)`` of the side; ``r`` is one draw for both stitched views (``shared_grid``). ``single_augment`` / ``multi_augment``: the photometric
-    augmentation of the first and second view (Table 6).
+    ``1/(r s)`` of the side; ``r`` is one draw for both stitched views (``shared_grid``).
+    ``single_augment`` / ``multi_augment``: the photometric augmentation of the first and
+    second view (Table 6).
     """
 
     size: int = 224
