@@ -105,7 +105,12 @@ def _csv(kind: type):
     help="Config override for every run, e.g. --set optim.base_lr=1e-3 (repeatable); bare "
     "KEY=VALUE arguments after the options do the same.",
 )
-@click.option("--dry-run", is_flag=True, help="Print the plan (runs, budgets, configs) and exit.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the plan (runs, budgets, each method's resolved schedule, what every override "
+    "resolves to) and exit; a bad option or override fails here, before any run.",
+)
 @library_errors(usage=("ConfigError",))
 def bench_quality(
     overrides,
