@@ -90,5 +90,6 @@ bench: $(STAMP)
 
 # Every GPU check in one call (pytest -m gpu, pipeline/train/quality benchmarks; JSON figures in
 # GPU_CHECK_OUT, default runs/gpu-check). DRY_RUN=1 checks the command lines on any machine.
+# On an offline GPU node with its own Python: PYTHON=... bash scripts/gpu-check.sh (no venv).
 gpu-check: $(DEV_STAMP)
 	BIN=$(BIN) DRY_RUN=$(DRY_RUN) bash scripts/gpu-check.sh

@@ -9,9 +9,20 @@
 # Every figure goes as JSON into OUT (default runs/gpu-check). DRY_RUN=1 checks every command
 # line (each subcommand parses its options; bench quality prints its plan) without a GPU.
 #   make gpu-check [DRY_RUN=1] [GPU_CHECK_OUT=DIR]
+# On an offline GPU node whose Python already has torch, timm, pyarrow, OpenCV, click, pytest
+# and DALI (no venv, nothing to install), run the script itself with that Python:
+#   PYTHON=$(command -v python3) FMNIST_DIR=DIR bash scripts/gpu-check.sh
+# Without an installed `ssl-cli` the commands run as `python -m cli.main` from this checkout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
+PY=${PYTHON:-$BIN/python}
+if [ -x "$BIN/ssl-cli" ] && [ -z "${PYTHON:-}" ]; then
+    SSL=("$BIN/ssl-cli")
+else
+    SSL=("$PY" -m cli.main)
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
 OUT=${GPU_CHECK_OUT:-runs/gpu-check}
 DRY=${DRY_RUN:-}
 FMNIST_DIR=${FMNIST_DIR:-/usr/share/datasets/fashion-mnist}
@@ -40,22 +51,22 @@ run() {
 }
 
 if [ -z "$DRY" ]; then
-    "$BIN/python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU: run with DRY_RUN=1 to check the commands only')"
-    "$BIN/python" -c "import torch; print(torch.cuda.get_device_name(0))" | tee "$OUT/device.txt"
-    test -f "$SHARDS/manifest.json" || "$BIN/ssl-cli" shards build @sample "$SHARDS" --shard-size 8 --no-progress
+    "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU: run with DRY_RUN=1 to check the commands only')"
+    "$PY" -c "import torch; print(torch.cuda.get_device_name(0))" | tee "$OUT/device.txt"
+    test -f "$SHARDS/manifest.json" || "${SSL[@]}" shards build @sample "$SHARDS" --shard-size 8 --no-progress
 fi
 
-run pytest-gpu "$BIN/pytest" -q -m gpu --junitxml="$OUT/pytest-gpu.xml"
+run pytest-gpu "$PY" -m pytest -q -m gpu --junitxml="$OUT/pytest-gpu.xml"
 for m in mos univip; do
-    run "pipeline-$m" "$BIN/ssl-cli" bench pipeline --data "$SHARDS" --method "$m" --device cuda \
+    run "pipeline-$m" "${SSL[@]}" bench pipeline --data "$SHARDS" --method "$m" --device cuda \
         --seconds 8 --rounds 3 --json "$OUT/pipeline_$m.json"
 done
-run train-mos "$BIN/ssl-cli" bench train --config configs/mos_vits16_coco.yaml --synthetic \
+run train-mos "${SSL[@]}" bench train --config configs/mos_vits16_coco.yaml --synthetic \
     --baseline mocov3 --batch-size 256 --device cuda --steps 30 --warmup 10 \
     --json "$OUT/train_mos_vs_mocov3.json"
-run train-mos-e2e "$BIN/ssl-cli" bench train --config configs/mos_vits16_coco.yaml --data "$SHARDS" \
+run train-mos-e2e "${SSL[@]}" bench train --config configs/mos_vits16_coco.yaml --data "$SHARDS" \
     --batch-size 128 --device cuda --steps 30 --warmup 10 --json "$OUT/train_mos.json"
-run train-univip "$BIN/ssl-cli" bench train --config configs/univip_r50_coco.yaml --data "$SHARDS" \
+run train-univip "${SSL[@]}" bench train --config configs/univip_r50_coco.yaml --data "$SHARDS" \
     --batch-size 128 --device cuda --steps 30 --warmup 10 --json "$OUT/train_univip.json"
 
 QTRAIN=${QUALITY_TRAIN:-$OUT/fmnist-train}
@@ -64,7 +75,7 @@ if [ -z "${QUALITY_TRAIN:-}" ] && [ -z "$DRY" ]; then
     if [ -d "$FMNIST_DIR" ]; then
         for split in train test; do
             dir=$OUT/fmnist-$split
-            test -f "$dir/manifest.json" || "$BIN/ssl-cli" shards build "$FMNIST_DIR" "$dir" \
+            test -f "$dir/manifest.json" || "${SSL[@]}" shards build "$FMNIST_DIR" "$dir" \
                 --layout idx --split "$split" --min-side 8 --no-progress
         done
     else
@@ -74,11 +85,11 @@ if [ -z "${QUALITY_TRAIN:-}" ] && [ -z "$DRY" ]; then
 fi
 if [ -z "${STATUS[quality]:-}" ]; then
     if [ -n "$DRY" ]; then
-        echo "== quality: $BIN/ssl-cli bench quality --recipe gpu --device cuda --budget-seconds 40 --seeds 0"
+        echo "== quality: ${SSL[*]} bench quality --recipe gpu --device cuda --budget-seconds 40 --seeds 0"
         STATUS[quality]="dry-run ok"
-        "$BIN/ssl-cli" bench quality --help > /dev/null
+        "${SSL[@]}" bench quality --help > /dev/null
     else
-        run quality "$BIN/ssl-cli" bench quality --train "$QTRAIN" --val "$QVAL" --out "$OUT/quality" \
+        run quality "${SSL[@]}" bench quality --train "$QTRAIN" --val "$QVAL" --out "$OUT/quality" \
             --recipe gpu --device cuda --budget-seconds 40 --seeds 0
     fi
 fi
