@@ -141,6 +141,7 @@ class Source:
     symlinks: int = 0  # inputs reached through a symlink to a regular file
     symlinks_outside: int = 0  # ... whose target lies outside SRC
     warnings: list[str] = field(default_factory=list)
+    root: str | None = None  # the folder file inputs are named relative to (file layouts only)
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -290,7 +291,7 @@ def _folder(root: Path, layout: str = "folder") -> Source:
     walk = _Walk(root)
     images = walk.images(layout)
     keys = _assign_keys([_split_ext(rel) for _, rel in images])
-    source = Source(layout=layout, items=[])
+    source = Source(layout=layout, items=[], root=str(root))
     source.items = [walk.item(f, rel, k, None, source) for k, (f, rel) in zip(keys, images)]
     source.ignored = walk.ignored
     return source
@@ -317,7 +318,7 @@ def _imagenet(root: Path) -> Source:
         else:
             walk.ignored.append((printable(full), "outside_class_folder: no label"))
     keys = _assign_keys([_split_ext(rel) for _, rel, _ in images])
-    source = Source(layout="imagenet", items=[], classes=classes)
+    source = Source(layout="imagenet", items=[], classes=classes, root=str(root))
     source.items = [walk.item(f, rel, k, lab, source) for k, (f, rel, lab) in zip(keys, images)]
     source.ignored = walk.ignored
     return source
@@ -567,12 +568,21 @@ def _encode_jpeg(rgb, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def _cifar(root: Path, split: str, jpeg_quality: int) -> Source:
-    """CIFAR-10 (``cifar-10-batches-py``) or CIFAR-100 (``cifar-100-python``) python batches.
+@dataclass(frozen=True)
+class ArrayBatch:
+    """Images stored as one array in one file (a CIFAR batch, an IDX images file), undecoded:
+    what :func:`cifar_batches` and :func:`idx_batches` return. Item ``i`` is ``f"{path}[{i}]"``."""
 
-    Images become JPEG at ``jpeg_quality`` (32x32 RGB), labels the fine label for CIFAR-100; a
-    label outside the class list is a ``bad_label`` reject.
-    """
+    path: Path
+    stamp: str  # size:mtime_ns of the file (IDX: of the images and the labels file)
+    images: object  # numpy uint8 [N, H, W] grey (IDX) or [N, H, W, 3] RGB (CIFAR)
+    labels: list  # N labels as stored, not yet checked against the classes (check_label)
+
+
+def cifar_batches(root: Path, split: str) -> tuple[str, list[str], list[ArrayBatch]]:
+    """CIFAR-10 (``cifar-10-batches-py``) or CIFAR-100 (``cifar-100-python``) python batches of
+    ``split`` as arrays: (``cifar10`` or ``cifar100``, class names, batches). CIFAR-100's labels
+    are its fine labels."""
     import numpy as np
 
     if split not in SPLITS:
@@ -596,7 +606,7 @@ def _cifar(root: Path, split: str, jpeg_quality: int) -> Source:
     classes = [
         c.decode() if isinstance(c, bytes) else str(c) for c in _field(meta, names_key, meta_path)
     ]
-    items: list[SourceItem] = []
+    batches = []
     for f in files:
         stamp = _stamp(_regular(f, "CIFAR batch"))
         batch = _load_cifar_pickle(f)
@@ -607,7 +617,17 @@ def _cifar(root: Path, split: str, jpeg_quality: int) -> Source:
                 f"{f}: unexpected CIFAR batch shape {data.shape} / {len(labels)} labels"
             )
         images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # planes R, G, B -> HWC
-        for i, (img, raw_label) in enumerate(zip(images, labels)):
+        batches.append(ArrayBatch(path=f, stamp=stamp, images=images, labels=labels))
+    return name, classes, batches
+
+
+def _cifar(root: Path, split: str, jpeg_quality: int) -> Source:
+    """CIFAR-10 or CIFAR-100 (:func:`cifar_batches`). Images become JPEG at ``jpeg_quality``
+    (32x32 RGB); a label outside the class list is a ``bad_label`` reject."""
+    name, classes, batches = cifar_batches(root, split)
+    items: list[SourceItem] = []
+    for batch in batches:
+        for i, (img, raw_label) in enumerate(zip(batch.images, batch.labels)):
             try:
                 label, why = check_label(int(raw_label), classes)
             except (TypeError, ValueError):
@@ -616,11 +636,11 @@ def _cifar(root: Path, split: str, jpeg_quality: int) -> Source:
             items.append(
                 SourceItem(
                     key=f"{name}_{split}_{index:06d}",
-                    source=f"{f}[{i}]",
-                    path=str(f),
+                    source=f"{batch.path}[{i}]",
+                    path=str(batch.path),
                     label=label,
                     data=_encode_jpeg(img, jpeg_quality) if why is None else b"",
-                    stamp=stamp,
+                    stamp=batch.stamp,
                     reject=None if why is None else ("bad_label", why),
                 )
             )
@@ -697,12 +717,11 @@ def read_idx(path: Path, max_bytes: int = 1 << 32):
     return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 
 
-def _idx(root: Path, split: str, jpeg_quality: int) -> Source:
+def idx_batches(root: Path, split: str) -> tuple[str, list[str], list[ArrayBatch]]:
     """MNIST, Fashion-MNIST, KMNIST, EMNIST: ``[PREFIX]{train,t10k|test}-{images-idx3,labels-idx1}
-    -ubyte[.gz]``. Greyscale images become RGB JPEG at ``jpeg_quality``; labels are kept.
-    EMNIST (a prefix naming it) stores images transposed: they are turned upright."""
-    import numpy as np
-
+    -ubyte[.gz]`` of ``split`` as arrays: (the file prefix, class names, one batch of grey
+    ``[N, H, W]`` images). EMNIST (a prefix naming it) stores images transposed: they are
+    turned upright."""
     if split not in SPLITS:
         raise SourceError(f"unknown split {split!r}; choose one of {SPLITS}")
     sets = {p: f for p, f in _idx_sets(root).items() if (split, "images") in f}
@@ -734,18 +753,28 @@ def _idx(root: Path, split: str, jpeg_quality: int) -> Source:
     fashion = "fashion" in (prefix + root.name).lower() and n_classes <= 10
     classes = FASHION_MNIST_CLASSES if fashion else [str(i) for i in range(n_classes)]
     stamp = f"{_stamp(os.stat(images_path))}+{_stamp(os.stat(labels_path))}"
+    batch = ArrayBatch(path=images_path, stamp=stamp, images=images, labels=labels.tolist())
+    return prefix, classes, [batch]
+
+
+def _idx(root: Path, split: str, jpeg_quality: int) -> Source:
+    """The IDX family (:func:`idx_batches`). Greyscale images become RGB JPEG at
+    ``jpeg_quality``; labels are kept."""
+    import numpy as np
+
+    prefix, classes, (batch,) = idx_batches(root, split)
     key_prefix = f"{_sanitize(prefix.strip('-_. '))}_" if prefix.strip("-_. ") else ""
     items = []
-    for i, (img, label) in enumerate(zip(images, labels)):
+    for i, (img, label) in enumerate(zip(batch.images, batch.labels)):
         rgb = np.repeat(img[:, :, None], 3, axis=2)
         items.append(
             SourceItem(
                 key=f"{key_prefix}{split}_{i:06d}",
-                source=f"{images_path}[{i}]",
-                path=str(images_path),
+                source=f"{batch.path}[{i}]",
+                path=str(batch.path),
                 label=int(label),
                 data=_encode_jpeg(rgb, jpeg_quality),
-                stamp=stamp,
+                stamp=batch.stamp,
             )
         )
     return Source(layout="idx", items=items, classes=classes)
