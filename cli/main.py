@@ -196,6 +196,21 @@ def shards() -> None:
     default=True,
     help="Progress on stderr: a bar on a terminal, otherwise a log line every 30 s or 10%.",
 )
+@click.option(
+    "--annotations",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="COCO detection JSON (instances_*.json) of SRC's images: their boxes, categories and "
+    "crowd flags go into the shards (KEY.gt, gt_* columns of proposals.parquet) and the "
+    "proposals' recall against them into manifest.json. Layouts folder, coco, imagenet.",
+)
+@click.option(
+    "--strict",
+    is_flag=True,
+    default=False,
+    help="With --annotations: an image of the annotation file that is not in SRC is an error "
+    "(default: counted and reported).",
+)
 @library_errors
 def shards_build(
     src,
@@ -223,6 +238,8 @@ def shards_build(
     ray_address,
     retry_rejects,
     progress,
+    annotations,
+    strict,
 ) -> None:
     """Run selective search over SRC and write WebDataset shards + proposals.parquet into OUT.
 
@@ -239,8 +256,13 @@ def shards_build(
       ssl-cli shards build @sample data/shards/sample
       ssl-cli shards build /usr/share/datasets/fashion-mnist data/shards/fmnist_test --layout idx --split test
       ssl-cli shards build ~/imagenet/train data/shards/imagenet --layout imagenet --engine ray
+      ssl-cli shards build ~/coco/train2017 data/shards/coco \\
+          --annotations ~/coco/annotations/instances_train2017.json
     """
     from shards.build import BuildParams, build_shards
+
+    if strict and annotations is None:
+        raise click.UsageError("--strict applies to --annotations; give the annotation file")
 
     image_side = min_image_side or min_side or ImageParams().min_side
     box_side = min_box_side or min_side or DEFAULT_FILTER.min_side
@@ -287,6 +309,8 @@ def shards_build(
             progress=progress,
             log=click.echo,
             retry_rejects=retry_rejects,
+            annotations=annotations,
+            strict_annotations=strict,
             on_shard=(lambda tar, entry: uploader.queue_shard(tar, entry["sha256"]))
             if uploader
             else None,
@@ -333,8 +357,15 @@ def _default_staging(url: str) -> Path:
 @click.option(
     "--decode/--no-decode", default=False, help="Also decode every image and check its size."
 )
+@click.option(
+    "--annotations",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="A build with annotations: the annotation file to check against, when it is no longer "
+    "at the path the manifest records.",
+)
 @library_errors
-def shards_verify(out, decode) -> None:
+def shards_verify(out, decode, annotations) -> None:
     """Recompute checksums and counts; check that tar samples and Parquet rows match one to one.
 
     \b
@@ -344,7 +375,7 @@ def shards_verify(out, decode) -> None:
     """
     from shards.verify import verify_shards
 
-    problems = verify_shards(out, decode=decode)
+    problems = verify_shards(out, decode=decode, annotations=annotations)
     if problems:
         for p in problems:
             click.echo(f"FAIL {p}", err=True)

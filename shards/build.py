@@ -38,9 +38,11 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from . import sysinfo
+from .annotations import AnnotationError, Annotations, ImageTruth, load_annotations
 from .engines import make_engine
 from .process import BuildParams, Reject, Sample, process_item
 from .proposals import load_cv2
+from .recall import proposal_recall
 from .sources import SAMPLE_SOURCE, Source, SourceError, SourceItem, open_source, printable
 from .writer import ShardWriter, atomic_write_bytes, sha256_file
 
@@ -70,6 +72,17 @@ PROPOSALS_SCHEMA = pa.schema(
         pa.field("num_raw_boxes", pa.int32(), nullable=False),
     ]
 )
+# Added by a build with --annotations (COCO detection JSON); see shards.annotations.
+GT_FIELDS = [
+    pa.field("image_id", pa.int64(), nullable=True),
+    pa.field("gt_boxes", pa.list_(pa.list_(pa.int32(), 4)), nullable=False),
+    pa.field("gt_labels", pa.list_(pa.int32()), nullable=False),
+    pa.field("gt_crowd", pa.list_(pa.bool_()), nullable=False),
+    pa.field("gt_areas", pa.list_(pa.float32()), nullable=False),
+]
+ANNOTATED_SCHEMA = pa.schema(list(PROPOSALS_SCHEMA) + GT_FIELDS)
+# Layouts whose inputs are files with names an annotation file can give.
+ANNOTATED_LAYOUTS = ("folder", "coco", "imagenet")
 
 
 class BuildError(RuntimeError):
@@ -92,30 +105,50 @@ def library_versions() -> dict[str, str]:
     return {k: v or "unknown" for k, v in found.items()}
 
 
-def proposals_table(samples: list[Sample], shard: str) -> pa.Table:
-    """Rows of ``proposals.parquet`` for the samples of one shard."""
-    counts = np.array([len(s.boxes) for s in samples], dtype=np.int32)
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+def proposals_schema(annotated: bool) -> pa.Schema:
+    return ANNOTATED_SCHEMA if annotated else PROPOSALS_SCHEMA
+
+
+def _list_column(arrays: list[np.ndarray], width: int, value_type: pa.DataType) -> pa.Array:
+    """One list cell per array: ``[n, width]`` rows (fixed-size lists) or ``[n]`` values."""
+    counts = np.array([len(a) for a in arrays], dtype=np.int32)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    dtype = value_type.to_pandas_dtype()
     flat = (
-        np.concatenate([s.boxes.reshape(-1) for s in samples]).astype(np.int32)
-        if samples
-        else np.zeros(0, np.int32)
+        np.concatenate([np.asarray(a).reshape(-1) for a in arrays]).astype(dtype)
+        if arrays
+        else np.zeros(0, dtype)
     )
-    boxes = pa.ListArray.from_arrays(
-        pa.array(offsets), pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.int32()), 4)
-    )
-    return pa.Table.from_arrays(
-        [
-            pa.array([s.key for s in samples], pa.string()),
-            pa.array([shard] * len(samples), pa.string()),
-            pa.array([s.width for s in samples], pa.int32()),
-            pa.array([s.height for s in samples], pa.int32()),
-            pa.array([s.label for s in samples], pa.int32()),
-            boxes.cast(PROPOSALS_SCHEMA.field("boxes").type),
-            pa.array([s.num_raw_boxes for s in samples], pa.int32()),
-        ],
-        schema=PROPOSALS_SCHEMA,
-    )
+    values = pa.array(flat, value_type)
+    if width > 1:
+        values = pa.FixedSizeListArray.from_arrays(values, width)
+    return pa.ListArray.from_arrays(offsets, values)
+
+
+def proposals_table(samples: list[Sample], shard: str, annotated: bool = False) -> pa.Table:
+    """Rows of ``proposals.parquet`` for the samples of one shard (with the ground-truth
+    columns in a build with annotations)."""
+    schema = proposals_schema(annotated)
+    columns = [
+        pa.array([s.key for s in samples], pa.string()),
+        pa.array([shard] * len(samples), pa.string()),
+        pa.array([s.width for s in samples], pa.int32()),
+        pa.array([s.height for s in samples], pa.int32()),
+        pa.array([s.label for s in samples], pa.int32()),
+        _list_column([s.boxes for s in samples], 4, pa.int32()),
+        pa.array([s.num_raw_boxes for s in samples], pa.int32()),
+    ]
+    if annotated:
+        gts = [np.zeros((0, 6), np.int32) if s.gt is None else s.gt for s in samples]
+        areas = [np.zeros(0, np.float32) if s.gt_areas is None else s.gt_areas for s in samples]
+        columns += [
+            pa.array([s.image_id for s in samples], pa.int64()),
+            _list_column([g[:, :4] for g in gts], 4, pa.int32()),
+            _list_column([g[:, 4] for g in gts], 1, pa.int32()),
+            _list_column([g[:, 5].astype(bool) for g in gts], 1, pa.bool_()),
+            _list_column(areas, 1, pa.float32()),
+        ]
+    return pa.Table.from_arrays([c.cast(f.type) for c, f in zip(columns, schema)], schema=schema)
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
@@ -142,10 +175,16 @@ def _chunk_done(parts: Path, out: Path, chunk: int) -> dict | None:
 
 
 def _finish_chunk(
-    out: Path, parts: Path, chunk: int, samples: list[Sample], rejects: list[Reject], writer
+    out: Path,
+    parts: Path,
+    chunk: int,
+    samples: list[Sample],
+    rejects: list[Reject],
+    writer,
+    annotated: bool = False,
 ) -> dict:
     name = shard_name(chunk)
-    write_parquet_atomic(proposals_table(samples, name), parts / f"{name}.parquet")
+    write_parquet_atomic(proposals_table(samples, name, annotated), parts / f"{name}.parquet")
     atomic_write_bytes(
         parts / f"{name}.rejects.jsonl", "".join(_reject_line(r) + "\n" for r in rejects).encode()
     )
@@ -257,6 +296,34 @@ def _progress(total: int, initial: int, progress: bool):
     )
 
 
+def annotate(sample: Sample, truth: ImageTruth | None) -> Sample | Reject:
+    """Attach an image's ground truth to its sample; a JSON size that disagrees with the decoded
+    image is a reject naming both sizes (the boxes would be in another frame)."""
+    if truth is None:
+        sample.gt = np.zeros((0, 6), np.int32)
+        sample.gt_areas = np.zeros(0, np.float32)
+        return sample
+    if (truth.width, truth.height) != (sample.width, sample.height):
+        hint = ""
+        if (truth.width, truth.height) == (sample.height, sample.width):
+            hint = (
+                " (the sizes are swapped: the file's EXIF orientation turns the image, and the "
+                "annotations were made on the unrotated pixels)"
+            )
+        return Reject(
+            sample.key,
+            sample.source,
+            "annotation_mismatch",
+            f"{sample.source}: decodes to {sample.width}x{sample.height}, but image id "
+            f"{truth.image_id} ({truth.file_name}) of the annotation file is "
+            f"{truth.width}x{truth.height}{hint}",
+        )
+    sample.gt = truth.rows()
+    sample.gt_areas = truth.areas
+    sample.image_id = truth.image_id
+    return sample
+
+
 def _run_chunks(
     out: Path,
     parts: Path,
@@ -264,6 +331,7 @@ def _run_chunks(
     results: Iterator[Sample | Reject],
     bar: tqdm | LogProgress,
     on_shard: Callable[[Path, dict], None] | None = None,
+    truth: dict[str, ImageTruth | None] | None = None,
 ) -> None:
     total_rejects = 0
     for chunk in sorted(chunks):
@@ -274,6 +342,8 @@ def _run_chunks(
                 result = next(results)
                 if result.key != item.key:  # engines keep order; this guards the contract
                     raise BuildError(f"engine returned {result.key!r} for {item.key!r}")
+                if truth is not None and isinstance(result, Sample):
+                    result = annotate(result, truth[item.key])
                 if isinstance(result, Sample):
                     writer.write(result.components())
                     result.jpeg = b""  # written; keep only what the Parquet rows need
@@ -285,15 +355,53 @@ def _run_chunks(
                 bar.update(1)
             if not samples:
                 writer.discard()  # every input rejected: no (empty) shard
-        info = _finish_chunk(out, parts, chunk, samples, rejects, writer)
+        info = _finish_chunk(out, parts, chunk, samples, rejects, writer, truth is not None)
         if on_shard is not None and info["shard"] is not None:
             on_shard(out / info["shard"]["name"], info["shard"])
 
 
-def _finalize(out: Path, parts: Path, state: dict, source: Source, n_chunks: int) -> dict:
+def annotation_report(proposals: pa.Table, annotations: Annotations) -> dict:
+    """The manifest's ``annotations`` section: the file, its counts, the build's counts and the
+    recall of the stored proposals against the ground truth (:func:`shards.recall.proposal_recall`)."""
+    cols = proposals.select(["image_id", "boxes", "gt_boxes", "gt_labels", "gt_crowd", "gt_areas"])
+    rows = cols.to_pydict()
+    crowd = [np.asarray(c, dtype=bool) for c in rows["gt_crowd"]]
+    labels = [np.asarray(x, dtype=np.int64) for x in rows["gt_labels"]]
+    objects = int(sum((~c).sum() for c in crowd))
+    classes = {int(x) for lab, c in zip(labels, crowd) for x in lab[~c]}
+    report = annotations.summary()
+    report["counts"] = {
+        "annotated_images": sum(i is not None for i in rows["image_id"]),
+        "images_without_entry": sum(i is None for i in rows["image_id"]),
+        "objects": objects,
+        "crowd": int(sum(c.sum() for c in crowd)),
+        "classes": len(classes),
+    }
+    annotated = [i for i, v in enumerate(rows["image_id"]) if v is not None]
+    report["recall"] = proposal_recall(
+        [np.asarray(rows["boxes"][i], np.int32).reshape(-1, 4) for i in annotated],
+        [np.asarray(rows["gt_boxes"][i], np.int32).reshape(-1, 4) for i in annotated],
+        [crowd[i] for i in annotated],
+        [np.asarray(rows["gt_areas"][i], np.float32) for i in annotated],
+    )
+    report["gt_format"] = (
+        "KEY.gt: raw little-endian int32 [M, 6] x1, y1, x2, y2, category_id, iscrowd; boxes in "
+        "the frame of KEY.boxes (decoded-image pixels, exclusive right/bottom edges)"
+    )
+    return report
+
+
+def _finalize(
+    out: Path,
+    parts: Path,
+    state: dict,
+    source: Source,
+    n_chunks: int,
+    annotations: Annotations | None = None,
+) -> dict:
     infos = [_read_json(parts / f"{shard_name(c)}.json") for c in range(n_chunks)]
     tables = [pq.read_table(parts / f"{shard_name(c)}.parquet") for c in range(n_chunks)]
-    proposals = pa.concat_tables(tables).cast(PROPOSALS_SCHEMA)
+    proposals = pa.concat_tables(tables).cast(proposals_schema(annotations is not None))
     write_parquet_atomic(proposals, out / "proposals.parquet")
     rejects = b"".join(
         (parts / f"{shard_name(c)}.rejects.jsonl").read_bytes() for c in range(n_chunks)
@@ -342,6 +450,8 @@ def _finalize(out: Path, parts: Path, state: dict, source: Source, n_chunks: int
         "exclusive right/bottom edges, selective-search rank order",
         "versions": library_versions(),
     }
+    if annotations is not None:
+        manifest["annotations"] = annotation_report(proposals, annotations)
     if samples + n_rejects != len(source.items):
         raise BuildError(
             f"internal accounting error: {samples} samples + {n_rejects} rejects != {len(source.items)} inputs"
@@ -529,6 +639,8 @@ _FIXES = {
     "not_an_image": "check that SRC holds images and --layout is right",
     "unsupported_format": "convert the inputs to JPEG, PNG, WebP or BMP",
     "bad_label": "fix the labels (.cls must be an integer in [0, number of classes))",
+    "annotation_mismatch": "fix width/height of those images in the annotation file (see "
+    "rejects.jsonl), then rerun the same command",
 }
 
 
@@ -554,6 +666,12 @@ def diagnose(manifest: dict) -> list[str]:
             problems.append(f"{share} images are {detail(reason, n)}; {fix}")
     if c["samples"] == 0 and not problems:
         problems.append(f"all {c['inputs']} inputs were rejected; see rejects.jsonl")
+    n = reasons.get("annotation_mismatch", 0)
+    if n and not any(p.endswith(_FIXES["annotation_mismatch"]) for p in problems):
+        problems.append(
+            f"{n} image(s) disagree in size with the annotation file; "
+            + _FIXES["annotation_mismatch"]
+        )
     for reason in TRANSIENT_REASONS:
         n = reasons.get(reason, 0)
         if n and not any(p.endswith(_FIXES[reason]) for p in problems):
@@ -573,8 +691,10 @@ class BuildResult:
     problems: list[str] = field(default_factory=list)  # non-empty: the CLI exits non-zero
 
 
-def _build_state(source: Source, params: BuildParams, src: str, split: str) -> dict:
-    return {
+def _build_state(
+    source: Source, params: BuildParams, src: str, split: str, annotations: Annotations | None
+) -> dict:
+    state = {
         "format": FORMAT,
         "source": src,
         "layout": source.layout,
@@ -583,6 +703,9 @@ def _build_state(source: Source, params: BuildParams, src: str, split: str) -> d
         "fingerprint": source.fingerprint(),
         "parameters": params.to_dict(),
     }
+    if annotations is not None:  # the file's bytes decide the shards; its path does not
+        state["annotations_sha256"] = annotations.sha256
+    return state
 
 
 def _transient_chunks(parts: Path, n_chunks: int) -> set[int]:
@@ -602,10 +725,11 @@ def _reopen(out: Path, parts: Path, manifest: dict, n_chunks: int) -> None:
     """Turn a finished build back into an unfinished one whose chunks are all done: the
     per-chunk rows come back from proposals.parquet, then the manifest goes."""
     table = pq.read_table(out / manifest["files"]["proposals"])
+    schema = proposals_schema("annotations" in manifest)
     for c in range(n_chunks):
         name = shard_name(c)
         rows = table.filter(pc.equal(table.column("shard"), name))
-        write_parquet_atomic(rows.cast(PROPOSALS_SCHEMA), parts / f"{name}.parquet")
+        write_parquet_atomic(rows.cast(schema), parts / f"{name}.parquet")
     (out / "manifest.json").unlink()
 
 
@@ -622,8 +746,15 @@ def build_shards(
     log: Callable[[str], None] = print,
     retry_rejects: bool = False,
     on_shard: Callable[[Path, dict], None] | None = None,
+    annotations: str | Path | None = None,
+    strict_annotations: bool = False,
 ) -> BuildResult:
     """Build (or resume, or confirm) the shards of ``src`` in ``out``.
+
+    ``annotations``: a COCO detection JSON whose ground truth goes into the shards (``KEY.gt``,
+    the ``gt_*`` columns) and against which the proposals' recall is measured; it is read and
+    checked whole before any work (:mod:`shards.annotations`). Its images missing from the
+    source are counted in the manifest (``strict_annotations``: an error).
 
     ``retry_rejects``: redo the chunks holding transient rejects (``worker_crashed``,
     ``unreadable``), also on a finished build. ``progress``: on stderr, a bar when it is a
@@ -644,6 +775,35 @@ def build_shards(
         params = replace(params, image=replace(params.image, min_side=1))
     if not source.items:
         raise SourceError(f"{src}: no images found (extensions: .jpg .jpeg .png .webp .bmp)")
+    truth = None
+    gt = None
+    if annotations is not None:
+        if source.layout not in ANNOTATED_LAYOUTS:
+            raise BuildError(
+                f"--annotations needs a source whose images are files named in the annotation "
+                f"file (layouts {', '.join(ANNOTATED_LAYOUTS)}); {src} is read as "
+                f"{source.layout!r}"
+            )
+        gt = load_annotations(annotations)
+        matched = gt.match(source.items, source.root, strict=strict_annotations)
+        truth = {it.key: t for it, t in zip(source.items, matched)}
+        n_entry = sum(t is not None for t in matched)
+        log(
+            f"annotations: {n_entry} of {len(source.items)} inputs have an entry in {annotations}"
+            f"; {len(source.items) - n_entry} without (kept, no objects)"
+        )
+        if gt.unmatched_images:
+            shown = ", ".join(repr(n) for n in gt.unmatched_images[:5])
+            log(
+                f"warning: {len(gt.unmatched_images)} image(s) of {annotations} with "
+                f"{gt.unmatched_annotations} annotation(s) are not in the source ({shown}"
+                f"{', ...' if len(gt.unmatched_images) > 5 else ''}); --strict makes this an error"
+            )
+        if n_entry == 0:
+            raise AnnotationError(
+                f"{annotations}: no image of the file is in {src} (file_name is matched to the "
+                "path relative to SRC, or to the base name)"
+            )
     for w in source.warnings:
         log(f"warning: {w}")
     if source.symlinks_outside:
@@ -652,15 +812,15 @@ def build_shards(
     with _locked(out):
         return _build_locked(
             src, out, source, params, split, workers, engine, ray_address, progress, log,
-            retry_rejects, on_shard,
+            retry_rejects, on_shard, gt, truth,
         )  # fmt: skip
 
 
 def _build_locked(
     src, out, source, params, split, workers, engine, ray_address, progress, log, retry_rejects,
-    on_shard,
+    on_shard, gt, truth,
 ) -> BuildResult:  # fmt: skip
-    state = _build_state(source, params, src, split)
+    state = _build_state(source, params, src, split, gt)
     work = out / WORK
     parts = work / "parts"
     n_chunks = (len(source.items) + params.shard_size - 1) // params.shard_size
@@ -716,15 +876,37 @@ def _build_locked(
     with _progress(len(source.items), len(source.items) - n_todo, progress) as bar:
         results = runner.map(process_item, items, params)
         try:
-            _run_chunks(out, parts, todo, results, bar, on_shard)
+            _run_chunks(out, parts, todo, results, bar, on_shard, truth)
         finally:
             close = getattr(results, "close", None)
             if close:
                 close()
-    manifest = _finalize(out, parts, state, source, n_chunks)
+    manifest = _finalize(out, parts, state, source, n_chunks, gt)
     c = manifest["counts"]
     log(
         f"{out}: {c['samples']} samples in {len(manifest['shards'])} shards, "
         f"{c['rejects']} rejected (see rejects.jsonl), {c['boxes']} boxes"
     )
+    if gt is not None:
+        log(describe_recall(manifest["annotations"]))
     return BuildResult(out, manifest, n_todo, up_to_date=False, problems=diagnose(manifest))
+
+
+def describe_recall(report: dict) -> str:
+    """One paragraph of the manifest's ``annotations`` section for a person."""
+    c, r = report["counts"], report["recall"]
+
+    def f(x) -> str:
+        return "n/a" if x is None else f"{x:.3f}"
+
+    sizes = ", ".join(
+        f"{k} {f(v['AR@100'])} ({v['objects']})" for k, v in r["by_size"].items() if v["objects"]
+    )
+    return (
+        f"ground truth: {c['annotated_images']} annotated images, {c['objects']} objects of "
+        f"{c['classes']} classes ({c['crowd']} crowd regions apart), {c['images_without_entry']} "
+        f"images without an entry\n"
+        f"proposal recall ({r['proposals_per_image']} boxes/image): recall@0.5 "
+        f"{f(r['recall@0.5'])}, recall@0.7 {f(r['recall@0.7'])}, AR@10 {f(r['AR@10'])}, "
+        f"AR@100 {f(r['AR@100'])}; AR@100 by size: {sizes or 'n/a'}"
+    )

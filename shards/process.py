@@ -52,14 +52,23 @@ class Sample:
     boxes: np.ndarray  # [N, 4] int32 xyxy, decoded-image pixels, rank order
     num_raw_boxes: int
     transcoded: bool
+    # Ground truth, set by a build with --annotations (None in a build without):
+    # [M, 6] int32 x1, y1, x2, y2, category_id, iscrowd (KEY.gt), the annotations' areas [M],
+    # and the image's id in the annotation file (None: an image the file has no entry for).
+    gt: np.ndarray | None = None
+    gt_areas: np.ndarray | None = None
+    image_id: int | None = None
 
     def components(self) -> dict[str, bytes | str]:
         """The WebDataset sample: ``KEY.jpg``, ``KEY.boxes`` (raw little-endian int32 [N, 4]),
-        ``KEY.cls`` (ASCII integer) when labelled."""
+        ``KEY.cls`` (ASCII integer) when labelled, ``KEY.gt`` (raw little-endian int32
+        [M, 6]) in a build with annotations."""
         comps: dict[str, bytes | str] = {"__key__": self.key, "jpg": self.jpeg}
         comps["boxes"] = np.ascontiguousarray(self.boxes, dtype="<i4").tobytes()
         if self.label is not None:
             comps["cls"] = str(self.label)
+        if self.gt is not None:
+            comps["gt"] = np.ascontiguousarray(self.gt, dtype="<i4").tobytes()
         return comps
 
 

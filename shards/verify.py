@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from .build import FORMAT, PROPOSALS_SCHEMA, WORK
+from .annotations import AnnotationError, load_annotations
+from .boxes import read_gt
+from .build import FORMAT, WORK, proposals_schema
 from .remote import READ_ONLY, RemoteShardError, ShardCache, cache_for, filesystem, is_url
 from .sources import parse_label
 from .writer import index_path_for, read_index, sha256_file
@@ -104,7 +106,10 @@ def _remote_names(store: ShardCache) -> set[str]:
 
 
 def verify_shards(
-    out: str | Path, decode: bool = False, cache: ShardCache | None = None
+    out: str | Path,
+    decode: bool = False,
+    cache: ShardCache | None = None,
+    annotations: str | Path | None = None,
 ) -> list[str]:
     """Every problem found, as one line each; an empty list means the folder is sound.
 
@@ -112,6 +117,10 @@ def verify_shards(
     index against its tar, that tar samples and Parquet rows match one to one (boxes and labels
     included), that samples + rejects add up to the inputs, and with ``decode`` that every image
     decodes to the recorded size with DALI's own decoder (as the training pipeline decodes it).
+
+    A build with annotations is also checked against its annotation file (the path the manifest
+    records, or ``annotations``): the file's sha256 must be the recorded one, and every sample's
+    ``KEY.gt`` and ``gt_*`` columns must be the file's ground truth of its ``image_id``.
 
     A URL (or ``cache``, the shard cache of one) is checked through its cache: each tar is
     downloaded (once; a tar the cache has is checked there), so a cache smaller than the folder
@@ -143,7 +152,10 @@ def verify_shards(
             if stray not in listed
         ]
     try:
-        return _verify(out, manifest, decode, problems, store)
+        problems = _verify(out, manifest, decode, problems, store)
+        if "annotations" in manifest:
+            problems += _verify_truth(out, manifest, annotations)
+        return problems
     finally:
         if store is not None:
             for name in store.pinned():
@@ -163,7 +175,8 @@ def _verify(
         table = pq.read_table(out / manifest["files"]["proposals"])
     except Exception as e:  # noqa: BLE001
         return problems + [f"proposals.parquet: unreadable: {e}"]
-    if table.schema.remove_metadata() != PROPOSALS_SCHEMA:
+    annotated = "annotations" in manifest
+    if table.schema.remove_metadata() != proposals_schema(annotated):
         problems.append(f"proposals.parquet: schema differs from the shard format:\n{table.schema}")
         return problems
     rows = table.to_pydict()
@@ -260,6 +273,10 @@ def _verify(
                     problems.append(f"{where}: .cls {cls!r} disagrees with label {label!r}")
             elif label is not None:
                 problems.append(f"{where}: no .cls, but label {label!r} in proposals.parquet")
+            if annotated:
+                _check_gt(comps.get("gt"), rows, i, where, problems)
+            elif "gt" in comps:
+                problems.append(f"{where}: a .gt member in a build without annotations")
             if decoder is not None:
                 to_decode.append((where, comps["jpg"], w, h))
         if decoder is not None:
@@ -304,6 +321,81 @@ def _verify(
         problems.append(
             f"manifest: {counts['samples']} samples + {counts['rejects']} rejects != {counts['inputs']} inputs"
         )
+    return problems
+
+
+def _gt_of_row(rows: dict, i: int) -> np.ndarray:
+    """``[M, 6]`` of row ``i`` from the ``gt_*`` columns (the layout of ``KEY.gt``)."""
+    boxes = np.asarray(rows["gt_boxes"][i], dtype=np.int32).reshape(-1, 4)
+    labels = np.asarray(rows["gt_labels"][i], dtype=np.int32).reshape(-1, 1)
+    crowd = np.asarray(rows["gt_crowd"][i], dtype=np.int32).reshape(-1, 1)
+    return np.concatenate([boxes, labels, crowd], axis=1)
+
+
+def _check_gt(raw: bytes | None, rows: dict, i: int, where: str, problems: list[str]) -> None:
+    if raw is None:
+        problems.append(f"{where}: no .gt member in a build with annotations")
+        return
+    try:
+        gt = read_gt(raw, where=f"{where}.gt")
+    except ValueError as e:
+        problems.append(str(e))
+        return
+    if not np.array_equal(gt, _gt_of_row(rows, i)):
+        problems.append(f"{where}: .gt differs from the gt_* columns of proposals.parquet")
+    w, h = rows["width"][i], rows["height"][i]
+    if len(gt) and ((gt[:, 2] > w).any() or (gt[:, 3] > h).any()):
+        problems.append(f"{where}: ground-truth boxes outside the {w}x{h} image")
+    if len(rows["gt_areas"][i]) != len(gt):
+        problems.append(f"{where}: {len(rows['gt_areas'][i])} gt_areas for {len(gt)} objects")
+    if rows["image_id"][i] is None and len(gt):
+        problems.append(f"{where}: objects but no image_id")
+
+
+def _verify_truth(out: Path, manifest: dict, override: str | Path | None) -> list[str]:
+    """The ground truth of every row against the annotation file it came from."""
+    info = manifest["annotations"]
+    path = Path(override or info["file"])
+    if not path.is_file():
+        return [
+            f"annotation file {path} not found (recorded sha256 {info['sha256'][:12]}…); "
+            "pass its current path with --annotations"
+        ]
+    try:
+        ann = load_annotations(path)
+    except AnnotationError as e:
+        return [str(e)]
+    if ann.sha256 != info["sha256"]:
+        return [
+            f"{path}: sha256 {ann.sha256[:12]}… is not the {info['sha256'][:12]}… the shards "
+            "were built from (the file changed since the build)"
+        ]
+    problems = []
+    if ann.categories != info["categories"]:
+        problems.append(f"{path}: categories differ from the manifest's")
+    by_id = {t.image_id: t for t in ann.images.values()}
+    rows = pq.read_table(
+        out / manifest["files"]["proposals"],
+        columns=["key", "width", "height", "image_id", "gt_boxes", "gt_labels", "gt_crowd"],
+    ).to_pydict()
+    seen: Counter = Counter()
+    for i, key in enumerate(rows["key"]):
+        iid = rows["image_id"][i]
+        if iid is None:
+            continue
+        seen[iid] += 1
+        truth = by_id.get(iid)
+        if truth is None:
+            problems.append(f"proposals.parquet: {key}: image id {iid} is not in {path}")
+        elif (truth.width, truth.height) != (rows["width"][i], rows["height"][i]):
+            problems.append(f"proposals.parquet: {key}: size differs from image id {iid} of {path}")
+        elif not np.array_equal(_gt_of_row(rows, i), truth.rows()):
+            problems.append(
+                f"proposals.parquet: {key}: ground truth differs from image id {iid} of {path}"
+            )
+    problems += [
+        f"proposals.parquet: image id {iid} on {n} rows" for iid, n in seen.items() if n > 1
+    ]
     return problems
 
 
@@ -367,6 +459,8 @@ def inspect_shards(out: str | Path, examples: int = 5) -> str:
             lines.append(f"    {lab}{name}: {n}")
     else:
         lines.append("  labels      none")
+    if "annotations" in manifest:
+        lines.extend(_describe_truth(manifest["annotations"], rows))
     p = manifest["build"]["parameters"]
     lines.append(
         f"  search      mode {p['search']['mode']}, max side {p['search']['max_side']}; filter min side "
@@ -382,3 +476,38 @@ def inspect_shards(out: str | Path, examples: int = 5) -> str:
             f"label={rows['label'][i]} boxes={len(b)} (raw {rows['num_raw_boxes'][i]}) {first}"
         )
     return "\n".join(lines)
+
+
+def _describe_truth(info: dict, rows: dict) -> list[str]:
+    """The ``inspect`` lines of a build with annotations."""
+    c, r = info["counts"], info["recall"]
+    names = {cat["id"]: cat["name"] for cat in info["categories"]}
+    per_class: Counter = Counter()
+    per_image = []
+    for labels, crowd, iid in zip(rows["gt_labels"], rows["gt_crowd"], rows["image_id"]):
+        objs = [lab for lab, k in zip(labels, crowd) if not k]
+        per_class.update(objs)
+        if iid is not None:
+            per_image.append(len(objs))
+    lines = [
+        f"  annotations {info['file']} (sha256 {info['sha256'][:12]}…)",
+        f"    images    {c['annotated_images']} annotated, {c['images_without_entry']} without an "
+        f"entry; {info['images_not_in_source']} image(s) of the file not in the source",
+        f"    objects   {c['objects']} in {c['classes']} of {len(names)} classes, "
+        f"{c['crowd']} crowd regions apart, {info['clipped_boxes']} boxes clipped to the image",
+    ]
+    if per_image:
+        lines.append(f"    per image mean {np.mean(per_image):.1f}, max {max(per_image)}")
+    for cid, n in per_class.most_common(5):
+        lines.append(f"    {cid} ({names.get(cid, '?')}): {n}")
+
+    def f(x) -> str:
+        return "n/a" if x is None else f"{x:.3f}"
+
+    lines.append(
+        f"  recall      @0.5 {f(r['recall@0.5'])}, @0.7 {f(r['recall@0.7'])}, AR@10 "
+        f"{f(r['AR@10'])}, AR@100 {f(r['AR@100'])} ("
+        + ", ".join(f"{k} {f(v['AR@100'])}" for k, v in r["by_size"].items() if v["objects"])
+        + ")"
+    )
+    return lines
