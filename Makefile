@@ -8,6 +8,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 DATASET ?= sample
 OUT ?= data/shards/$(DATASET)$(if $(filter fmnist,$(DATASET)),_$(SPLIT))
 COCO_DIR ?= data/coco/train2017
+COCO_ANN ?=
 IMAGENET_DIR ?=
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 SPLIT ?= train
@@ -53,7 +54,8 @@ demo: $(STAMP)
 shards: $(STAMP)
 	@set -e; case "$(DATASET)" in \
 	  sample)   src="@sample" ;; \
-	  coco)     test -d "$(COCO_DIR)" || { echo "error: COCO images not found at '$(COCO_DIR)'; set COCO_DIR=/path/to/coco/train2017" >&2; exit 2; }; src="$(COCO_DIR)" ;; \
+	  coco)     test -d "$(COCO_DIR)" || { echo "error: COCO images not found at '$(COCO_DIR)'; set COCO_DIR=/path/to/coco/train2017" >&2; exit 2; }; src="$(COCO_DIR)"; \
+	            if [ -n "$(COCO_ANN)" ]; then test -f "$(COCO_ANN)" || { echo "error: COCO annotations not found at '$(COCO_ANN)'; set COCO_ANN=/path/to/instances_train2017.json" >&2; exit 2; }; src="$$src --annotations $(COCO_ANN)"; fi ;; \
 	  imagenet) test -n "$(IMAGENET_DIR)" -a -d "$(IMAGENET_DIR)" || { echo "error: ImageNet not found at '$(IMAGENET_DIR)'; set IMAGENET_DIR=/path/to/imagenet/train" >&2; exit 2; }; src="$(IMAGENET_DIR) --layout imagenet" ;; \
 	  folder)   test -n "$(SRC)" -a -d "$(SRC)" || { echo "error: folder '$(SRC)' not found; set SRC=/path/to/images" >&2; exit 2; }; src="$(SRC)" ;; \
 	  fmnist)   test -d "$(FMNIST_DIR)" || { echo "error: Fashion-MNIST not found at '$(FMNIST_DIR)'; apt-get install dataset-fashion-mnist, or set FMNIST_DIR" >&2; exit 2; }; src="$(FMNIST_DIR) --layout idx --split $(SPLIT)" ;; \
