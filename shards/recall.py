@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .proposals import box_iou
+
 __all__ = ["AREA_RANGES", "IOU_THRESHOLDS", "box_iou", "matched_ious", "proposal_recall"]
 
 IOU_THRESHOLDS = np.round(np.arange(0.5, 0.95 + 1e-9, 0.05), 2)  # COCO's 0.50:0.05:0.95
@@ -31,19 +33,6 @@ AREA_RANGES = {  # COCO's object sizes, in pixels of area
     "medium": (32.0**2, 96.0**2),
     "large": (96.0**2, float("inf")),
 }
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every pair: ``a [N, 4]``, ``b [M, 4]`` xyxy (exclusive edges) -> ``[N, M]``."""
-    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    w = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
-    h = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
-    inter = np.clip(w, 0, None) * np.clip(h, 0, None)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
 def matched_ious(proposals: np.ndarray, gt: np.ndarray) -> np.ndarray:
