@@ -534,6 +534,9 @@ main.add_command(eval_group, name="eval")
 main.add_command(pretrain)
 main.add_command(export_cmd, name="export")
 main.add_command(plot_cmd, name="plot")
+from cli.data_cmds import data_group  # noqa: E402
+
+main.add_command(data_group, name="data")
 bench.add_command(bench_pipeline, name="pipeline")
 bench.add_command(bench_train, name="train")
 bench.add_command(bench_quality, name="quality")

@@ -53,10 +53,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .images import ImageParams, _to_rgb
+from .images import ImageParams, RejectedImage, _to_rgb
 from .sources import (
     SAMPLE_SOURCE,
     SourceError,
+    SourceItem,
     cifar_batches,
     idx_batches,
     open_source,
@@ -229,6 +230,13 @@ class _ArrayPool:
         return _Native(*cropped, label=self.labels[i], key=f"{self.key_prefix}_{i:06d}")
 
 
+def _read(item: SourceItem) -> bytes:
+    try:
+        return item.read(max_bytes=ImageParams().max_file_bytes)
+    except (RejectedImage, OSError) as e:
+        raise SourceError(f"{item.source}: cannot read: {e}") from None
+
+
 def _decode(data: bytes, what: str) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
@@ -293,7 +301,7 @@ class _FolderPool:
 
     def native(self, i: int) -> _Native | None:
         it = self.items[i]
-        img = _decode(it.read(), it.source)
+        img = _decode(_read(it), it.source)
         if img.mode == "P" and "transparency" in img.info:
             img = img.convert("RGBA")
         if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -416,7 +424,7 @@ class _Backgrounds:
             if self.items is None:
                 data = Path(self.paths[k]).read_bytes()
             else:
-                data = self.items[k].read()
+                data = _read(self.items[k])
             img = _to_rgb(_decode(data, self.paths[k]), ImageParams().alpha_background)
             if len(self._cache) >= _PHOTO_CACHE:
                 self._cache.pop(next(iter(self._cache)))
@@ -475,7 +483,7 @@ def _background(rng, side: int, photos: _Backgrounds | None, params: SceneParams
         m, offset = _colour_matrix(rng, params.bg_jitter, float((x @ _LUMA).mean()))
         x = x @ m.T + offset
         arr = np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return np.ascontiguousarray(arr), "photo"
+    return np.array(arr), "photo"  # a writable copy: objects are pasted into it
 
 
 # ---------------------------------------------------------------------------------- placement
