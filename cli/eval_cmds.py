@@ -1,12 +1,14 @@
-"""Click commands of frozen-feature evaluation: ``ssl-cli eval knn`` and ``ssl-cli eval linear``.
+"""Click commands of frozen-feature evaluation: ``ssl-cli eval knn``, ``ssl-cli eval linear`` and
+``ssl-cli eval objects``.
 
 A :class:`click.Group`, registered in ``cli/main.py``::
 
     main.add_command(eval_group, name="eval")
 
 The commands parse options and call :func:`train.evaluation.knn_eval` /
-:func:`train.evaluation.linear_eval`, which extract the features, score them and write the JSON
-report into the run; nothing else here. Under ``torchrun`` every rank extracts its part.
+:func:`train.evaluation.linear_eval` / :func:`train.objects.objects_eval`, which extract the
+features, score them and write the JSON report into the run; nothing else here. Under
+``torchrun`` every rank of knn and linear extracts its part; objects runs in one process.
 
 ``--branch auto`` (the default) evaluates the momentum (target) encoder when the checkpoint has
 one, as DINO and the MOS evaluation do; ``--branch both`` evaluates the online and the target
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import click
 
-from cli.common import ShardFolder, alias, library_errors, require, storage_options
+from cli.common import ShardFolder, alias, library_errors, require, storage_options, world_size
 
 __all__ = ["eval_group"]
 
@@ -27,34 +29,35 @@ def eval_group() -> None:
     """Frozen-feature evaluation of a pretrained backbone on labelled shards.
 
     RUN is a run directory (its newest checkpoint) or a checkpoint file; --train and --val are
-    labelled shard folders (shards build of a labelled layout: imagenet, cifar, idx).
+    labelled shard folders (shards build of a labelled layout: imagenet, cifar, idx), or for
+    objects shard folders with ground-truth boxes (shards build --annotations).
 
     \b
     Examples:
       ssl-cli eval knn runs/mos_fmnist --train data/shards/fmnist_train --val data/shards/fmnist_test
       ssl-cli eval linear runs/mos_fmnist --train data/shards/fmnist_train --val data/shards/fmnist_test
+      ssl-cli eval objects runs/univip_scenes --train data/shards/scenes_train --val data/shards/scenes_test
     """
 
 
-def _options(f):
-    """Options shared by knn and linear: checkpoint, shards, extraction."""
+_TRAIN_HELP = "Labelled shards (KEY.cls): the kNN memory bank / the probe's training set."
+_VAL_HELP = "Labelled shards scored for top-1 / top-5."
+_SIZE_HELP = (
+    "Input side: centre crops (and the paper probe's random resized crops) "
+    "[default: the checkpoint's data.size]."
+)
+
+
+def _options(f=None, *, train_help=_TRAIN_HELP, val_help=_VAL_HELP, size_help=_SIZE_HELP):
+    """Options shared by every eval command: checkpoint, shards, extraction (``@_options``, or
+    ``@_options(train_help=...)`` with the shard and size options described otherwise)."""
+    if f is None:
+        return lambda g: _options(g, train_help=train_help, val_help=val_help, size_help=size_help)
     options = [
         click.argument("ckpt", metavar="RUN", required=False, type=click.Path(exists=True)),
         alias("--ckpt", "ckpt", "the argument RUN", type=click.Path(exists=True)),
-        click.option(
-            "--train",
-            "train_shards",
-            required=True,
-            type=ShardFolder(),
-            help="Labelled shards (KEY.cls): the kNN memory bank / the probe's training set.",
-        ),
-        click.option(
-            "--val",
-            "val_shards",
-            required=True,
-            type=ShardFolder(),
-            help="Labelled shards scored for top-1 / top-5.",
-        ),
+        click.option("--train", "train_shards", required=True, type=ShardFolder(), help=train_help),
+        click.option("--val", "val_shards", required=True, type=ShardFolder(), help=val_help),
         click.option(
             "--branch",
             type=click.Choice(["auto", "online", "target", "both"]),
@@ -66,8 +69,7 @@ def _options(f):
             "--size",
             type=click.IntRange(min=1),
             default=None,
-            help="Input side: centre crops (and the paper probe's random resized crops) "
-            "[default: the checkpoint's data.size].",
+            help=size_help,
         ),
         click.option(
             "--batch-size",
@@ -305,3 +307,112 @@ def linear(
         log=lambda line: click.echo(line, err=True),
     )
     _show(report, f"linear probe ({protocol}, {epochs} epochs)")
+
+
+@eval_group.command("objects")
+@_options(
+    train_help="Shards with ground truth (shards build --annotations): the objects of the kNN "
+    "memory bank and the probes' training set.",
+    val_help="Shards with ground truth and the same categories, scored.",
+    size_help="Input side: the whole image is resized to SIZE x SIZE (aspect not kept) "
+    "[default: the checkpoint's data.size].",
+)
+@click.option("--k", type=click.IntRange(min=1), default=20, help="Neighbours (DINO: 20).")
+@click.option(
+    "--temperature",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.07,
+    help="Vote weight exp(cos / T) (DINO: 0.07).",
+)
+@click.option("--epochs", type=click.IntRange(min=1), default=100, help="Epochs of both probes.")
+@click.option(
+    "--lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.1,
+    help="Probes' learning rate per 256 (scaled by the probe batch / 256), cosine to 0.",
+)
+@click.option(
+    "--probe-batch-size", type=click.IntRange(min=2), default=256, help="Probes' SGD batch."
+)
+@click.option("--seed", type=int, default=0, help="Probes' initialisation and batch order.")
+def objects(
+    ckpt,
+    train_shards,
+    val_shards,
+    branch,
+    size,
+    batch_size,
+    device,
+    precision,
+    num_threads,
+    json_out,
+    progress,
+    k,
+    temperature,
+    epochs,
+    lr,
+    probe_batch_size,
+    seed,
+) -> None:
+    """Object-level evaluation on shards with ground-truth boxes (COCO annotations): each
+    object's feature is RoIAlign of its box on the last feature map (ViT patch grid, ResNet
+    C5), scored by weighted kNN and a linear probe over object classes (top-1); each image's
+    pooled feature by one-vs-rest logistic classifiers (macro mAP over the classes in VAL).
+    The same run scores the architecture at random init (seed 0) and raw pixels of the boxes
+    as references. Prints a row per branch and reference and writes
+    RUN/eval/objects-target-step-N.json (named like knn's). One process (not under torchrun).
+
+    \b
+    Examples:
+      ssl-cli shards build data/scenes_train/images data/shards/scenes_train --annotations data/scenes_train/instances.json
+      ssl-cli eval objects runs/univip_scenes --train data/shards/scenes_train --val data/shards/scenes_test
+      ssl-cli eval objects runs/univip_scenes --train data/shards/scenes_train --val data/shards/scenes_test --branch both --size 64
+      ssl-cli eval objects runs/mos_coco --train data/shards/coco_train --val data/shards/coco_val --device cuda --precision bf16
+    """
+    from train.objects import objects_eval
+    from train.probes import LinearProbeConfig
+
+    require(ckpt, "ckpt")
+    if world_size() > 1:
+        raise click.UsageError("eval objects runs in one process; start it without torchrun")
+    _check(device, precision)
+    probe = LinearProbeConfig(epochs=epochs, batch_size=probe_batch_size, lr=lr, seed=seed)
+    report = _run(
+        objects_eval,
+        checkpoint=ckpt,
+        train=train_shards,
+        val=val_shards,
+        k=k,
+        temperature=temperature,
+        probe=probe,
+        size=size,
+        batch_size=batch_size,
+        device=device,
+        branch=branch,
+        num_threads=num_threads,
+        precision=precision,
+        out=json_out,
+        progress=progress,
+        log=lambda line: click.echo(line, err=True),
+    )
+    _show_objects(report)
+
+
+def _show_objects(report: dict) -> None:
+    """The rows side by side: object kNN, object linear probe, image mAP."""
+    click.echo(
+        f"objects: {report['backbone']} {report['branch']} step {report['step']}, "
+        f"{report['size']} px; val {report['n_val_objects']} objects in "
+        f"{report['n_val_images']} images, train {report['n_train_objects']} in "
+        f"{report['n_train_images']}, {report['num_classes']} classes "
+        f"({report['classes_in_val']} in val); {report['elapsed_s']:.1f} s"
+    )
+    click.echo(f"  {'features':<12} {'object kNN':>11} {'object linear':>14} {'image mAP':>10}")
+    for name, r in report["rows"].items():
+        click.echo(
+            f"  {name.replace('_', ' '):<12} {r['object_knn_top1']:>10.2f}% "
+            f"{r['object_linear_top1']:>13.2f}% {r['image_map']:>9.2f}%"
+        )
+    if report.get("input_size_change"):
+        click.echo(f"note: {report['input_size_change']}")
+    click.echo(f"wrote {report['path']}")
