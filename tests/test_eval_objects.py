@@ -142,20 +142,39 @@ def build(root: Path) -> Path:
 
 
 @functools.cache
-def scene_shards(split: str) -> Path:
-    """Train: 24 scenes (4 of them 80 x 64), a crowd box, an image the JSON does not list;
-    val: 16 scenes of 64 x 64. Built once per session."""
-    if split == "train":
-        root = compose_scenes(
-            _tmpdir("ssl-objects-train-"), 24, 0, wide=4, crowd=True, unlisted=True
-        )
-    else:
-        root = compose_scenes(_tmpdir("ssl-objects-val-"), 16, 1)
+def composed_shards() -> Path:
+    """24 composed scenes (4 of them 80 x 64), a crowd box, an image the JSON does not list;
+    built once per session."""
+    root = compose_scenes(
+        _tmpdir("ssl-objects-composed-"), 24, 0, wide=4, crowd=True, unlisted=True
+    )
     return build(root)
 
 
-def scene_doc(split: str) -> dict:
-    return json.loads((scene_shards(split).parent / "instances.json").read_text())
+def composed_doc() -> dict:
+    return json.loads((composed_shards().parent / "instances.json").read_text())
+
+
+@functools.cache
+def generated_shards(split: str) -> Path:
+    """Scenes of ``ssl-cli data scenes`` (:func:`shards.scenes.make_scenes`) from a folder of
+    solid-colour class images, 64 px, 1-3 objects, none hidden (so a box holds its object's
+    colour only): 24 train, 16 test; built with their annotations, once per session."""
+    from shards.scenes import SceneParams, make_scenes
+
+    base = _tmpdir("ssl-objects-generated-")
+    for part in ("train", "test"):
+        for _, (name, rgb) in COLOURS.items():
+            (base / "src" / part / name).mkdir(parents=True)
+            for i in range(2):
+                image = np.full((64, 64, 3), rgb, np.uint8)
+                Image.fromarray(image).save(base / "src" / part / name / f"{name}{i}.png")
+    params = SceneParams(size=(64, 64), objects=(1, 3), object_size=(0.25, 0.45), min_visible=1.0)
+    out = {}
+    for part, count in (("train", 24), ("test", 16)):
+        make_scenes(str(base / "src"), base / part, "folder", part, count, seed=0, params=params)
+        out[part] = build(base / part)
+    return out[split]
 
 
 def invoke(*args):
@@ -304,8 +323,8 @@ def test_random_init_reference_is_the_same_every_time():
 
 
 def test_ground_truth_of_a_build():
-    gt = read_ground_truth(scene_shards("train"))
-    doc = scene_doc("train")
+    gt = read_ground_truth(composed_shards())
+    doc = composed_doc()
     assert [c for c, _ in gt.categories] == [3, 7, 11, 20]
     assert gt.num_images == 24 and gt.num_unannotated == 1  # unlisted.jpg: no entry
     assert gt.num_crowd == 1  # left out of the objects
@@ -320,7 +339,7 @@ def test_ground_truth_of_a_build():
         )
     import pyarrow.parquet as pq
 
-    ids = pq.read_table(scene_shards("train") / "proposals.parquet").column("image_id")
+    ids = pq.read_table(composed_shards() / "proposals.parquet").column("image_id")
     got = {}
     for i, row in enumerate(gt.rows):
         lo, hi = gt.offsets[i], gt.offsets[i + 1]
@@ -340,7 +359,7 @@ def test_loader_boxes_sit_on_the_objects_of_the_resized_image():
     mean = torch.tensor(IMAGENET_MEAN)[:, None]
     std = torch.tensor(IMAGENET_STD)[:, None]
     colours = torch.tensor([COLOURS[c][1] for c in sorted(COLOURS)], dtype=torch.float32) / 255
-    with ObjectLoader(scene_shards("train"), size=32, batch_size=10, num_threads=1) as loader:
+    with ObjectLoader(composed_shards(), size=32, batch_size=10, num_threads=1) as loader:
         seen = 0
         for batch in loader:
             assert batch["image"].shape[1:] == (3, 32, 32)
@@ -359,17 +378,21 @@ def test_loader_boxes_sit_on_the_objects_of_the_resized_image():
 # ------------------------------------------------------------------------------ end to end
 
 
+@pytest.mark.slow
 def test_eval_objects_end_to_end_known_answer(tmp_path):
-    """Scenes -> shards build --annotations -> eval objects on a MOS ViT-T checkpoint: raw
-    pixels separate the solid colours perfectly, a random-init ViT well above chance (25%)."""
+    """data scenes -> shards build --annotations -> eval objects on a MOS ViT-T checkpoint
+    (both branches): raw pixels separate the solid colours perfectly, a random-init ViT well
+    above chance (25%)."""
     out = tmp_path / "objects.json"
     result = invoke(
         "objects",
         tiny_run(),
         "--train",
-        scene_shards("train"),
+        generated_shards("train"),
         "--val",
-        scene_shards("val"),
+        generated_shards("test"),
+        "--branch",
+        "both",
         "--device",
         "cpu",
         "--num-threads",
@@ -384,24 +407,26 @@ def test_eval_objects_end_to_end_known_answer(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     rows = report["rows"]
-    assert list(rows) == ["target", "random_init", "raw_pixels"]
+    assert list(rows) == ["online", "target", "random_init", "raw_pixels"]
     assert rows["raw_pixels"]["object_knn_top1"] == 100.0
     assert rows["raw_pixels"]["object_linear_top1"] == 100.0
     assert rows["random_init"]["object_knn_top1"] > 60.0
     assert rows["random_init"]["object_linear_top1"] > 60.0
-    assert rows["target"]["feature_dim"] == 192 and rows["raw_pixels"]["feature_dim"] == 192
-    val = scene_doc("val")
-    assert report["n_val_objects"] == len(val["annotations"]) and report["n_val_images"] == 16
-    assert report["crowd_excluded"] == {"train": 1, "val": 0}
-    assert report["unannotated_excluded"] == {"train": 1, "val": 0}
-    assert report["size"] == 32 and report["branch"] == "target"
-    assert set(rows["target"]["image_ap"]) <= {"red", "green", "blue", "yellow"}
-    for name in rows:
-        assert 0.0 <= rows[name]["image_map"] <= 100.0
+    assert rows["target"]["feature_dim"] == 192
+    assert rows["raw_pixels"]["feature_dim"] == 3 * PIXEL_SIZE**2
+    test = json.loads((generated_shards("test").parent / "instances.json").read_text())
+    assert report["n_val_objects"] == len(test["annotations"]) and report["n_val_images"] == 16
+    assert report["categories"] == test["categories"]
+    assert report["size"] == 32 and report["branch"] == "both"
+    assert report["step"] == 3 and report["eval"] == "objects"
+    for row in rows.values():
+        assert 0.0 <= row["image_map"] <= 100.0
+        assert set(row["image_ap"]) <= {"red", "green", "blue", "yellow"}
     lines = result.stdout.splitlines()
     assert "object kNN" in lines[1] and "image mAP" in lines[1]
-    assert lines[4].split()[:3] == ["raw", "pixels", "100.00%"]
-    assert f"wrote {out}" in result.output
+    assert [line.split()[0] for line in lines[2:6]] == ["online", "target", "random", "raw"]
+    assert lines[5].split()[2:4] == ["100.00%", "100.00%"]
+    assert lines[-1] == f"wrote {out}"
 
 
 def test_evaluate_objects_in_memory_is_reproducible():
@@ -410,12 +435,14 @@ def test_evaluate_objects_in_memory_is_reproducible():
     cfg = resolve_config(tiny("mos", "unused"))
     kwargs = dict(size=32, probe=FAST_PROBE, batch_size=16, num_threads=1, references=False)
     backbone = random_backbone(cfg.model, seed=1)
-    a = evaluate_objects(backbone, cfg, scene_shards("train"), scene_shards("val"), **kwargs)
-    b = evaluate_objects(backbone, cfg, scene_shards("train"), scene_shards("val"), **kwargs)
+    train, test = generated_shards("train"), generated_shards("test")
+    a = evaluate_objects(backbone, cfg, train, test, **kwargs)
+    b = evaluate_objects(backbone, cfg, train, test, **kwargs)
     assert list(a["rows"]) == ["backbone"]
     for key in ("object_knn_top1", "object_linear_top1", "image_map"):
         assert a["rows"]["backbone"][key] == b["rows"]["backbone"][key]
-    assert a["categories"][0] == {"id": 3, "name": "red"}
+    test = json.loads((generated_shards("test").parent / "instances.json").read_text())
+    assert a["categories"] == test["categories"]  # the generator's: ids 1..4, sorted by name
 
 
 # ---------------------------------------------------------------------------------- errors
@@ -428,7 +455,7 @@ def test_shards_without_ground_truth_are_refused_naming_the_folder():
         "objects",
         tiny_run(),
         "--train",
-        scene_shards("train"),
+        composed_shards(),
         "--val",
         unlabelled_shards(),
         "--device",
@@ -447,18 +474,18 @@ def test_other_categories_and_no_objects_are_refused(tmp_path):
     ]
     renamed = build(compose_scenes(tmp_path / "other", 3, 2, categories=other))
     with pytest.raises(ValueError, match="different annotation categories.*purple"):
-        evaluate_objects(backbone, cfg, scene_shards("train"), renamed, references=False)
+        evaluate_objects(backbone, cfg, composed_shards(), renamed, references=False)
     empty = build(compose_scenes(tmp_path / "empty", 3, 3, no_objects=True))
     with pytest.raises(
         ValueError,
         match=r"empty/shards: no objects to evaluate \(3 annotated "
         r"images, 3 crowd boxes left out",
     ):
-        evaluate_objects(backbone, cfg, scene_shards("train"), empty, references=False)
+        evaluate_objects(backbone, cfg, composed_shards(), empty, references=False)
 
 
 def test_command_help_and_usage():
     result = invoke("objects", "--help")
     assert result.exit_code == 0
     assert "ssl-cli eval objects runs/" in result.output and "--annotations" in result.output
-    assert invoke("objects", tiny_run(), "--train", scene_shards("train")).exit_code == 2
+    assert invoke("objects", tiny_run(), "--train", composed_shards()).exit_code == 2
