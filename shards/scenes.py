@@ -343,42 +343,49 @@ def _hsv_colour(h: float, s: float, v: float) -> np.ndarray:
     return v - v * s * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
 
 
-def _tint(grey: np.ndarray, label: int, n_classes: int, mode: str, rng) -> np.ndarray:
-    """Grey ``[h, w]`` uint8 -> RGB ``[h, w, 3]`` uint8, multiplied by a colour."""
+def _colour(label: int, n_classes: int, mode: str, rng) -> np.ndarray | None:
+    """What a grey item is multiplied by: RGB [3] in [0, 1], or None for ``--tint none``."""
     if mode == "none":
-        return np.repeat(grey[:, :, None], 3, axis=2)
+        return None
     if mode == "class":  # evenly spaced hues, fixed per class: colour tells the class
-        colour = _hsv_colour(label / max(n_classes, 1), 0.75, 1.0)
-    else:  # any hue and saturation: colour tells nothing of the class
-        colour = _hsv_colour(rng.random(), rng.random(), 1.0)
-    return np.rint(grey[:, :, None] * colour).astype(np.uint8)
+        return _hsv_colour(label / max(n_classes, 1), 0.75, 1.0)
+    return _hsv_colour(rng.random(), rng.random(), 1.0)  # any hue: colour tells nothing
 
 
 @dataclass
 class _Object:
-    """An object ready to paste: pixels [h, w, 3] uint8 and mask [h, w] bool at scene scale."""
+    """An object ready to paste: pixels [h, w, 3] uint8 and mask [h, w] bool."""
 
     rgb: np.ndarray
     mask: np.ndarray
     label: int
-    index: int
+    index: int  # the item's index in its split
     key: str
     full: int  # mask pixels
 
 
-def _prepare(native: _Native, index: int, side: int, pool, params: SceneParams, rng) -> _Object:
-    lo, hi = params.object_size
-    longer = max(2, int(round(rng.uniform(lo, hi) * side)))
-    h, w = native.mask.shape
+def _coloured(native: _Native, index: int, pool, params: SceneParams, rng) -> _Object:
+    """The item at its own size, grey items tinted (``--tint``)."""
+    pixels = native.pixels
+    if pixels.ndim == 2:
+        colour = _colour(native.label, len(pool.classes), params.tint, rng)
+        if colour is None:
+            pixels = np.repeat(pixels[:, :, None], 3, axis=2)
+        else:
+            pixels = np.rint(pixels[:, :, None] * colour).astype(np.uint8)
+    return _Object(pixels, native.mask, native.label, index, native.key, int(native.mask.sum()))
+
+
+def _resized(obj: _Object, longer: int) -> _Object:
+    """``obj`` scaled so that its longer side is ``longer`` px (bilinear; the mask is resized
+    as grey and cut at one half)."""
+    h, w = obj.mask.shape
     scale = longer / max(h, w)
     size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))  # PIL's (w, h)
-    pixels = native.pixels
-    if pixels.ndim == 2:  # grey items get the --tint
-        pixels = _tint(pixels, native.label, len(pool.classes), params.tint, rng)
-    rgb = np.asarray(Image.fromarray(pixels).resize(size, Image.BILINEAR))
-    mask_img = Image.fromarray(native.mask.astype(np.uint8) * 255).resize(size, Image.BILINEAR)
+    rgb = np.asarray(Image.fromarray(obj.rgb).resize(size, Image.BILINEAR))
+    mask_img = Image.fromarray(obj.mask.astype(np.uint8) * 255).resize(size, Image.BILINEAR)
     mask = np.asarray(mask_img) >= 128
-    return _Object(rgb, mask, native.label, index, native.key, int(mask.sum()))
+    return dataclasses.replace(obj, rgb=rgb, mask=mask, full=int(mask.sum()))
 
 
 # -------------------------------------------------------------------------------- backgrounds
@@ -582,21 +589,25 @@ def _scene(seed: int, split: str, i: int, pool, photos, params: SceneParams) -> 
     image, kind = _background(rng, side, photos, params)
     for _ in range(params.scene_tries):
         n = int(rng.integers(params.objects[0], params.objects[1] + 1))
-        picks = rng.choice(pool.count, size=min(n, pool.count), replace=False)
-        natives = [pool.native(int(p)) for p in picks]
-        if any(nat is None for nat in natives):
-            continue  # an item with an empty mask: draw again
-        objects = [_prepare(nat, int(p), side, pool, params, rng) for nat, p in zip(natives, picks)]
-        if any(o.full == 0 for o in objects):
-            continue
-        placed = _place(objects, side, params, rng)
+        picks = [int(p) for p in rng.choice(pool.count, size=min(n, pool.count), replace=False)]
+        natives = [pool.native(p) for p in picks]
+        if all(nat is not None for nat in natives):
+            break  # else an item with an empty mask: draw the items again
+    else:
+        raise SceneError(f"scene {i}: {params.scene_tries} draws all held an item with no mask")
+    coloured = [_coloured(nat, p, pool, params, rng) for nat, p in zip(natives, picks)]
+    # A scene that cannot be placed is drawn again with the same items: new sizes, new places.
+    # Redrawing the items instead would favour the classes that are easy to place.
+    lo, hi = params.object_size
+    for _ in range(params.scene_tries):
+        objects = [_resized(c, max(2, int(round(rng.uniform(lo, hi) * side)))) for c in coloured]
+        placed = None if any(o.full == 0 for o in objects) else _place(objects, side, params, rng)
         if placed is not None:
             break
     else:
         raise SceneError(
-            f"scene {i}: no placement of {params.objects[0]}-{params.objects[1]} objects of "
-            f"{params.object_size[0]}-{params.object_size[1]} of a {side}-px side with "
-            f"--min-visible {params.min_visible} and --max-iou {params.max_iou} in "
+            f"scene {i}: no placement of {len(coloured)} objects of {lo}-{hi} of a {side}-px side "
+            f"with --min-visible {params.min_visible} and --max-iou {params.max_iou} in "
             f"{params.scene_tries} draws; allow fewer or smaller objects or more overlap"
         )
     owner, where = placed

@@ -361,6 +361,6 @@ def test_missing_or_unreadable_sources_are_clear_errors(tmp_path):
 def test_a_scene_that_cannot_be_placed_is_an_error(tmp_path):
     src = _write_idx(tmp_path / "idx")
     params = SceneParams(objects=(5, 5), object_size=(0.9, 1.0), min_visible=0.9, scene_tries=3)
-    with pytest.raises(SceneError, match="scene 0: no placement of 5-5 objects"):
+    with pytest.raises(SceneError, match="scene 0: no placement of 5 objects"):
         make_scenes(str(src), tmp_path / "out", "idx", "train", 2, params=params)
     assert not (tmp_path / "out" / "instances.json").exists()
