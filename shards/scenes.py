@@ -760,9 +760,13 @@ def make_scenes(
         }
     )
     _check_out(out, info)
+    out.mkdir(parents=True, exist_ok=True)
     images_dir = out / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
     with _locked(out):
+        _check_out(out, info)  # as another run may have left it before the lock was free
+        if not (out / "params.json").is_file():  # first: it makes OUT ours
+            atomic_write_bytes(out / "params.json", _json_bytes(info))
+        images_dir.mkdir(exist_ok=True)
         for p in images_dir.iterdir():  # what a killed run left half-written
             if p.name.endswith(".jpg.tmp") and _IMAGE_NAME.match(p.name[: -len(".tmp")]):
                 p.unlink()
@@ -771,8 +775,6 @@ def make_scenes(
         if done is not None and done.get("info") == info:
             if all((images_dir / n).is_file() for n in names):
                 return {"scenes": count, "written": 0, "up_to_date": True}
-        if not (out / "params.json").is_file():
-            atomic_write_bytes(out / "params.json", _json_bytes(info))
         images, annotations = [], []
         kinds: dict[str, int] = {}
         written = 0
