@@ -430,13 +430,15 @@ def test_eval_objects_end_to_end_known_answer(tmp_path):
 
 
 def test_evaluate_objects_in_memory_is_reproducible():
-    """The function bench quality calls: one backbone in memory, the references, the same
-    numbers twice."""
+    """The function bench quality calls: one backbone in memory, no references, the same
+    numbers twice, the caller's random state left alone."""
     cfg = resolve_config(tiny("mos", "unused"))
     kwargs = dict(size=32, probe=FAST_PROBE, batch_size=16, num_threads=1, references=False)
     backbone = random_backbone(cfg.model, seed=1)
     train, test = generated_shards("train"), generated_shards("test")
+    state = torch.random.get_rng_state()
     a = evaluate_objects(backbone, cfg, train, test, **kwargs)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's generator untouched
     b = evaluate_objects(backbone, cfg, train, test, **kwargs)
     assert list(a["rows"]) == ["backbone"]
     for key in ("object_knn_top1", "object_linear_top1", "image_map"):

@@ -405,9 +405,12 @@ def _score_row(
     knn = knn_accuracy(
         bank.objects, bank.classes, queries.objects, queries.classes, num_classes, k, temperature
     )
-    with torch.enable_grad():
-        head = train_linear_probe(bank.objects, bank.classes, num_classes, probe)
-        multi = train_multilabel_probe(bank.images, bank.targets, probe)
+    device = bank.objects.device
+    # train_linear_probe seeds torch's global generator: keep the caller's state
+    with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
+        with torch.enable_grad():
+            head = train_linear_probe(bank.objects, bank.classes, num_classes, probe)
+            multi = train_multilabel_probe(bank.images, bank.targets, probe)
     linear = probe_accuracy(head, queries.objects, queries.classes)
     with torch.no_grad():
         scores = multi(queries.images.float())
