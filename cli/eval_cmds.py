@@ -364,7 +364,7 @@ def objects(
 
     \b
     Examples:
-      ssl-cli shards build data/scenes_train/images data/shards/scenes_train --annotations data/scenes_train/instances.json
+      ssl-cli shards build data/scenes/train/images data/shards/scenes_train --annotations data/scenes/train/instances.json
       ssl-cli eval objects runs/univip_scenes --train data/shards/scenes_train --val data/shards/scenes_test
       ssl-cli eval objects runs/univip_scenes --train data/shards/scenes_train --val data/shards/scenes_test --branch both --size 64
       ssl-cli eval objects runs/mos_coco --train data/shards/coco_train --val data/shards/coco_val --device cuda --precision bf16
