@@ -180,18 +180,16 @@ def scenes_cmd(src, out, layout, split, count, seed, backgrounds, **options) -> 
     visible boxes overlap beyond --max-iou. OUT gets images/{split}_NNNNNN.jpg and
     instances.json (COCO detection format: tight boxes of the visible pixels, areas, RLE
     masks, category ids from 1, and an info block with every parameter). OUT must be new,
-    empty, or made by the same command, which then finishes what is missing. See
+    empty, or made by the same command, which then finishes what is missing. Shards with the
+    ground truth: ssl-cli shards build OUT/images SHARDS --annotations OUT/instances.json. See
     docs/scenes.md.
 
     \b
     Examples:
       ssl-cli data scenes /usr/share/datasets/fashion-mnist data/scenes/train --layout idx --split train --count 1500 --seed 0
       ssl-cli data scenes /usr/share/datasets/fashion-mnist data/scenes/test --layout idx --split test --count 300 --seed 1
-      ssl-cli data scenes data/cifar-10-batches-py data/scenes_cifar --layout cifar --size 64:128 --objects 3:6
+      ssl-cli data scenes data/cifar-10-batches-py data/scenes_cifar --layout cifar --count 500 --size 64:128 --objects 3:6
       ssl-cli data scenes data/cutouts data/scenes_cut --layout folder --count 500 --backgrounds data/photos
-    \b
-    Then the shards, with the ground truth:
-      ssl-cli shards build data/scenes/train/images data/shards/scenes_train --annotations data/scenes/train/instances.json
     """
     from shards.scenes import SceneParams, make_scenes
 
