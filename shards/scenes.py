@@ -23,14 +23,14 @@ are pasted hard through the binary mask, so the annotation is exactly the pixels
 pasted (JPEG compression then blurs edges by a pixel, as in any photograph).
 
 Backgrounds (why so varied: when every scene's background is a crop of a few photographs,
-telling the backgrounds apart can be all a self-supervised method needs to learn, and object
-features never form): square crops of a random photograph at a random scale, a random flip or
+telling the backgrounds apart can be all a self-supervised method needs to learn, and nothing
+pushes it to learn the objects): square crops of a random photograph at a random scale, a random flip or
 quarter turn, a colour jitter, and a share of plain and two-colour gradient backgrounds.
 
 Determinism: scene ``i`` depends only on (seed, split, i), the parameters and the inputs
-(``numpy.random.SeedSequence([seed, split, i])``), so the same command gives the same bytes, and an
-interrupted run finishes by writing only the missing images. Train scenes draw only train items,
-test scenes only test items.
+(``numpy.random.SeedSequence([seed, split, i])``), so the same command gives the same bytes (with
+the same numpy and Pillow), and an interrupted run finishes by rewriting only the missing or
+damaged images. Train scenes draw only train items, test scenes only test items.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .images import ImageParams, RejectedImage, _to_rgb
+from .proposals import box_iou
 from .sources import (
     SAMPLE_SOURCE,
     SourceError,
@@ -307,7 +308,7 @@ class _FolderPool:
         if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
             rgba = np.asarray(img.convert("RGBA"))
             pixels, mask = rgba[:, :, :3], rgba[:, :, 3] >= 128
-        elif img.mode in ("L", "1", "I", "I;16", "F"):
+        elif img.mode in ("L", "1", "F") or img.mode.startswith("I"):
             pixels = np.asarray(_to_rgb(img, (0, 0, 0)))[:, :, 0]  # grey: tinted like IDX
             mask = np.ones(pixels.shape, dtype=bool)
         else:
@@ -441,7 +442,8 @@ class _Backgrounds:
 
 def _colour_matrix(rng, strength: float, mean_luma: float) -> tuple[np.ndarray, np.ndarray]:
     """``x -> M @ x + b`` on RGB in [0, 1]: brightness, contrast (about the mean luma),
-    saturation (about each pixel's luma), hue (a rotation of YIQ's chroma plane), in that order."""
+    saturation (about each pixel's luma), hue (a rotation of YIQ's chroma plane), in that order
+    as one linear map; the caller clips once at the end."""
     j = {k: v * strength for k, v in JITTER.items()}
     b = rng.uniform(1 - j["brightness"], 1 + j["brightness"])
     c = rng.uniform(max(0.0, 1 - j["contrast"]), 1 + j["contrast"])
@@ -502,16 +504,6 @@ def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
-def _iou(a: tuple[int, ...], b: tuple[int, ...]) -> float:
-    iw = min(a[2], b[2]) - max(a[0], b[0])
-    ih = min(a[3], b[3]) - max(a[1], b[1])
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union
-
-
 def _place(objects: list[_Object], side: int, params: SceneParams, rng):
     """Positions for ``objects`` in paste order, or None when one finds no place.
 
@@ -538,14 +530,12 @@ def _place(objects: list[_Object], side: int, params: SceneParams, rng):
             trial[y : y + h, x : x + w][obj.mask] = k
             new_boxes = [_bbox(trial == j) if lost[j] else boxes[j] for j in range(k)]
             new_boxes.append(_bbox(trial == k))
-            moved = [j for j in range(k) if lost[j]] + [k]  # boxes that are new or shrank
-            if params.max_iou < 1 and any(
-                _iou(new_boxes[a], new_boxes[b]) > params.max_iou
-                for a in moved
-                for b in range(k + 1)
-                if b != a
-            ):
-                continue
+            if params.max_iou < 1:
+                moved = [j for j in range(k) if lost[j]] + [k]  # boxes that are new or shrank
+                iou = box_iou(np.array([new_boxes[j] for j in moved]), np.array(new_boxes))
+                iou[np.arange(len(moved)), moved] = 0.0  # [moved, k + 1], not against itself
+                if iou.max() > params.max_iou:
+                    continue
             owner, visible, boxes = trial, [*new_visible, obj.full], new_boxes
             where.append((x, y))
             break
