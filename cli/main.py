@@ -254,10 +254,8 @@ def shards_build(
     Examples:
       ssl-cli shards build ~/coco/train2017 data/shards/coco --workers 8
       ssl-cli shards build @sample data/shards/sample
-      ssl-cli shards build /usr/share/datasets/fashion-mnist data/shards/fmnist_test --layout idx --split test
       ssl-cli shards build ~/imagenet/train data/shards/imagenet --layout imagenet --engine ray
-      ssl-cli shards build ~/coco/train2017 data/shards/coco \\
-          --annotations ~/coco/annotations/instances_train2017.json
+      ssl-cli shards build ~/coco/train2017 data/shards/coco --annotations ~/coco/annotations/instances_train2017.json
     """
     from shards.build import BuildParams, build_shards
 

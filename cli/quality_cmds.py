@@ -32,7 +32,8 @@ def _csv(kind: type):
     "train_shards",
     type=click.Path(file_okay=False),
     required=True,
-    help="Labelled shards: pretraining data and the kNN memory bank / probe training set.",
+    help="Pretraining shards; also the kNN memory bank / probe training set unless --bank is "
+    "given (then they may be unlabelled, e.g. scenes).",
 )
 @click.option(
     "--val",
@@ -48,6 +49,26 @@ def _csv(kind: type):
     default=None,
     help="Labelled shards for the kNN memory bank and the probe's training set [default: "
     "--train]; a subset of the training split makes the evaluations of a CPU table cheap.",
+)
+@click.option(
+    "--objects-train",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Shards with ground truth (built with --annotations, e.g. of `ssl-cli data scenes`): "
+    "the object probes' training set. Adds the object kNN / linear probe and the multi-label "
+    "image mAP to every run and reference.",
+)
+@click.option(
+    "--objects-val",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Shards with ground truth: the object probes' scored set (with --objects-train).",
+)
+@click.option(
+    "--objects-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Input side of the object probes (whole image resized) [default: data.size].",
 )
 @click.option(
     "--out",
@@ -117,6 +138,9 @@ def bench_quality(
     train_shards,
     val_shards,
     bank_shards,
+    objects_train,
+    objects_val,
+    objects_size,
     out,
     methods,
     seeds,
@@ -128,18 +152,19 @@ def bench_quality(
     assignments,
     dry_run,
 ) -> None:
-    """Pretrain each method on the same labelled shards at an equal compute budget, then
-    evaluate frozen features: weighted kNN (k = 20, T = 0.07) on both branches, a linear
-    probe, and two references (the same backbone at random init, kNN on raw pixels).
+    """Pretrain each method on the same shards at an equal compute budget, then evaluate
+    frozen features: weighted kNN (k = 20, T = 0.07) on both branches, a linear probe, and two
+    references (the same backbone at random init, kNN on raw pixels); with --objects-train /
+    --objects-val also object-level probes on shards with ground truth.
 
     Every run's config starts from --recipe, then --set and the bare KEY=VALUE arguments.
 
     \b
     Examples:
       ssl-cli bench quality --train data/shards/fmnist_train --val data/shards/fmnist_test --out runs/quality
-      ssl-cli bench quality --train data/shards/fmnist_train --val data/shards/fmnist_test --out runs/quality --methods mos,mocov3 --seeds 0,1 --budget-fe 2000000
       ssl-cli bench quality --train data/shards/fmnist_train --val data/shards/fmnist_test --out runs/quality-gpu --recipe gpu --device cuda
       ssl-cli bench quality --train data/shards/fmnist_train --val data/shards/fmnist_test --out runs/quality --dry-run optim.base_lr=1e-3
+      ssl-cli bench quality --train data/shards/scenes_train --bank data/shards/fmnist_train --val data/shards/fmnist_test --objects-train data/shards/scenes_train --objects-val data/shards/scenes_test --out runs/quality-scenes --methods univip,byol --budget-fe 2000000
     """
     from train.quality import QualityPlan, run_quality
 
@@ -147,6 +172,9 @@ def bench_quality(
         train=train_shards,
         val=val_shards,
         bank=bank_shards,
+        objects_train=objects_train,
+        objects_val=objects_val,
+        objects_size=objects_size,
         out=out,
         methods=methods,
         seeds=seeds,

@@ -20,6 +20,13 @@ each method got:
   is ``S / step time``, fixed in ``OUT/plan.json`` so that a resumed or re-run table trains the
   same schedules.
 
+With ``objects_train`` / ``objects_val`` (shard folders built with ``--annotations``, e.g. the
+scenes of ``ssl-cli data scenes``), every run and both references are also evaluated on objects
+(:func:`train.objects.evaluate_objects`): the object kNN and linear probe over ground-truth
+boxes (RoIAlign on the last feature map, at ``objects_size``) and the multi-label image probe's
+macro mAP. The pretraining set (``train``) may then be unlabelled scenes while ``bank`` / ``val``
+hold labelled single objects for the kNN.
+
 Every run is an ordinary ``ssl-cli pretrain`` run directory (``OUT/runs/METHOD-seedN``) with
 exact resume, and its evaluation is written next to it (``quality.json``): a killed table
 re-run with the same command resumes the run in flight and skips finished ones. kNN against
@@ -139,6 +146,8 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 KNN_K, KNN_T = 20, 0.07  # DINO's weighted kNN
+# What the summary keeps of each object evaluation (train.objects.evaluate_objects's rows).
+OBJECT_METRICS = ("object_knn_top1", "object_linear_top1", "image_map")
 _CALIBRATION_WARMUP, _CALIBRATION_STEPS = 3, 8
 
 
@@ -173,6 +182,14 @@ def _manifest_samples(shards: Path) -> int:
         raise ValueError(f"{path}: unreadable manifest ({e})") from None
 
 
+def _manifest_labelled(shards: Path) -> bool:
+    return bool(json.loads((shards / "manifest.json").read_text())["counts"].get("labelled"))
+
+
+def _manifest_annotated(shards: Path) -> bool:
+    return "annotations" in json.loads((shards / "manifest.json").read_text())
+
+
 @dataclass
 class QualityPlan:
     """What a table trains and evaluates; ``OUT/plan.json`` once calibrated."""
@@ -192,6 +209,9 @@ class QualityPlan:
     steps: dict[str, int] = field(default_factory=dict)  # per method, once calibrated
     calibration: dict[str, dict] = field(default_factory=dict)
     train_samples: int = 0  # from the train shards' manifest, read once by build()
+    objects_train: str | None = None  # shards with ground truth: object probes' training set
+    objects_val: str | None = None  # ... and their scored set
+    objects_size: int | None = None  # input side of the object probes [default: data.size]
 
     @classmethod
     def build(cls, **kwargs: Any) -> QualityPlan:
@@ -208,13 +228,29 @@ class QualityPlan:
         if len(set(plan.methods)) != len(plan.methods) or len(set(plan.seeds)) != len(plan.seeds):
             raise ConfigError("--methods and --seeds must not repeat an entry")
         plan.bank = plan.bank or plan.train
-        for name in ("train", "val", "bank"):
+        if (plan.objects_train is None) != (plan.objects_val is None):
+            raise ConfigError("--objects-train and --objects-val go together")
+        names = ["train", "val", "bank"]
+        if plan.objects_train is not None:
+            names += ["objects_train", "objects_val"]
+        for name in names:
             path = Path(getattr(plan, name))
+            option = "--" + name.replace("_", "-")
             if not path.is_dir():
-                raise ConfigError(f"--{name}: {path} is not a directory")
+                raise ConfigError(f"{option}: {path} is not a directory")
             samples = _manifest_samples(path)
             if name == "train":
                 plan.train_samples = samples
+            if name in ("val", "bank") and not _manifest_labelled(path):
+                raise ConfigError(
+                    f"{option}: {path} holds no class labels, which the kNN and linear probe "
+                    "need (pretraining on unlabelled scenes: give labelled --bank and --val)"
+                )
+            if name.startswith("objects") and not _manifest_annotated(path):
+                raise ConfigError(
+                    f"{option}: {path} has no ground truth; build it with "
+                    "`ssl-cli shards build SRC OUT --annotations instances.json`"
+                )
         if plan.budget_fe is None and plan.budget_seconds is None:
             plan.budget_seconds = RECIPES[plan.recipe]["budget_seconds"]
         if plan.budget_fe is not None:
@@ -247,7 +283,11 @@ class QualityPlan:
             "assignments",
         )
         d = asdict(self)
-        return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in keys}
+        identity = {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in keys}
+        if self.objects_train is not None:  # absent otherwise: older plans stay valid
+            for k in ("objects_train", "objects_val", "objects_size"):
+                identity[k] = d[k]
+        return identity
 
     def _adopt(self, saved: dict) -> None:
         if saved.get("identity") != self._identity():
@@ -315,6 +355,11 @@ class QualityPlan:
                 "per method)"
             ),
         ]
+        if self.objects_train is not None:
+            lines.append(
+                f"objects: probes trained on {self.objects_train}, scored on {self.objects_val}, "
+                f"input {self.objects_size or 'data.size'} px"
+            )
         for m in self.methods:
             cfg = self.config(m, self.seeds[0], steps=self.steps.get(m, 1))
             fe = forward_equivalents(cfg)
@@ -466,12 +511,45 @@ def _references(plan: QualityPlan, log: Callable[[str], None]) -> dict:
         log(f"reference: {arch} at random init")
         res = _evaluate_backbones({"online": model.online.backbone}, plan, cfg.data.size, device)
         refs[f"random_init/{m}"] = {"backbone": arch, **res["online"]}
+        if plan.objects_train is not None:
+            obj = _evaluate_objects({}, plan, cfg, device, log)
+            refs[f"random_init/{m}"]["objects"] = obj["rows"]["random_init"]
+            refs["raw_pixels_objects"] = obj["rows"]["raw_pixels"]
         done_arch[arch] = m
     cfg = plan.config(plan.methods[0], 0, steps=1)
     log("reference: kNN on raw pixels")
     refs["raw_pixels"] = _pixel_knn(plan, cfg.data.size, resolve_device(cfg.run.device))
     path.write_text(json.dumps(refs, indent=1) + "\n")
     return refs
+
+
+def _evaluate_objects(
+    backbones: dict[str, torch.nn.Module],
+    plan: QualityPlan,
+    cfg: TrainConfig,
+    device: torch.device,
+    log: Callable[[str], None],
+) -> dict:
+    """The object probes of ``backbones`` (and, with none given, of the references) on the
+    plan's ``objects_train`` / ``objects_val`` shards, at ``objects_size``."""
+    from train.features import fit_input_size
+    from train.objects import evaluate_objects
+
+    size = plan.objects_size or cfg.data.size
+    for backbone in backbones.values():
+        fit_input_size(backbone, size)
+    return evaluate_objects(
+        backbones,
+        cfg,
+        plan.objects_train,
+        plan.objects_val,
+        size=size,
+        references=not backbones,
+        k=KNN_K,
+        temperature=KNN_T,
+        device=device,
+        log=lambda line: log(f"    objects: {line}"),
+    )
 
 
 def _one_run(plan: QualityPlan, method: str, seed: int, log: Callable[[str], None]) -> dict:
@@ -493,6 +571,10 @@ def _one_run(plan: QualityPlan, method: str, seed: int, log: Callable[[str], Non
     backbones, info = load_backbones(run_dir, "both")
     device = resolve_device(cfg.run.device)
     results = _evaluate_backbones(backbones, plan, cfg.data.size, device)
+    if plan.objects_train is not None:
+        objects = _evaluate_objects(backbones, plan, cfg, device, log)["rows"]
+        for branch in results:
+            results[branch]["objects"] = objects[branch]
     fe = forward_equivalents(cfg)
     curve = []
     metrics = run_dir / "metrics.jsonl"
@@ -528,6 +610,16 @@ def _one_run(plan: QualityPlan, method: str, seed: int, log: Callable[[str], Non
         f"  kNN target {t['knn_top1']:.2f} online {o['knn_top1']:.2f}, linear target "
         f"{t['linear_top1']:.2f} online {o['linear_top1']:.2f} ({seconds:.0f} s of training)"
     )
+    if "objects" in t:
+        log(
+            "  objects: "
+            + "; ".join(
+                f"{b} kNN {results[b]['objects']['object_knn_top1']:.2f}, linear "
+                f"{results[b]['objects']['object_linear_top1']:.2f}, mAP "
+                f"{results[b]['objects']['image_map']:.2f}"
+                for b in ("target", "online")
+            )
+        )
     return result
 
 
@@ -555,6 +647,11 @@ def summarise(runs: list[dict], refs: dict) -> dict:
         for branch in ("target", "online"):
             for metric in ("knn_top1", "linear_top1"):
                 row[f"{branch}/{metric}"] = _spread([r["branches"][branch][metric] for r in rs])
+            if all("objects" in r["branches"][branch] for r in rs):
+                for metric in OBJECT_METRICS:
+                    row[f"{branch}/objects/{metric}"] = _spread(
+                        [r["branches"][branch]["objects"][metric] for r in rs]
+                    )
         table[m] = row
     return {"methods": table, "references": refs}
 
@@ -580,6 +677,45 @@ def _markdown(summary: dict, plan: QualityPlan) -> str:
             f"| {cell(row['online/linear_top1'])} |"
         )
     refs = summary["references"]
+    if any("target/objects/object_knn_top1" in row for row in summary["methods"].values()):
+        lines.append("")
+        lines.append(
+            "Objects (ground-truth boxes of the scenes; RoIAlign on the last feature map):"
+        )
+        lines.append("")
+        lines.append(
+            "| method | object kNN target | object kNN online | object linear target "
+            "| object linear online | image mAP target | image mAP online |"
+        )
+        lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+        for m, row in summary["methods"].items():
+            if "target/objects/object_knn_top1" not in row:
+                continue
+            cells = [
+                cell(row[f"{b}/objects/{metric}"])
+                for metric in OBJECT_METRICS
+                for b in ("target", "online")
+            ]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        seen_obj = set()
+        for key, ref in refs.items():
+            if (
+                key.startswith("random_init/")
+                and "objects" in ref
+                and ref["backbone"] not in seen_obj
+            ):
+                seen_obj.add(ref["backbone"])
+                o = ref["objects"]
+                lines.append(
+                    f"| random init {ref['backbone']} | {o['object_knn_top1']:.2f} | | "
+                    f"{o['object_linear_top1']:.2f} | | {o['image_map']:.2f} | |"
+                )
+        if "raw_pixels_objects" in refs:
+            o = refs["raw_pixels_objects"]
+            lines.append(
+                f"| raw pixels | {o['object_knn_top1']:.2f} | | {o['object_linear_top1']:.2f} "
+                f"| | {o['image_map']:.2f} | |"
+            )
     lines.append("")
     lines.append(f"References: kNN on raw pixels {refs['raw_pixels']['knn_top1']:.2f}.")
     seen = set()
