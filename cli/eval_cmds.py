@@ -335,6 +335,20 @@ def linear(
     "--probe-batch-size", type=click.IntRange(min=2), default=256, help="Probes' SGD batch."
 )
 @click.option("--seed", type=int, default=0, help="Probes' initialisation and batch order.")
+@click.option(
+    "--box-features",
+    type=click.Choice(["roi", "crop"]),
+    default="roi",
+    help="roi: RoIAlign of the box on the whole image's last feature map (detection practice); "
+    "crop: the box cut out of the SIZE image, resized to --crop-size, and embedded alone.",
+)
+@click.option(
+    "--crop-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --box-features crop: the side crops are resized to [default: the checkpoint's "
+    "data.size, the size of its training views].",
+)
 def objects(
     ckpt,
     train_shards,
@@ -353,6 +367,8 @@ def objects(
     lr,
     probe_batch_size,
     seed,
+    box_features,
+    crop_size,
 ) -> None:
     """Object-level evaluation on shards with ground-truth boxes (COCO annotations): each
     object's feature is RoIAlign of its box on the last feature map (ViT patch grid, ResNet
@@ -375,6 +391,8 @@ def objects(
     require(ckpt, "ckpt")
     if world_size() > 1:
         raise click.UsageError("eval objects runs in one process; start it without torchrun")
+    if crop_size is not None and box_features != "crop":
+        raise click.UsageError("--crop-size applies to --box-features crop")
     _check(device, precision)
     probe = LinearProbeConfig(epochs=epochs, batch_size=probe_batch_size, lr=lr, seed=seed)
     report = _run(
@@ -386,6 +404,8 @@ def objects(
         temperature=temperature,
         probe=probe,
         size=size,
+        box_features=box_features,
+        crop_size=crop_size,
         batch_size=batch_size,
         device=device,
         branch=branch,

@@ -71,6 +71,13 @@ def _csv(kind: type):
     help="Input side of the object probes (whole image resized) [default: data.size].",
 )
 @click.option(
+    "--objects-features",
+    type=click.Choice(["roi", "crop"]),
+    default="roi",
+    help="How a box gets its feature: roi (RoIAlign on the whole image's last feature map) or "
+    "crop (the box cut out, resized to data.size, embedded alone).",
+)
+@click.option(
     "--out",
     type=click.Path(file_okay=False),
     required=True,
@@ -141,6 +148,7 @@ def bench_quality(
     objects_train,
     objects_val,
     objects_size,
+    objects_features,
     out,
     methods,
     seeds,
@@ -175,6 +183,7 @@ def bench_quality(
         objects_train=objects_train,
         objects_val=objects_val,
         objects_size=objects_size,
+        objects_features=objects_features,
         out=out,
         methods=methods,
         seeds=seeds,

@@ -33,6 +33,7 @@ from train.methods import resolve_config
 from train.objects import (
     PIXEL_SIZE,
     average_precision,
+    crop_boxes,
     evaluate_objects,
     feature_map,
     mean_average_precision,
@@ -255,6 +256,33 @@ def test_pixel_features_of_a_solid_box_are_its_colour():
     assert crops.shape == (1, 3 * PIXEL_SIZE**2) and whole.shape == (1, 3 * PIXEL_SIZE**2)
     expected = torch.tensor([0.3, -1.0, 2.0]).repeat_interleave(PIXEL_SIZE**2)
     torch.testing.assert_close(crops[0], expected)
+
+
+def test_crop_of_a_solid_box_is_its_colour_at_the_crop_size():
+    images = torch.zeros(2, 3, 32, 32)
+    images[1, :, 4:20, 10:26] = torch.tensor([0.3, -1.0, 2.0])[:, None, None]
+    box = torch.tensor([[10.0, 4.0, 26.0, 20.0]])
+    crops = crop_boxes(images, box, torch.tensor([1]), 8)  # 2 x 2 pixel centres per output
+    colour = torch.tensor([0.3, -1.0, 2.0])[:, None, None]
+    assert crops.shape == (1, 3, 8, 8)
+    torch.testing.assert_close(crops[0], colour.expand(3, 8, 8))
+    # another size: bilinear samples, exact inside, blending the outside only at the edge
+    crops = crop_boxes(images, box, torch.tensor([1]), 12)
+    torch.testing.assert_close(crops[0, :, 1:-1, 1:-1], colour.expand(3, 10, 10))
+
+
+def test_crop_features_embed_each_box_alone():
+    """``box_features="crop"``: an object's feature does not see the rest of the image (the
+    same object on two backgrounds gets the same feature), unlike RoIAlign on a CNN's C5."""
+    cfg = resolve_config(tiny("univip", "unused"))
+    kwargs = dict(size=32, probe=FAST_PROBE, batch_size=16, num_threads=1, references=False)
+    backbone = random_backbone(cfg.model, seed=1)
+    train, test = generated_shards("train"), generated_shards("test")
+    crop = evaluate_objects(backbone, cfg, train, test, box_features="crop", crop_size=16, **kwargs)
+    assert crop["box_features"] == "crop" and crop["crop_size"] == 16
+    assert crop["rows"]["backbone"]["object_knn_top1"] >= 90.0  # solid colours, alone
+    with pytest.raises(ValueError, match="unknown box features"):
+        evaluate_objects(backbone, cfg, train, test, box_features="mask", **kwargs)
 
 
 # ---------------------------------------------------------------------------------- metrics

@@ -58,6 +58,7 @@ from train.probes import (
 )
 
 __all__ = [
+    "BOX_FEATURES",
     "PIXEL_SIZE",
     "RANDOM_SEED",
     "ROI_OUTPUT",
@@ -89,6 +90,13 @@ ROI_SAMPLING = 2
 # multi-label probe. Our choice: a thumbnail keeps an object's colour and coarse shape while a
 # shift of a few pixels changes it little (tiny-image kNN baselines, Torralba et al. 2008).
 PIXEL_SIZE = 8
+
+# How a box gets its feature (``box_features``): ``roi`` pools the box from the whole image's
+# last feature map (detection practice); ``crop`` cuts the box out of the image, resizes it to
+# the training view size and takes the backbone's pooled feature of that crop (what a view of
+# pretraining looked like: a small CNN at 32 px has a 1 x 1 C5 map, where RoIAlign gives every
+# object of an image the same feature).
+BOX_FEATURES = ("roi", "crop")
 
 # The random-init reference: the same weights every run (our choice of seed).
 RANDOM_SEED = 0
@@ -189,6 +197,24 @@ def roi_features(
     return pooled.mean(dim=(2, 3))
 
 
+def crop_boxes(images: Tensor, boxes: Tensor, owner: Tensor, crop_size: int) -> Tensor:
+    """Each box cut out of ``images [B, 3, S, S]`` and resampled to ``crop_size`` ->
+    ``[K, 3, crop_size, crop_size]`` (RoIAlign with adaptive sampling: a bilinear resize with
+    area averaging where the box is larger than the crop)."""
+    from torchvision.ops import roi_align
+
+    if len(boxes) == 0:
+        return images.new_zeros(0, images.shape[1], crop_size, crop_size)
+    return roi_align(
+        images.float(),
+        _rois(boxes.float(), owner),
+        output_size=crop_size,
+        spatial_scale=1.0,
+        sampling_ratio=0,
+        aligned=True,
+    )
+
+
 def pixel_features(images: Tensor, boxes: Tensor, owner: Tensor) -> tuple[Tensor, Tensor]:
     """The raw-pixel reference: (each box resampled to ``PIXEL_SIZE x PIXEL_SIZE`` from
     ``images [B, 3, S, S]``, flattened ``[K, 3*PIXEL_SIZE**2]``; each image area-pooled to the
@@ -244,11 +270,19 @@ def extract_object_features(
     loader: Any,
     autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
     progress: bool = False,
+    box_features: str = "roi",
+    crop_size: int | None = None,
 ) -> dict[str, ObjectFeatures]:
     """Object and image features of every annotated image of an
     :class:`~pipeline.eval_objects.ObjectLoader`, for each of ``backbones`` in one pass over
     the images (decoded once). A ``None`` backbone is the raw-pixel reference
-    (:func:`pixel_features`). Backbones run in eval mode (restored afterwards)."""
+    (:func:`pixel_features`). Backbones run in eval mode (restored afterwards).
+    ``box_features``: ``roi`` (:func:`roi_features` on the whole image's map) or ``crop``
+    (the pooled feature of each box cut out at ``crop_size``, :func:`crop_boxes`)."""
+    if box_features not in BOX_FEATURES:
+        raise ValueError(f"unknown box features {box_features!r}; choose one of {BOX_FEATURES}")
+    if box_features == "crop" and not crop_size:
+        raise ValueError("box features 'crop' need a crop size")
     from tqdm import tqdm
 
     modes = {name: b.training for name, b in backbones.items() if b is not None}
@@ -264,6 +298,19 @@ def extract_object_features(
             for name, backbone in backbones.items():
                 if backbone is None:
                     obj, whole = pixel_features(x, boxes, owner)
+                elif box_features == "crop":
+                    small = x
+                    if x.shape[-1] != crop_size:  # the backbone takes crop_size inputs
+                        small = F.interpolate(
+                            x.float(), size=crop_size, mode="bilinear", antialias=True
+                        )
+                    with autocast() if autocast is not None else contextlib.nullcontext():
+                        whole = backbone(small)
+                        obj = (
+                            backbone(crop_boxes(x, boxes, owner, crop_size))
+                            if len(boxes)
+                            else whole.new_zeros(0, whole.shape[1])
+                        )
                 else:
                     with autocast() if autocast is not None else contextlib.nullcontext():
                         fmap, whole = feature_map(backbone, x)
@@ -441,9 +488,16 @@ def evaluate_objects(
     autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
     log: Callable[[str], None] | None = None,
     progress: bool = False,
+    box_features: str = "roi",
+    crop_size: int | None = None,
 ) -> dict:
     """Object probe and multi-label image probe of frozen ``backbones`` on shards with ground
     truth (module docstring); the function ``ssl-cli bench quality`` calls.
+
+    ``box_features``: ``roi`` (default; RoIAlign on the map of the whole image at ``size``) or
+    ``crop`` (each box cut from the image at ``size`` and resized to ``crop_size``, default
+    ``cfg.data.size``; the backbones then take ``crop_size`` inputs, and the image probe sees
+    the whole image resized to ``crop_size`` too).
 
     Args:
         backbones: one timm backbone (reported as ``"backbone"``) or ``{row name: backbone}``
@@ -474,13 +528,17 @@ def evaluate_objects(
     if isinstance(backbones, nn.Module):
         backbones = {"backbone": backbones}
     size = size or cfg.data.size
+    if box_features not in BOX_FEATURES:
+        raise ValueError(f"unknown box features {box_features!r}; choose one of {BOX_FEATURES}")
+    crop_size = (crop_size or cfg.data.size) if box_features == "crop" else None
+    model_size = crop_size or size  # the input side the backbones take
     device = torch.device(device)
     models: dict[str, nn.Module | None] = dict(backbones)
     reserved = {RANDOM_ROW, PIXEL_ROW} & set(models)
     if reserved and references:
         raise ValueError(f"row names {sorted(reserved)} are the references' own")
     if references:
-        models[RANDOM_ROW] = random_backbone(cfg.model, size)
+        models[RANDOM_ROW] = random_backbone(cfg.model, model_size)
         models[PIXEL_ROW] = None
     for backbone in models.values():
         if backbone is not None:
@@ -494,7 +552,9 @@ def evaluate_objects(
         for part, loader in (("train", bank_loader), ("val", query_loader)):
             gt = loader.ground_truth
             started = time.perf_counter()
-            features[part] = extract_object_features(models, loader, autocast, progress)
+            features[part] = extract_object_features(
+                models, loader, autocast, progress, box_features, crop_size
+            )
             say(
                 f"{part}: {gt.num_objects} objects in {gt.num_images} images, features of "
                 f"{', '.join(models)} in {time.perf_counter() - started:.1f} s"
@@ -530,6 +590,8 @@ def evaluate_objects(
         "k": k,
         "temperature": temperature,
         "probe": asdict(probe),
+        "box_features": box_features,
+        "crop_size": crop_size,
         "roi": {
             "op": "torchvision.ops.roi_align",
             "aligned": True,
@@ -551,6 +613,8 @@ def objects_eval(
     probe: LinearProbeConfig = LinearProbeConfig(),
     size: int | None = None,
     batch_size: int = 256,
+    box_features: str = "roi",
+    crop_size: int | None = None,
     device: str = "auto",
     branch: str = "auto",
     num_threads: int | None = None,
@@ -586,13 +650,17 @@ def objects_eval(
     backbones, meta = load_backbones(checkpoint, branch)
     cfg = meta["config"]
     size = size or cfg.data.size
-    changes = [fit_input_size(b, size) for b in backbones.values()]
+    if box_features == "crop":
+        crop_size = crop_size or cfg.data.size
+    changes = [fit_input_size(b, crop_size or size) for b in backbones.values()]
     report = evaluate_objects(
         backbones,
         cfg,
         train,
         val,
         size=size,
+        box_features=box_features,
+        crop_size=crop_size,
         k=k,
         temperature=temperature,
         probe=probe,

@@ -212,6 +212,7 @@ class QualityPlan:
     objects_train: str | None = None  # shards with ground truth: object probes' training set
     objects_val: str | None = None  # ... and their scored set
     objects_size: int | None = None  # input side of the object probes [default: data.size]
+    objects_features: str = "roi"  # how a box gets its feature (train.objects.BOX_FEATURES)
 
     @classmethod
     def build(cls, **kwargs: Any) -> QualityPlan:
@@ -285,7 +286,7 @@ class QualityPlan:
         d = asdict(self)
         identity = {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in keys}
         if self.objects_train is not None:  # absent otherwise: older plans stay valid
-            for k in ("objects_train", "objects_val", "objects_size"):
+            for k in ("objects_train", "objects_val", "objects_size", "objects_features"):
                 identity[k] = d[k]
         return identity
 
@@ -358,7 +359,8 @@ class QualityPlan:
         if self.objects_train is not None:
             lines.append(
                 f"objects: probes trained on {self.objects_train}, scored on {self.objects_val}, "
-                f"input {self.objects_size or 'data.size'} px"
+                f"input {self.objects_size or 'data.size'} px, box features {self.objects_features}"
+                + (" (crops at data.size)" if self.objects_features == "crop" else "")
             )
         for m in self.methods:
             cfg = self.config(m, self.seeds[0], steps=self.steps.get(m, 1))
@@ -536,14 +538,17 @@ def _evaluate_objects(
     from train.objects import evaluate_objects
 
     size = plan.objects_size or cfg.data.size
+    crop = plan.objects_features == "crop"
     for backbone in backbones.values():
-        fit_input_size(backbone, size)
+        fit_input_size(backbone, cfg.data.size if crop else size)
     return evaluate_objects(
         backbones,
         cfg,
         plan.objects_train,
         plan.objects_val,
         size=size,
+        box_features=plan.objects_features,
+        crop_size=cfg.data.size if crop else None,
         references=not backbones,
         k=KNN_K,
         temperature=KNN_T,
