@@ -55,6 +55,7 @@ __all__ = [
     "MultiCropViews",
     "UniVIPViews",
     "ViewLoader",
+    "default_parallelism",
     "view_set",
 ]
 
@@ -71,19 +72,53 @@ def _device(device: str | torch.device) -> torch.device:
     return device
 
 
+# DLPack's device type of plain host memory (``kDLCPU``; ``kDLCUDAHost`` = 3 is pinned memory)
+_DLPACK_CPU = 1
+
+
+def default_parallelism(gpu: bool) -> tuple[int, int]:
+    """DALI CPU threads and view-source processes for one rank: its share of the node's cores.
+
+    The share is the cores this process may run on (its CPU affinity) divided by the ranks on
+    this node (``LOCAL_WORLD_SIZE``, which torchrun sets; 1 otherwise), since every rank of a
+    node starts its own loader. CPU: every core of the share as DALI threads, no worker
+    processes (the view source runs in the DALI thread). GPU: half the share as threads and half
+    as worker processes, at most 8 each (the loader's cap so far; not measured beyond it). One
+    GPU on 16 cores: 8 + 8, as before; 8 ranks on 16 cores: 1 + 1 each, where sizing every
+    rank from the node's cores started 8 x (8 + 8) threads and processes on 16 cores.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    ranks = int(local) if local.isdigit() and int(local) > 0 else 1
+    share = max(1, cores // ranks)
+    if not gpu:
+        return share, 0
+    return max(1, min(8, share // 2)), min(8, share // 2)
+
+
 def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
     """A dense DALI TensorList as a torch tensor on its own device.
 
-    CPU: zero copy through DLPack; DALI's dynamic executor gives every run's outputs their own
-    buffers, which live as long as the tensor. GPU: a copy on torch's current stream (ordered
-    after DALI's work by ``feed_ndarray``), the path DALI's own torch iterator takes.
+    CPU, in plain host memory: zero copy through DLPack; DALI's dynamic executor gives every
+    run's outputs their own buffers, which live as long as the tensor. CPU in pinned memory
+    (the CPU outputs of a pipeline with a GPU, such as the rows and extras of a GPU view
+    pipeline): DLPack device type 3 (``kDLCUDAHost``), which ``torch.from_dlpack`` refuses, so
+    a copy into plain host memory (``feed_ndarray``; these outputs are small int tensors). GPU:
+    a copy on torch's current stream (ordered after DALI's work by ``feed_ndarray``), the path
+    DALI's own torch iterator takes.
     """
     from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
     from nvidia.dali.tensors import TensorListGPU
 
     t = tensor_list.as_tensor()
     if not isinstance(tensor_list, TensorListGPU):
-        return torch.from_dlpack(t)
+        if int(t.__dlpack_device__()[0]) == _DLPACK_CPU:
+            return torch.from_dlpack(t)
+        out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype])
+        return feed_ndarray(t, out)
     out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=device)
     feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(device))
     return out
@@ -147,10 +182,10 @@ class ViewLoader:
         rank, world_size: this process's part of the data (DDP).
         seed: the whole order and every random decision derive from it.
         device: ``"cpu"`` (DALI CPU operators) or ``"cuda[:N]"`` (GPU decoding and views).
-        num_threads: DALI CPU threads [default: all cores on CPU, ``min(8, cores // 2)`` with
-            a GPU].
+        num_threads: DALI CPU threads [default: this rank's share of the node's cores on CPU,
+            ``min(8, share // 2)`` with a GPU; :func:`default_parallelism`].
         workers: processes of the view source [default: 0 on CPU (in the DALI thread),
-            ``min(8, cores // 2)`` with a GPU].
+            ``min(8, share // 2)`` with a GPU].
         prefetch: batches DALI prepares ahead.
     """
 
@@ -179,10 +214,9 @@ class ViewLoader:
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank!r}")
         self.device = _device(device)
-        cores = os.cpu_count() or 1
-        gpu = self.device.type == "cuda"
-        self.num_threads = num_threads or (max(2, min(8, cores // 2)) if gpu else cores)
-        self.workers = workers if workers is not None else (min(8, cores // 2) if gpu else 0)
+        threads, procs = default_parallelism(self.device.type == "cuda")
+        self.num_threads = num_threads or threads
+        self.workers = workers if workers is not None else procs
         if self.workers < 0 or self.num_threads < 1:
             raise ValueError("workers must be >= 0 and num_threads >= 1")
         self.views = views

@@ -64,7 +64,7 @@ from train.distributed import (
     init_distributed,
 )
 from train.methods import Method, build_model, get_method
-from train.models import SSLModel, update_momentum
+from train.models import SSLModel, has_local_batchnorm, has_sync_batchnorm, update_momentum
 from train.optim import build_optimizer, set_hyperparameters
 from train.resolve import resolve_config
 from train.runinfo import run_info
@@ -81,10 +81,13 @@ __all__ = [
     "Parts",
     "RESUMABLE_KEYS",
     "SHARD_CHECK_FILE",
+    "COMPILED_MODULES",
     "build_loader",
     "check_resume_config",
     "build_monitor",
     "build_parts",
+    "compile_modules",
+    "distributed_model",
     "eta_seconds",
     "find_resume_checkpoint",
     "knn_step",
@@ -274,6 +277,7 @@ class Parts:
     schedules: Schedules
     terms: tuple[str, ...]  # "loss" then the method's terms, the order of train_step's output
     channels_last: bool
+    compiled: tuple[str, ...] = ()  # the modules torch.compile runs (compile_modules)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "fp32":
@@ -292,6 +296,78 @@ def convert_sync_batchnorm(model: SSLModel) -> None:
     model.predictor = nn.SyncBatchNorm.convert_sync_batchnorm(model.predictor)
     for name in list(model.extra):
         model.extra[name] = nn.SyncBatchNorm.convert_sync_batchnorm(model.extra[name])
+
+
+# The modules ``run.compile`` compiles, by their names in the model: the backbones and heads,
+# where the step's compute is. The loss and the method's extras stay eager: they are small, and
+# the step function around them (collectives, Python control flow per method) would only add
+# graph breaks.
+COMPILED_MODULES = (
+    "online.backbone",
+    "online.projector",
+    "predictor",
+    "target.backbone",
+    "target.projector",
+)
+
+# torch's own recompile limit (torch._dynamo.config.recompile_limit, 8) is meant per function.
+# Every module compiled with ``nn.Module.compile`` is traced through the one wrapper function
+# torch builds for it (torch._dynamo.external_utils.wrap_inline), so all of them share that
+# function's limit: five modules, each seen with and without gradient (online, target) and at
+# two input shapes (UniVIP's 224-px scenes and 96-px instances), are more graphs than 8, and
+# past the limit torch runs the remaining calls eagerly with one warning. We give every compiled
+# module the budget torch gives a function; tests/test_compile.py counts the graphs each
+# method really needs (well under it) and that no step after the first compiles again.
+RECOMPILES_PER_MODULE = 8
+
+
+def compile_modules(model: SSLModel, backend: str = "inductor") -> tuple[str, ...]:
+    """``torch.compile`` the :data:`COMPILED_MODULES` of ``model`` in place (``nn.Module.compile``:
+    the state-dict keys stay those of the plain model, so checkpoints do not change) and raise
+    the recompile limit to :data:`RECOMPILES_PER_MODULE` per compiled module. Returns the names
+    compiled.
+
+    A module that holds SyncBatchNorm (the heads, and a ResNet's backbone, after
+    :func:`convert_sync_batchnorm` under DDP on GPUs) is left eager: dynamo cannot trace
+    SyncBatchNorm's forward in one graph (pytorch/pytorch#156680, open: it breaks the graph at
+    ``torch.cuda.is_current_stream_capturing`` and ``batch_norm_gather_stats_with_counts``), and
+    compile + DDP + SyncBatchNorm fails at compile time (pytorch/pytorch#107372, open). With
+    MOS's and MoCo v3's ViTs that leaves the heads eager, a few MLP layers against the
+    backbone's transformer blocks; a ResNet with SyncBatchNorm runs eager as a whole.
+    ``backend``: torch.compile's (tests count graphs with ``"aot_eager"``, which compiles no
+    kernels).
+    """
+    import torch._dynamo.config as dynamo_config
+
+    names = tuple(n for n in COMPILED_MODULES if not has_sync_batchnorm(model.get_submodule(n)))
+    # recompile_limit: torch >= 2.6; cache_size_limit before
+    key = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    limit = RECOMPILES_PER_MODULE * len(names)
+    if getattr(dynamo_config, key) < limit:
+        setattr(dynamo_config, key, limit)
+    for name in names:
+        model.get_submodule(name).compile(backend=backend)
+    return names
+
+
+def distributed_model(model: SSLModel, info: DistInfo) -> nn.Module:
+    """``model`` wrapped in DDP (one device per rank on CUDA, gloo's CPU tensors otherwise).
+
+    ``broadcast_buffers``: DDP's default (True) sends rank 0's buffers to every rank before each
+    forward; here those are BatchNorm running statistics, the target encoder's included. With
+    SyncBatchNorm everywhere (:func:`convert_sync_batchnorm`, GPU runs) every rank computes the
+    same statistics from the same gathered batch moments, so the broadcast would re-send equal
+    values each step, a collective the forward waits for: off. Where a BatchNorm stays
+    per rank (CPU runs, ``model.sync_bn: false``) it stays on, so that every rank holds rank 0's
+    statistics, the ones a checkpoint saves, as with DDP's default in BYOL's and MoCo v3's
+    reference code.
+    """
+    cuda = info.device.type == "cuda"
+    return nn.parallel.DistributedDataParallel(
+        model,
+        device_ids=[info.device.index] if cuda else None,
+        broadcast_buffers=has_local_batchnorm(model),
+    )
 
 
 def build_parts(cfg: TrainConfig, info: DistInfo, loader: Any = None) -> Parts:
@@ -314,22 +390,12 @@ def build_parts(cfg: TrainConfig, info: DistInfo, loader: Any = None) -> Parts:
     if info.world_size > 1 and cuda and cfg.model.sync_bn:
         # SyncBatchNorm runs on GPUs only; gloo/CPU runs keep per-rank BN statistics
         convert_sync_batchnorm(model)
-    if cfg.run.compile:
-        for m in (
-            model.online.backbone,
-            model.online.projector,
-            model.predictor,
-            model.target.backbone,
-            model.target.projector,
-        ):
-            m.compile()
+    compiled = compile_modules(model) if cfg.run.compile else ()
     optimizer = build_optimizer(model, cfg.optim, fused=cuda)
     scaler = torch.amp.GradScaler(info.device.type, enabled=precision == "fp16")
     module: nn.Module = model
     if info.world_size > 1:
-        module = nn.parallel.DistributedDataParallel(
-            model, device_ids=[info.device.index] if cuda else None
-        )
+        module = distributed_model(model, info)
     if loader is None:
         loader = build_loader(cfg, info)
     schedules = build_schedules(cfg, len(loader))
@@ -346,6 +412,7 @@ def build_parts(cfg: TrainConfig, info: DistInfo, loader: Any = None) -> Parts:
         schedules=schedules,
         terms=("loss", *method.terms),
         channels_last=channels_last,
+        compiled=compiled,
     )
 
 

@@ -37,6 +37,8 @@ __all__ = [
     "deterministic_copy",
     "freeze_patch_embed",
     "has_batchnorm",
+    "has_local_batchnorm",
+    "has_sync_batchnorm",
     "mlp",
     "update_momentum",
 ]
@@ -87,6 +89,20 @@ def freeze_patch_embed(backbone: nn.Module) -> int:
 def has_batchnorm(module: nn.Module) -> bool:
     """Whether ``module`` holds BatchNorm layers (whose statistics span the samples of a call)."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def has_sync_batchnorm(module: nn.Module) -> bool:
+    """Whether ``module`` holds SyncBatchNorm layers (statistics over every rank's samples)."""
+    return any(isinstance(m, nn.SyncBatchNorm) for m in module.modules())
+
+
+def has_local_batchnorm(module: nn.Module) -> bool:
+    """Whether ``module`` holds BatchNorm layers that are not SyncBatchNorm: their running
+    statistics differ from rank to rank under DDP."""
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm)
+        for m in module.modules()
+    )
 
 
 def deterministic_copy(module: nn.Module) -> nn.Module:

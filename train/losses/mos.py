@@ -117,13 +117,17 @@ def soft_targets(members_q: Tensor, members_k: Tensor, num_samples: int | None =
     device = members_q.device
 
     def histogram(members: Tensor) -> Tensor:  # [B, M] -> [B, N]: copies of sample n in image b
-        hist = torch.zeros(members.shape[0], num_samples, device=device)
-        return hist.scatter_add_(1, members.to(device), torch.ones(members.shape, device=device))
+        hist = torch.zeros(members.shape[0], num_samples, device=device, dtype=torch.float32)
+        ones = torch.ones(members.shape, device=device, dtype=torch.float32)
+        return hist.scatter_add_(1, members.to(device), ones)
 
-    # sum over cell pairs of [m_q == m_k] = <hist_q[i], hist_k[j]> (exact small integers)
-    counts = histogram(members_q) @ histogram(members_k).T  # [Bq, Bk]
-    row_sum = counts.sum(dim=1, keepdim=True)
-    return counts / row_sum.clamp_min(1.0)  # rows with no overlap stay 0
+    # sum over cell pairs of [m_q == m_k] = <hist_q[i], hist_k[j]> (exact small integers). In
+    # float32 with autocast off: under bf16 autocast the product and the division would run in
+    # bf16 (1/3 -> 0.33398), and the targets would not be the eq. 8-10 values
+    with torch.autocast(device_type=device.type, enabled=False):
+        counts = histogram(members_q) @ histogram(members_k).T  # [Bq, Bk]
+        row_sum = counts.sum(dim=1, keepdim=True)
+        return counts / row_sum.clamp_min(1.0)  # rows with no overlap stay 0
 
 
 # which (query, key) view pairs each term contrasts, per form of the loss
