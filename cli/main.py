@@ -83,7 +83,8 @@ def shards() -> None:
     "--mode",
     type=click.Choice(SEARCH_MODES),
     default=DEFAULT_SEARCH.mode,
-    help="Selective search strategy.",
+    help="Selective search strategy: OpenCV's fast or quality preset, or lean (fast's colour "
+    "spaces, two k values, its colour-aware strategy only; see docs/benchmarks.md).",
 )
 @click.option(
     "--max-side",
@@ -102,6 +103,24 @@ def shards() -> None:
     "--scale-k/--no-scale-k",
     default=DEFAULT_SEARCH.scale_k,
     help="Scale k with the downscale factor of --max-side.",
+)
+@click.option(
+    "--min-segment",
+    type=click.IntRange(min=1),
+    default=DEFAULT_SEARCH.min_segment,
+    help="Smallest graph segment, in pixels of a copy of --max-side.",
+)
+@click.option(
+    "--scale-segment/--no-scale-segment",
+    default=DEFAULT_SEARCH.scale_segment,
+    help="Scale --min-segment down with the area of an image smaller than --max-side.",
+)
+@click.option(
+    "--rank",
+    type=click.Choice(RANKS),
+    default=DEFAULT_FILTER.rank,
+    help="Order of the greedy IoU filter: boxes the search agrees on first, or the search's "
+    "own (the ORL recipe: --mode fast --max-side 0 --rank search).",
 )
 @click.option(
     "--min-side",
@@ -222,6 +241,9 @@ def shards_build(
     max_side,
     base_k,
     scale_k,
+    min_segment,
+    scale_segment,
+    rank,
     min_side,
     min_image_side,
     min_box_side,
@@ -265,13 +287,21 @@ def shards_build(
     image_side = min_image_side or min_side or ImageParams().min_side
     box_side = min_box_side or min_side or DEFAULT_FILTER.min_side
     params = BuildParams(
-        search=SearchParams(mode=mode, max_side=max_side, base_k=base_k, scale_k=scale_k),
+        search=SearchParams(
+            mode=mode,
+            max_side=max_side,
+            base_k=base_k,
+            scale_k=scale_k,
+            min_segment=min_segment,
+            scale_segment=scale_segment,
+        ),
         filter=FilterParams(
             min_side=box_side,
             min_aspect=min_aspect,
             max_aspect=max_aspect,
             max_iou=max_iou,
             top_n=top_n,
+            rank=rank,
         ),
         image=ImageParams(
             min_side=image_side,
@@ -429,7 +459,8 @@ def bench() -> None:
     "modes",
     type=click.Choice(SEARCH_MODES),
     multiple=True,
-    help=f"Selective search strategy of our configurations [default: {DEFAULT_SEARCH.mode}].",
+    help="Selective search strategy of our configurations (as in shards build) "
+    f"[default: {DEFAULT_SEARCH.mode}].",
 )
 @click.option(
     "--max-side",
@@ -548,11 +579,9 @@ def bench_shards(
 
     \b
     Examples:
-      ssl-cli bench shards
-      ssl-cli bench shards ~/coco/val2017 --annotations ~/coco/annotations/instances_val2017.json
-      ssl-cli bench shards scenes/images --annotations scenes/instances.json --min-box-side 8 \\
-          --mode fast --mode quality --max-iou 0.5 --max-iou 0.7 --json runs/bench-scenes.json
-      ssl-cli bench shards @sample --max-side 224 --max-side 320 --json runs/bench-shards.json
+      ssl-cli bench shards ~/coco/val2017 --annotations ~/coco/annotations/instances_val2017.json --mode fast --mode lean
+      ssl-cli bench shards data/scenes/test/images --annotations data/scenes/test/instances.json --min-box-side 8 --rank search --rank agreement --plot runs/ar.png
+      ssl-cli bench shards @sample --max-side 224 --max-side 320 --rounds 3 --json runs/bench-shards.json
     """
     from shards.bench import bench_search, parse_sweep, plot_bench, sweep
     from shards.writer import atomic_write_bytes

@@ -379,7 +379,7 @@ def bench_search(
         f"ours: {len(configs)} configuration(s)"
         + (f" varying {', '.join(vary)}" if vary else "")
         + "; other parameters: the build's defaults"
-        + (f" but {', '.join(fixed)}" if fixed != ["default"] else "")
+        + (f" but {', '.join(fixed)}" if fixed and fixed != ["default"] else "")
     )
     if images.truth is not None:
         smallest = min(f.min_side for _, f in configs)
@@ -447,39 +447,43 @@ def format_table(rows: list[dict]) -> list[str]:
     ]
 
 
-def plot_bench(report: dict, out: str | os.PathLike) -> None:
-    """A PNG of AR@100 against images/s per core (log scale), one point per row of ``report``
-    (a :func:`bench_search` report with ground truth), written atomically."""
+def plot_bench(report: dict, out: str | os.PathLike, title: str | None = None) -> None:
+    """A PNG of AR@100 against images/s per core (log scale), one numbered point per row of
+    ``report`` (a :func:`bench_search` report with ground truth) and a key of the numbers,
+    written atomically. ``title``: default, the images and the CPU."""
     import io
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     from .writer import atomic_write_bytes
 
     rows = [r for r in report["rows"] if "gt" in r and r["gt"]["AR@100"] is not None]
     if not rows:
         raise BenchError("the plot needs ground truth (--annotations)")
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for r in rows:
+    fig, (ax, key) = plt.subplots(1, 2, figsize=(10, 4.8), gridspec_kw={"width_ratios": [1.5, 1]})
+    lines = []
+    for n, r in enumerate(rows, 1):
         orl = r["name"].startswith("ORL")
-        ax.scatter(
-            r["images_per_s_per_core"],
-            r["gt"]["AR@100"],
-            marker="s" if orl else "o",
-            color="tab:red" if orl else "tab:blue",
-            s=30,
-        )
-        label = r["name"] if orl else r["label"]
-        ax.annotate(label, (r["images_per_s_per_core"], r["gt"]["AR@100"]), fontsize=6,
-                    xytext=(3, 3), textcoords="offset points")  # fmt: skip
+        x, y = r["images_per_s_per_core"], r["gt"]["AR@100"]
+        ax.scatter(x, y, marker="s" if orl else "o", color="tab:red" if orl else "tab:blue", s=28)
+        ax.annotate(str(n), (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
+        lines.append(f"{n:>2}  {r['label']}")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("images/s per core (log scale)")
     ax.set_ylabel("AR@100 against ground truth")
-    ax.set_title(f"{report['images']} images, {report['hardware'].split(',')[0]}", fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(
+        title or f"{report['images']} images, {report['hardware'].split(',')[0]}", fontsize=9
+    )
+    key.axis("off")
+    key.text(0, 1, "\n".join(lines), va="top", family="monospace", fontsize=7)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)

@@ -200,7 +200,7 @@ def test_agreement_order_keeps_the_box_the_search_keeps_finding():
     loose = [0, 0, 40, 40]  # first in the search's order
     tight = [[4, 4, 36, 36], [4, 4, 36, 35], [5, 4, 36, 36]]  # found three times, nearly alike
     boxes = np.array([loose, *tight, [60, 60, 90, 90]])
-    fp = FilterParams(min_side=8, max_iou=0.5)
+    fp = FilterParams(min_side=8, max_iou=0.5, rank="search")
     np.testing.assert_array_equal(filter_boxes(boxes, fp), boxes[[0, 4]])
     kept = filter_boxes(boxes, FilterParams(min_side=8, max_iou=0.5, rank="agreement"))
     np.testing.assert_array_equal(kept, boxes[[1, 4]])  # the loose box overlaps it by 0.64
@@ -235,6 +235,16 @@ def test_rebuilt_presets_give_opencvs_boxes_in_its_order(mode):
         SearchParams(min_segment=0)
 
 
+def test_the_defaults_are_ours_and_the_orl_recipe_is_one_option_set_away():
+    assert (SearchParams().mode, SearchParams().scale_segment) == ("lean", True)
+    assert FilterParams().rank == "agreement"
+    orl = SearchParams(mode="fast", max_side=0)
+    rgb = photo("coffee", (120, 90))
+    np.testing.assert_array_equal(
+        selective_search(rgb, orl, key="o"), _opencv_preset(rgb, "fast", 150, "o")
+    )
+
+
 def test_smallest_segment_scales_with_the_area_of_images_below_max_side():
     p = SearchParams(max_side=320, min_segment=100, scale_segment=True)
     assert segment_min_size(96, 96, p) == 9  # 100 * (96 / 320)^2 = 9.0
@@ -251,6 +261,6 @@ def test_upsample_searches_a_copy_of_max_side_and_maps_boxes_back():
     assert search_scale(96, 72, SearchParams(max_side=192)) == 1.0  # never, unless asked
     rgb = photo("coffee", (96, 72))
     up = selective_search(rgb, p, key="u")
-    plain = selective_search(rgb, SearchParams(max_side=192), key="u")
+    plain = selective_search(rgb, SearchParams(max_side=192, scale_segment=False), key="u")
     assert up.max(axis=0)[2] <= 96 and up.max(axis=0)[3] <= 72 and up.min() >= 0
     assert len(up) > len(plain)  # four times the pixels, finer segments
