@@ -90,8 +90,10 @@ bench: $(STAMP)
 	$(BIN)/ssl-cli bench train --config configs/demo_mos_cpu.yaml --data $(BENCH_SHARDS) --json $(BENCH_OUT)/train_mos.json
 	$(BIN)/ssl-cli bench train --config configs/demo_univip_cpu.yaml --data $(BENCH_SHARDS) --json $(BENCH_OUT)/train_univip.json
 
-# Every GPU check in one call (pytest -m gpu, pipeline/train/quality benchmarks; JSON figures in
-# GPU_CHECK_OUT, default runs/gpu-check). DRY_RUN=1 checks the command lines on any machine.
+# Every GPU check in one call, the first command on a GPU machine (docs/gpu.md): sample data,
+# pytest -m gpu, pipeline/train/quality benchmarks; JSON figures and logs in GPU_CHECK_OUT.
+# DRY_RUN=1 runs every step on the CPU with the same data and batch sizes; STEPS=a,b: only those.
 # On an offline GPU node with its own Python: PYTHON=... bash scripts/gpu-check.sh (no venv).
+GPU_CHECK_OUT ?= runs/gpu-check
 gpu-check: $(DEV_STAMP)
-	BIN=$(BIN) DRY_RUN=$(DRY_RUN) bash scripts/gpu-check.sh
+	BIN=$(BIN) DRY_RUN=$(DRY_RUN) GPU_CHECK_OUT=$(GPU_CHECK_OUT) STEPS=$(STEPS) bash scripts/gpu-check.sh

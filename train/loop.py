@@ -417,14 +417,23 @@ def build_parts(cfg: TrainConfig, info: DistInfo, loader: Any = None) -> Parts:
 
 
 def _to_device(value: Any, device: torch.device, channels_last: bool) -> Any:
+    """Tensors of a batch on ``device``; with ``channels_last``, float images in NHWC: ``[B, C,
+    H, W]`` views, and ``[B, K, C, H, W]`` stacks of them (UniVIP's instances) laid out so that
+    the step's ``flatten(0, 1)`` is an NHWC ``[B * K, C, H, W]`` view too. Otherwise the
+    instance passes would meet channels-last weights with NCHW inputs (a layout conversion per
+    convolution on a GPU, and under ``run.compile`` a graph of their own)."""
     if isinstance(value, dict):
         return {k: _to_device(v, device, channels_last) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_to_device(v, device, channels_last) for v in value]
     if isinstance(value, Tensor):
         value = value.to(device, non_blocking=True)
-        if channels_last and value.dim() == 4 and value.is_floating_point():
-            value = value.contiguous(memory_format=torch.channels_last)
+        if channels_last and value.is_floating_point():
+            if value.dim() == 4:
+                value = value.contiguous(memory_format=torch.channels_last)
+            elif value.dim() == 5:
+                nhwc = value.flatten(0, 1).contiguous(memory_format=torch.channels_last)
+                value = nhwc.view(value.shape)
         return value
     return value
 
