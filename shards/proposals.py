@@ -83,7 +83,7 @@ class FilterParams:
 class SearchParams:
     # "lean" (ours, see _PRESETS) over OpenCV's "fast" that the ORL recipe runs: with the
     # agreement order and scale_segment, AR@100 0.700 against 0.709 on held-out 96-px scenes at
-    # 1.8x fast's speed (docs/benchmarks.md).
+    # 1.7x fast's speed (docs/benchmarks.md).
     mode: str = "lean"
     max_side: int = 320  # longer side of the copy the search runs on (0 = full resolution)
     min_search_side: int = 32  # never downscale the shorter side below this
@@ -95,12 +95,14 @@ class SearchParams:
     # The graph segmentation's smallest segment (OpenCV's createGraphSegmentation default,
     # which its selective-search presets keep), in pixels of a copy whose longer side is
     # max_side. With scale_segment, an image smaller than that is searched as it is (never
-    # upsampled) with min_segment * (longer side / max_side)^2, the segments a copy upsampled to
-    # max_side would give; see segment_min_size.
+    # upsampled) with min_segment * (longer side / max_side)^2, the smallest segment of a copy
+    # upsampled to max_side; see segment_min_size.
     min_segment: int = 100
-    scale_segment: bool = True  # measured: docs/benchmarks.md (off: OpenCV's 100 px always)
+    # Held-out 96-px scenes: AR@100 +0.04 and +0.05 at a 20% lower speed; nothing at 192 px
+    # (docs/benchmarks.md). Off: min_segment pixels whatever the image's size.
+    scale_segment: bool = True
     # Search an image smaller than max_side on a copy upsampled to it (bilinear). Off: the cost
-    # grows with the square of the factor, and scale_segment gets most of its recall for none.
+    # grows with the square of the factor; scale_segment gets most of its recall for far less.
     upsample: bool = False
 
     def __post_init__(self) -> None:
@@ -209,7 +211,8 @@ _PRESETS = {
     # Ours: fast's colour spaces with two graph segmentations (k and 2k; the authors' own
     # "Selective Search Fast" setting has two k values too) and only fast's colour-aware
     # strategy. Chosen on scenes with ground truth: in the agreement order, boxes about as good
-    # as fast's in 55-70% of its time (docs/benchmarks.md).
+    # as fast's (AR@100 -0.01 to +0.02 on scenes of 96 to 320 px) in 60% of its time
+    # (docs/benchmarks.md).
     "lean": (("hsv", "lab"), 2, (("color", "fill", "texture", "size"),)),
 }
 _SIGMA = 0.8  # the presets' Gaussian smoothing before the graph segmentation
@@ -265,10 +268,10 @@ def segment_min_size(searched_width: int, searched_height: int, params: SearchPa
     A segment of fewer pixels is merged into a neighbour, so a small object can gain its
     neighbour's pixels and a loose box. OpenCV's 100 pixels suit the copies of ``max_side``
     (320) the search runs on; on a 96-px scene that is a tenth of a 32-px object's area. Scaling
-    it with the area, as if the image were upsampled to ``max_side``, is what upsampling would
-    do (measured on 96-px scenes: the same recall as a search on a 2x upsampled copy, at a
-    quarter of the cost; docs/benchmarks.md). Images at or above ``max_side``, ``max_side = 0``
-    and ``scale_segment=False`` keep ``min_segment``.
+    it with the area, as if the image were upsampled to ``max_side``, gets most of what
+    upsampling would (measured on 96-px scenes: AR@100 0.688 against 0.710 for a search on a 2x
+    upsampled copy, at 3.5 times its speed; docs/benchmarks.md). Images at or above
+    ``max_side``, ``max_side = 0`` and ``scale_segment=False`` keep ``min_segment``.
     """
     longer = max(searched_width, searched_height)
     if not params.scale_segment or params.max_side == 0 or longer >= params.max_side:
