@@ -310,14 +310,16 @@ COMPILED_MODULES = (
     "target.projector",
 )
 
-# torch's own recompile limit (torch._dynamo.config.recompile_limit, 8) is meant per function.
-# Every module compiled with ``nn.Module.compile`` is traced through the one wrapper function
-# torch builds for it (torch._dynamo.external_utils.wrap_inline), so all of them share that
-# function's limit: five modules, each seen with and without gradient (online, target) and at
-# two input shapes (UniVIP's 224-px scenes and 96-px instances), are more graphs than 8, and
-# past the limit torch runs the remaining calls eagerly with one warning. We give every compiled
-# module the budget torch gives a function; tests/test_compile.py counts the graphs each
-# method really needs (well under it) and that no step after the first compiles again.
+# torch's own recompile limit (torch._dynamo.config.recompile_limit, 8) counts the graphs of
+# one function, and compiled modules share functions: every head (its forward is torch's own,
+# nn.Sequential) is traced through the one wrapper torch builds for ``nn.Module.compile``
+# (torch._dynamo.external_utils.wrap_inline), and the online and target backbones through their
+# class's ``forward``. Each module is seen with and without gradient (online, target), UniVIP's
+# at two view sizes (scenes and instances), and the periodic kNN adds eval-mode graphs; past a
+# limit torch runs the remaining calls eagerly after one warning, a slowdown nothing else
+# reports. We give every compiled module the budget torch gives a function;
+# tests/test_compile.py counts the graphs each method needs (UniVIP's small model: 4 + 4 in its
+# first step), their reasons, and that no step after the first compiles again.
 RECOMPILES_PER_MODULE = 8
 
 
