@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from train.evaluation import (
@@ -50,3 +51,26 @@ def test_linear_probe_learns_a_separable_set():
     assert acc.top1 > 90.0
     untrained = train_linear_probe(x[:500], y[:500], 3, LinearProbeConfig(epochs=0))
     assert probe_accuracy(untrained, x[500:], y[500:]).top1 < acc.top1
+
+
+def test_probe_runs_on_one_cpu_thread_and_restores_the_count():
+    from train.probes import probe_threads
+
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x):
+            seen.append(torch.get_num_threads())
+            return x
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with probe_threads(torch.device("cpu")):
+            Spy()(torch.zeros(1))
+        assert seen == [1] and torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), probe_threads(torch.device("cpu")):
+            raise RuntimeError("restored on errors too")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -54,6 +54,7 @@ from train.probes import (
     knn_accuracy,
     probe_accuracy,
     probe_head,
+    probe_threads,
     train_linear_probe,
 )
 
@@ -385,7 +386,15 @@ def train_multilabel_probe(
     binary cross-entropy per class, summed over classes and averaged over the batch (so each
     class's classifier steps like the softmax probe's), SGD with momentum, cosine lr: the
     recipe of the fast linear probe (:class:`~train.probes.LinearProbeConfig`). Returns the
-    head in eval mode; the caller's random state is left as it was."""
+    head in eval mode; the caller's random state is left as it was. On the CPU it runs on one
+    thread (:func:`~train.probes.probe_threads`)."""
+    with probe_threads(features.device):
+        return _train_multilabel_probe(features, targets, config)
+
+
+def _train_multilabel_probe(
+    features: Tensor, targets: Tensor, config: LinearProbeConfig
+) -> nn.Module:
     x, y = features.float(), targets.float()
     lr = config.lr * config.batch_size / 256
     steps_per_epoch = max(1, math.ceil(x.shape[0] / config.batch_size))

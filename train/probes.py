@@ -140,6 +140,26 @@ def _epoch_timing(started: float, now: float, epoch: int, epochs: int) -> str:
     return f"{format_duration(elapsed)} elapsed, ETA {eta}"
 
 
+@contextlib.contextmanager
+def probe_threads(device: torch.device):
+    """One intra-op thread for a probe's steps on the CPU (the caller's count restored).
+
+    A probe step is a ``[256, D] x [D, C]`` matmul with a BatchNorm: too small for threads to
+    share, so a second thread only adds its hand-over, and where the cores are busy with other
+    work the hand-over waits for a core every op. Measured on a 2-core VM at load 7 (9,060
+    features of 512 dimensions, 10 classes, 100 epochs): 260 s with 2 threads, 32 s with 1.
+    CUDA probes are left alone."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train_linear_probe(
     train_features: Tensor,
     train_labels: Tensor,
@@ -153,7 +173,22 @@ def train_linear_probe(
     ``log``: a line ``linear probe (fast) epoch i/N: loss L, E elapsed, ETA T`` (mean training
     cross-entropy of the epoch; ETA at the cumulative rate of the epochs so far) after the
     first and the last epoch and whenever ``log_every`` seconds have passed since the last
-    line (0: every epoch); ``None``: silent. Logging does not change the probe."""
+    line (0: every epoch); ``None``: silent. Logging does not change the probe. On the CPU it
+    runs on one thread (:func:`probe_threads`)."""
+    with probe_threads(train_features.device):
+        return _train_linear_probe(
+            train_features, train_labels, num_classes, config, log, log_every
+        )
+
+
+def _train_linear_probe(
+    train_features: Tensor,
+    train_labels: Tensor,
+    num_classes: int,
+    config: LinearProbeConfig,
+    log: Callable[[str], None] | None,
+    log_every: float,
+) -> nn.Module:
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     x = train_features.float()
