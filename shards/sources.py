@@ -121,7 +121,13 @@ class SourceItem:
             if size > max_bytes:
                 raise RejectedImage("too_large", f"{size} bytes, over --max-file-bytes {max_bytes}")
             if self.size < 0:
-                data = f.read(max_bytes + 1)
+                # at most max_bytes + 1, in pieces no larger than the file said it was (read()
+                # allocates its size up front: read(2**62) fails whatever the file holds)
+                data = f.read(min(max_bytes, st.st_size) + 1)
+                while len(data) <= max_bytes and (
+                    more := f.read(min(max_bytes + 1 - len(data), 1 << 20))
+                ):
+                    data += more  # the file grew since fstat
                 if len(data) > max_bytes:
                     raise RejectedImage("too_large", f"over --max-file-bytes {max_bytes}")
                 return data

@@ -679,3 +679,12 @@ def test_idx_errors_are_clear(tmp_path):
         p.rename(tmp_path / "a" / p.name)
     with pytest.raises(SourceError, match="several IDX sets"):
         open_source(str(tmp_path / "a"), "idx")
+
+
+def test_reading_an_input_without_a_byte_limit(tmp_path):
+    """SourceItem.read's default limit (2**62) is never allocated: the whole file comes back."""
+    from shards.sources import SourceItem
+
+    path = tmp_path / "a.jpg"
+    path.write_bytes(b"x" * 5000)
+    assert SourceItem(key="a", source=str(path), path=str(path)).read() == b"x" * 5000
