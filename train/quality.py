@@ -685,7 +685,12 @@ def _markdown(summary: dict, plan: QualityPlan) -> str:
     if any("target/objects/object_knn_top1" in row for row in summary["methods"].values()):
         lines.append("")
         lines.append(
-            "Objects (ground-truth boxes of the scenes; RoIAlign on the last feature map):"
+            "Objects (ground-truth boxes of the scenes; "
+            + (
+                "each box cut out at data.size and embedded alone):"
+                if plan.objects_features == "crop"
+                else "RoIAlign on the last feature map):"
+            )
         )
         lines.append("")
         lines.append(
