@@ -169,25 +169,19 @@ def forward_equivalents(cfg: TrainConfig) -> float:
     raise ValueError(f"no forward-equivalent count for method {cfg.method!r}")
 
 
-def _manifest_samples(shards: Path) -> int:
+def _manifest(shards: Path) -> dict:
+    """The shard folder's ``manifest.json``, read once; its sample count checked."""
     path = shards / "manifest.json"
     try:
         manifest = json.loads(path.read_text())
-        return int(manifest["counts"]["samples"])
+        int(manifest["counts"]["samples"])
+        return manifest
     except FileNotFoundError:
         raise ValueError(
             f"{shards}: no manifest.json (not a finished `ssl-cli shards build`)"
         ) from None
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: unreadable manifest ({e})") from None
-
-
-def _manifest_labelled(shards: Path) -> bool:
-    return bool(json.loads((shards / "manifest.json").read_text())["counts"].get("labelled"))
-
-
-def _manifest_annotated(shards: Path) -> bool:
-    return "annotations" in json.loads((shards / "manifest.json").read_text())
 
 
 @dataclass
@@ -239,15 +233,15 @@ class QualityPlan:
             option = "--" + name.replace("_", "-")
             if not path.is_dir():
                 raise ConfigError(f"{option}: {path} is not a directory")
-            samples = _manifest_samples(path)
+            manifest = _manifest(path)
             if name == "train":
-                plan.train_samples = samples
-            if name in ("val", "bank") and not _manifest_labelled(path):
+                plan.train_samples = int(manifest["counts"]["samples"])
+            if name in ("val", "bank") and not manifest["counts"].get("labelled"):
                 raise ConfigError(
                     f"{option}: {path} holds no class labels, which the kNN and linear probe "
                     "need (pretraining on unlabelled scenes: give labelled --bank and --val)"
                 )
-            if name.startswith("objects") and not _manifest_annotated(path):
+            if name.startswith("objects") and "annotations" not in manifest:
                 raise ConfigError(
                     f"{option}: {path} has no ground truth; build it with "
                     "`ssl-cli shards build SRC OUT --annotations instances.json`"
