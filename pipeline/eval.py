@@ -179,32 +179,32 @@ def eval_pipeline(
     source: Any,
     batch_size: int,
     size: int,
-    crop_pct: float = DEFAULT_CROP_PCT,
+    crop_pct: float | None = DEFAULT_CROP_PCT,
     device_id: int | None = None,
     num_threads: int = 1,
     prefetch: int = 2,
 ) -> Any:
-    """The DALI graph of the centre-crop transform. Outputs: images float32 ``[b, 3, size,
-    size]`` (on the GPU when ``device_id`` is set) and the rows ``[b, 1]`` int64 (CPU)."""
+    """The DALI graph of the evaluation transform: the centre crop (shorter side resized to
+    ``size / crop_pct``, the central ``size x size`` cut), or with ``crop_pct=None`` the whole
+    image resized to ``size x size`` (aspect not kept, nothing cut off: the object loader's).
+    Outputs: images float32 ``[b, 3, size, size]`` (on the GPU when ``device_id`` is set) and
+    the rows ``[b, 1]`` int64 (CPU)."""
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
-    shorter = resize_side(size, crop_pct)
 
     @pipeline_def
     def graph():
         jpeg, row = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True)
         image = fn.decoders.image(jpeg, device="mixed" if gpu else "cpu", output_type=types.RGB)
-        image = fn.resize(image, resize_shorter=shorter, antialias=True)
+        if crop_pct is None:
+            image = fn.resize(image, resize_x=size, resize_y=size, antialias=True)
+            crop = {}
+        else:
+            image = fn.resize(image, resize_shorter=resize_side(size, crop_pct), antialias=True)
+            crop = {"crop": (size, size), "crop_pos_x": 0.5, "crop_pos_y": 0.5}
         image = fn.crop_mirror_normalize(
-            image,
-            crop=(size, size),
-            crop_pos_x=0.5,
-            crop_pos_y=0.5,
-            dtype=types.FLOAT,
-            output_layout="CHW",
-            mean=_MEAN,
-            std=_STD,
+            image, dtype=types.FLOAT, output_layout="CHW", mean=_MEAN, std=_STD, **crop
         )
         return image, row
 

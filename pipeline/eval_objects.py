@@ -36,15 +36,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from shards.remote import is_url
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD
-from .eval import _RowSource
+from .eval import _RowSource, eval_pipeline
 from .loader import _dali_reason, _device, _to_torch, first_undecodable
 from .source import ShardIndex
 
@@ -54,14 +52,10 @@ __all__ = [
     "NoGroundTruthError",
     "ObjectLoader",
     "read_ground_truth",
-    "whole_image_pipeline",
 ]
 
 # The columns ``shards build --annotations`` adds to proposals.parquet.
 GT_COLUMNS = ("image_id", "gt_boxes", "gt_labels", "gt_crowd")
-
-_MEAN = [255.0 * m for m in IMAGENET_MEAN]
-_STD = [255.0 * s for s in IMAGENET_STD]
 
 
 class NoGroundTruthError(ValueError):
@@ -215,42 +209,6 @@ def read_ground_truth(shards_dir: str | Path | ShardIndex) -> GroundTruth:
     )
 
 
-def whole_image_pipeline(
-    source: Any,
-    batch_size: int,
-    size: int,
-    device_id: int | None = None,
-    num_threads: int = 1,
-    prefetch: int = 2,
-) -> Any:
-    """The DALI graph of the whole-image transform (module docstring). Outputs: images float32
-    ``[b, 3, size, size]`` (on the GPU when ``device_id`` is set), rows ``[b, 1]`` int64 (CPU)."""
-    from nvidia.dali import fn, pipeline_def, types
-
-    gpu = device_id is not None
-
-    @pipeline_def
-    def graph():
-        jpeg, row = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True)
-        image = fn.decoders.image(jpeg, device="mixed" if gpu else "cpu", output_type=types.RGB)
-        # both sides to ``size``: the aspect ratio is not kept, nothing is cut off
-        image = fn.resize(image, resize_x=size, resize_y=size, antialias=True)
-        image = fn.crop_mirror_normalize(
-            image, dtype=types.FLOAT, output_layout="CHW", mean=_MEAN, std=_STD
-        )
-        return image, row
-
-    pipe = graph(
-        batch_size=batch_size,
-        num_threads=num_threads,
-        device_id=device_id,
-        prefetch_queue_depth=prefetch,
-        exec_dynamic=True,  # every run's outputs get their own buffers (zero-copy to torch)
-    )
-    pipe.build()
-    return pipe
-
-
 class ObjectLoader:
     """Whole images of the annotated samples of ``shards_dir`` and their ground-truth boxes
     (module docstring).
@@ -337,13 +295,14 @@ class ObjectLoader:
             return
         gt = self.ground_truth
         source = _RowSource(self.index, gt.rows, self.batch_size)
-        pipe = whole_image_pipeline(
+        pipe = eval_pipeline(
             source,
             self.batch_size,
             self.size,
-            self.device.index if self.device.type == "cuda" else None,
-            self.num_threads,
-            self.prefetch,
+            crop_pct=None,  # the whole image, resized to size x size
+            device_id=self.device.index if self.device.type == "cuda" else None,
+            num_threads=self.num_threads,
+            prefetch=self.prefetch,
         )
         try:
             for i in range(len(self)):
