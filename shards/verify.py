@@ -152,10 +152,7 @@ def verify_shards(
             if stray not in listed
         ]
     try:
-        problems = _verify(out, manifest, decode, problems, store)
-        if "annotations" in manifest:
-            problems += _verify_truth(out, manifest, annotations)
-        return problems
+        return _verify(out, manifest, decode, problems, store, annotations)
     finally:
         if store is not None:
             for name in store.pinned():
@@ -163,7 +160,12 @@ def verify_shards(
 
 
 def _verify(
-    out: Path, manifest: dict, decode: bool, problems: list[str], store: ShardCache | None
+    out: Path,
+    manifest: dict,
+    decode: bool,
+    problems: list[str],
+    store: ShardCache | None,
+    annotations: str | Path | None = None,
 ) -> list[str]:
     classes = manifest.get("classes")
     decoder = None
@@ -321,6 +323,8 @@ def _verify(
         problems.append(
             f"manifest: {counts['samples']} samples + {counts['rejects']} rejects != {counts['inputs']} inputs"
         )
+    if annotated:
+        problems += _verify_truth(manifest, rows, annotations)
     return problems
 
 
@@ -352,8 +356,9 @@ def _check_gt(raw: bytes | None, rows: dict, i: int, where: str, problems: list[
         problems.append(f"{where}: objects but no image_id")
 
 
-def _verify_truth(out: Path, manifest: dict, override: str | Path | None) -> list[str]:
-    """The ground truth of every row against the annotation file it came from."""
+def _verify_truth(manifest: dict, rows: dict, override: str | Path | None) -> list[str]:
+    """The ground truth of every row of ``proposals.parquet`` (``rows``, as read by
+    :func:`_verify`) against the annotation file it came from."""
     info = manifest["annotations"]
     path = Path(override or info["file"])
     if not path.is_file():
@@ -374,10 +379,6 @@ def _verify_truth(out: Path, manifest: dict, override: str | Path | None) -> lis
     if ann.categories != info["categories"]:
         problems.append(f"{path}: categories differ from the manifest's")
     by_id = {t.image_id: t for t in ann.images.values()}
-    rows = pq.read_table(
-        out / manifest["files"]["proposals"],
-        columns=["key", "width", "height", "image_id", "gt_boxes", "gt_labels", "gt_crowd"],
-    ).to_pydict()
     seen: Counter = Counter()
     for i, key in enumerate(rows["key"]):
         iid = rows["image_id"][i]
