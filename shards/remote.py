@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from .manifest import read_manifest_file
 from .writer import sha256_file
 
 __all__ = [
@@ -352,8 +353,6 @@ class ShardCache:
     def read_manifest(self) -> dict:
         """Read ``manifest.json`` from the URL into the cache; returns it (checked like a local
         one)."""
-        from .verify import load_manifest  # local import: verify imports this module
-
         fs, base = self._fs()
         url = self.remote("manifest.json")
         try:
@@ -369,7 +368,7 @@ class ShardCache:
         if not local.exists() or local.read_bytes() != data:
             self._atomic_write(local, data)
         try:
-            manifest = load_manifest(self.root)
+            manifest = read_manifest_file(self.root)
         except ValueError as e:
             raise RemoteShardError(str(e).replace(str(local), url)) from None
         self.manifest = manifest
@@ -890,9 +889,7 @@ class ShardUploader:
         """Upload everything the local manifest lists, then the manifest; returns
         ``{"url", "uploaded", "skipped", "bytes"}``."""
         self.close()
-        from .verify import load_manifest
-
-        manifest = load_manifest(self.local)
+        manifest = read_manifest_file(self.local)
         self._drop_stale_manifest()
         for key in _SMALL_FILES:
             name = manifest["files"].get(key)

@@ -17,14 +17,11 @@ import pyarrow.parquet as pq
 
 from .annotations import AnnotationError, load_annotations
 from .boxes import read_gt
-from .build import FORMAT, WORK, proposals_schema
+from .build import proposals_schema
+from .manifest import ShardsNotFound, read_manifest_file
 from .remote import READ_ONLY, RemoteShardError, ShardCache, cache_for, filesystem, is_url
 from .sources import parse_label
 from .writer import index_path_for, read_index, sha256_file
-
-
-class ShardsNotFound(FileNotFoundError):
-    pass
 
 
 def load_manifest(out: str | Path) -> dict:
@@ -35,28 +32,7 @@ def load_manifest(out: str | Path) -> dict:
         except RemoteShardError as e:
             kind = ShardsNotFound if " not found: " in str(e) else ValueError
             raise kind(str(e)) from None
-    path = Path(out) / "manifest.json"
-    if not path.exists():
-        hint = (
-            " (an unfinished build: run the same build command again)"
-            if (Path(out) / WORK / "build.json").exists() or (Path(out) / ".parts").exists()
-            else ""
-        )
-        raise ShardsNotFound(f"{path} not found: not a finished shard folder{hint}")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable manifest (broken JSON: {e})") from None
-    if not isinstance(manifest, dict):
-        raise ValueError(f"{path}: not a manifest (a JSON {type(manifest).__name__})")
-    for key in ("build", "counts", "shards", "files"):
-        if key not in manifest:
-            raise ValueError(f"{path}: not a complete manifest (no {key!r})")
-    if manifest.get("format") != FORMAT:
-        raise ValueError(
-            f"{path}: unsupported format {manifest.get('format')!r}, expected {FORMAT!r}"
-        )
-    return manifest
+    return read_manifest_file(out)
 
 
 def _read_tar_samples(

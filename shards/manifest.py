@@ -1,0 +1,41 @@
+"""A local shard folder's ``manifest.json``, read and checked (the URL form is in
+:func:`shards.verify.load_manifest`, which reads through :mod:`shards.remote`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .build import FORMAT, WORK
+
+__all__ = ["ShardsNotFound", "read_manifest_file"]
+
+
+class ShardsNotFound(FileNotFoundError):
+    pass
+
+
+def read_manifest_file(out: str | Path) -> dict:
+    """The checked ``manifest.json`` of the local shard folder ``out``."""
+    path = Path(out) / "manifest.json"
+    if not path.exists():
+        hint = (
+            " (an unfinished build: run the same build command again)"
+            if (Path(out) / WORK / "build.json").exists() or (Path(out) / ".parts").exists()
+            else ""
+        )
+        raise ShardsNotFound(f"{path} not found: not a finished shard folder{hint}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable manifest (broken JSON: {e})") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: not a manifest (a JSON {type(manifest).__name__})")
+    for key in ("build", "counts", "shards", "files"):
+        if key not in manifest:
+            raise ValueError(f"{path}: not a complete manifest (no {key!r})")
+    if manifest.get("format") != FORMAT:
+        raise ValueError(
+            f"{path}: unsupported format {manifest.get('format')!r}, expected {FORMAT!r}"
+        )
+    return manifest
