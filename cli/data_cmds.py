@@ -39,6 +39,23 @@ class Span(click.ParamType):
         return lo, hi
 
 
+class _Colour(click.ParamType):
+    """``R,G,B`` of 0..255 -> ``(R, G, B)``."""
+
+    name = "R,G,B"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            rgb = tuple(int(p) for p in str(value).split(","))
+        except ValueError:
+            rgb = ()
+        if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
+            self.fail(f"{value!r} is not R,G,B (three integers 0..255)", param, ctx)
+        return rgb
+
+
 def _defaults():
     from shards.scenes import SceneParams
 
@@ -153,7 +170,14 @@ _D = _defaults()
     "--plain-share",
     type=float,
     default=_D.plain_share,
-    help="Share of scenes on one random plain colour.",
+    help="Share of scenes on one plain colour (random per scene, or --plain-colour).",
+)
+@click.option(
+    "--plain-colour",
+    type=_Colour(),
+    default=None,
+    help="The plain backgrounds' colour as R,G,B (0..255), e.g. 0,0,0 for black; default: "
+    "a random colour per scene.",
 )
 @click.option(
     "--gradient-share",

@@ -114,6 +114,7 @@ class SceneParams:
     bg_flip: bool = True  # random flips and quarter turns of the crop (--bg-flip)
     bg_jitter: float = 1.0  # colour jitter strength, 1 = JITTER (--bg-jitter)
     plain_share: float = 0.1  # scenes on one plain colour (--plain-share)
+    plain_colour: tuple[int, int, int] | None = None  # that colour, None: random (--plain-colour)
     gradient_share: float = 0.1  # scenes on a two-colour linear gradient (--gradient-share)
     quality: int = 90  # JPEG quality, 4:4:4 chroma (--quality)
     segmentation: bool = True  # write COCO uncompressed RLE (--segmentation)
@@ -142,6 +143,11 @@ class SceneParams:
         lo, hi = self.bg_scale
         check(0 < lo <= hi <= 1, f"--bg-scale {lo}:{hi}: need 0 < MIN <= MAX <= 1")
         check(0 <= self.bg_jitter <= 2.5, f"--bg-jitter {self.bg_jitter}: need 0..2.5")
+        if self.plain_colour is not None:
+            check(
+                len(self.plain_colour) == 3 and all(0 <= c <= 255 for c in self.plain_colour),
+                f"--plain-colour {self.plain_colour}: need three of 0..255 (R,G,B)",
+            )
         shares = (self.plain_share, self.gradient_share)
         check(
             all(0 <= s <= 1 for s in shares) and sum(shares) <= 1,
@@ -465,7 +471,9 @@ def _background(rng, side: int, photos: _Backgrounds | None, params: SceneParams
     """One background, [side, side, 3] uint8, and its kind (photo, plain, gradient)."""
     u = rng.random()
     if u < params.plain_share:
-        colour = rng.integers(0, 256, size=3, dtype=np.uint8)
+        colour = rng.integers(0, 256, size=3, dtype=np.uint8)  # drawn either way: same scenes
+        if params.plain_colour is not None:
+            colour = np.asarray(params.plain_colour, dtype=np.uint8)
         return np.broadcast_to(colour, (side, side, 3)).copy(), "plain"
     if u < params.plain_share + params.gradient_share or photos is None:
         c0, c1 = rng.uniform(0, 255, size=(2, 3))

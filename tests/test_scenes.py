@@ -233,6 +233,27 @@ def test_a_folder_without_split_folders_is_split_by_item(tmp_path):
     assert len(keys["test"]) < len(keys["train"])
 
 
+def test_plain_colour_fixes_the_background_and_keeps_the_scenes(tmp_path):
+    src = _write_idx(tmp_path / "idx")
+    plain = ["--layout", "idx", "--count", "6", "--size", "48", "--seed", "3", "--plain-share", "1",
+             "--gradient-share", "0", "--tint", "none"]  # fmt: skip
+    _run(str(src), str(tmp_path / "random"), *plain)
+    _run(str(src), str(tmp_path / "black"), *plain, "--plain-colour", "0,0,0")
+    random_doc, black_doc = _coco(tmp_path / "random"), _coco(tmp_path / "black")
+    assert black_doc["info"]["parameters"]["plain_colour"] == [0, 0, 0]
+    # the colour is drawn either way, so every box and class is the random-colour run's
+    boxes = [[(a["bbox"], a["category_id"]) for a in d["annotations"]] for d in (random_doc, black_doc)]
+    assert boxes[0] == boxes[1]
+    for image in black_doc["images"]:
+        pixels = np.asarray(Image.open(tmp_path / "black" / "images" / image["file_name"]))
+        outside = np.ones(pixels.shape[:2], bool)
+        for a in black_doc["annotations"]:
+            if a["image_id"] == image["id"]:
+                x, y, w, h = (int(round(v)) for v in a["bbox"])
+                outside[max(0, y - 2) : y + h + 2, max(0, x - 2) : x + w + 2] = False
+        assert outside.any() and pixels[outside].max() <= 24 and pixels[outside].mean() < 1  # JPEG noise
+
+
 def test_cifar_items_are_whole_rectangles(tmp_path):
     root = tmp_path / "cifar-10-batches-py"
     root.mkdir()
@@ -330,6 +351,8 @@ def test_out_is_refused_unless_made_by_the_same_command(tmp_path):
         (["--object-size", "0:0.5"], "--object-size"),
         (["--min-visible", "0"], "--min-visible"),
         (["--plain-share", "0.7", "--gradient-share", "0.5"], "together at most 1"),
+        (["--plain-colour", "0,0"], "is not R,G,B"),
+        (["--plain-colour", "0,0,256"], "is not R,G,B"),
         (["--layout", "coco"], "'coco' is not one of"),
     ],
 )
