@@ -242,7 +242,9 @@ def test_plain_colour_fixes_the_background_and_keeps_the_scenes(tmp_path):
     random_doc, black_doc = _coco(tmp_path / "random"), _coco(tmp_path / "black")
     assert black_doc["info"]["parameters"]["plain_colour"] == [0, 0, 0]
     # the colour is drawn either way, so every box and class is the random-colour run's
-    boxes = [[(a["bbox"], a["category_id"]) for a in d["annotations"]] for d in (random_doc, black_doc)]
+    boxes = [
+        [(a["bbox"], a["category_id"]) for a in d["annotations"]] for d in (random_doc, black_doc)
+    ]
     assert boxes[0] == boxes[1]
     for image in black_doc["images"]:
         pixels = np.asarray(Image.open(tmp_path / "black" / "images" / image["file_name"]))
@@ -251,7 +253,9 @@ def test_plain_colour_fixes_the_background_and_keeps_the_scenes(tmp_path):
             if a["image_id"] == image["id"]:
                 x, y, w, h = (int(round(v)) for v in a["bbox"])
                 outside[max(0, y - 2) : y + h + 2, max(0, x - 2) : x + w + 2] = False
-        assert outside.any() and pixels[outside].max() <= 24 and pixels[outside].mean() < 1  # JPEG noise
+        assert (
+            outside.any() and pixels[outside].max() <= 24 and pixels[outside].mean() < 1
+        )  # JPEG noise
 
 
 def test_cifar_items_are_whole_rectangles(tmp_path):

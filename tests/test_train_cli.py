@@ -68,7 +68,7 @@ def test_flags_override_the_file_and_set_overrides_flags(tmp_path):
     [
         (["--set", "optim.bogus=1"], "unknown key 'optim.bogus'"),
         (["--set", "data.batch_size=many"], "data.batch_size: expected int"),
-        (["--method", "simclr"], "unknown method 'simclr'; choose one of: byol, mocov3, mos"),
+        (["--method", "simclr"], "unknown method 'simclr'; choose one of: byol, dino, mocov3, mos"),
         ([], "no run directory: pass --out RUN"),
     ],
 )

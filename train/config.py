@@ -101,7 +101,8 @@ class OptimConfig:
     momentum: float = 0.9  # SGD / LARS
     lars_eta: float = 0.001  # LARS trust coefficient
     exclude_bias_norm: bool = True  # no weight decay (and no LARS adaptation) on biases, 1-D params
-    clip_grad: float = 0.0  # max global gradient norm; 0 disables clipping
+    clip_grad: float = 0.0  # max gradient norm; 0 disables clipping
+    clip_per_param: bool = False  # clip each parameter's gradient norm alone (DINO), not the global
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ from train.distributed import (
 )
 from train.methods import Method, build_model, get_method
 from train.models import SSLModel, has_local_batchnorm, has_sync_batchnorm, update_momentum
-from train.optim import build_optimizer, set_hyperparameters
+from train.optim import build_optimizer, clip_gradients, set_hyperparameters
 from train.resolve import resolve_config
 from train.runinfo import run_info
 from train.runlog import RunLog, require_wandb, write_json_atomic
@@ -214,10 +214,18 @@ def synthetic_loader(cfg: TrainConfig, info: DistInfo, **overrides: Any) -> Any:
         "num_instances": cfg.data.num_instances,
         "num_samples": cfg.data.synthetic_samples,
     }
-    if get_method(cfg.method).views == "mos":  # the recipe's r and s sets, as MOSViews reads
+    views = get_method(cfg.method).views
+    if views == "mos":  # the recipe's r and s sets, as MOSViews reads
         for key in ("grid_choices", "scale_choices"):
             if key in cfg.data.views:
                 kwargs[key] = tuple(cfg.data.views[key])
+    if views == "multicrop":  # global and local crops, as MultiCropViews reads
+        v = cfg.data.views
+        kwargs.update(
+            num_crops=v.get("num_global", 2),
+            num_local=v.get("num_local", 0),
+            local_size=v.get("local_size", 96),
+        )
     kwargs.update(overrides)
     return SyntheticLoader(
         get_method(cfg.method).views, cfg.data.batch_size // info.world_size, **kwargs
@@ -400,7 +408,7 @@ def build_parts(cfg: TrainConfig, info: DistInfo, loader: Any = None) -> Parts:
         module = distributed_model(model, info)
     if loader is None:
         loader = build_loader(cfg, info)
-    schedules = build_schedules(cfg, len(loader))
+    schedules = build_schedules(cfg, len(loader), method.schedules)
     return Parts(
         cfg=cfg,
         info=info,
@@ -449,6 +457,9 @@ def train_step(parts: Parts, batch: dict, step: int) -> Tensor:
     s = parts.schedules
     set_hyperparameters(parts.optimizer, float(s.lr[step]), float(s.weight_decay[step]))
     batch = _to_device(batch, parts.info.device, parts.channels_last)
+    hyper = {name: float(values[step]) for name, values in s.method.items()}
+    if hyper:  # the method's own values of this step (DINO's teacher temperature)
+        batch = {**batch, "hyper": hyper}
     with parts.autocast():
         out = parts.module(batch)
     loss = out["loss"]
@@ -456,10 +467,13 @@ def train_step(parts: Parts, batch: dict, step: int) -> Tensor:
     parts.scaler.scale(loss).backward()
     if parts.cfg.optim.clip_grad > 0:
         parts.scaler.unscale_(parts.optimizer)
-        nn.utils.clip_grad_norm_(
+        clip_gradients(
             [p for g in parts.optimizer.param_groups for p in g["params"]],
             parts.cfg.optim.clip_grad,
+            per_param=parts.cfg.optim.clip_per_param,
         )
+    if parts.method.on_gradients is not None:  # DINO: the last layer frozen in epoch 0
+        parts.method.on_gradients(parts.model, hyper)
     parts.scaler.step(parts.optimizer)
     parts.scaler.update()
     update_momentum(parts.model.momentum_pairs, float(s.momentum[step]))
@@ -1050,6 +1064,7 @@ class _Run:
             "lr": float(sched.lr[step]),
             "wd": float(sched.weight_decay[step]),
             "momentum": float(sched.momentum[step]),
+            **{name: float(values[step]) for name, values in sched.method.items()},
             **dict(zip(terms, means, strict=True)),
             "images_per_s": round(rate, 2),
             "elapsed_s": round(now - self.t_begin, 3),

@@ -28,11 +28,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from train.config import TrainConfig
 from train.losses.byol import BYOLLoss
+from train.losses.dino import DINOConfig, DINOLoss, teacher_temp_schedule
 from train.losses.mocov3 import MoCoV3Loss
 from train.losses.mos import DEFAULT_TEMPERATURE, MOSLoss, global_members, global_single_members
 from train.losses.univip import (
@@ -43,6 +45,7 @@ from train.losses.univip import (
     UniVIPLoss,
 )
 from train.models import (
+    DINOHead,
     Encoder,
     SSLModel,
     build_backbone,
@@ -51,6 +54,7 @@ from train.models import (
     mlp,
 )
 from train.resolve import resolve_config, validate_config  # noqa: F401  (train.methods names)
+from train.schedules import MethodSchedules
 
 __all__ = [
     "METHODS",
@@ -74,6 +78,13 @@ class Method:
     recipe: dict = field(default_factory=dict)  # config defaults, nested like the YAML file
     build_extra: Callable[[TrainConfig, int], dict[str, nn.Module]] | None = None
     summary: str = ""
+    # (cfg, backbone feature size) -> (projector, predictor), when not the MLPs of
+    # model.projector / model.predictor (DINO: its own head, no predictor)
+    build_heads: Callable[[TrainConfig, int], tuple[nn.Module, nn.Module]] | None = None
+    # the method's own per-step schedules, read by its step from batch["hyper"]
+    schedules: MethodSchedules | None = None
+    # (model, this step's hyper values) after backward and clipping, before the update
+    on_gradients: Callable[[SSLModel, dict[str, float]], None] | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -104,14 +115,18 @@ def build_model(cfg: TrainConfig) -> tuple[SSLModel, nn.Module]:
     if cfg.model.freeze_patch_embed:
         freeze_patch_embed(backbone)
     feat_dim = backbone.num_features
-    projector = mlp(feat_dim, cfg.model.projector, last_bn=cfg.model.projector_last_bn)
-    out_dim = cfg.model.projector[-1]
-    predictor = mlp(out_dim, cfg.model.predictor, last_bn=cfg.model.predictor_last_bn)
-    if cfg.model.predictor[-1] != out_dim:
-        raise ValueError(
-            f"model.predictor must end with the projector's output size {out_dim}, "
-            f"got {list(cfg.model.predictor)}"
-        )
+    if method.build_heads is not None:
+        projector, predictor = method.build_heads(cfg, feat_dim)
+        out_dim = cfg.model.projector[-1]
+    else:
+        projector = mlp(feat_dim, cfg.model.projector, last_bn=cfg.model.projector_last_bn)
+        out_dim = cfg.model.projector[-1]
+        predictor = mlp(out_dim, cfg.model.predictor, last_bn=cfg.model.predictor_last_bn)
+        if cfg.model.predictor[-1] != out_dim:
+            raise ValueError(
+                f"model.predictor must end with the projector's output size {out_dim}, "
+                f"got {list(cfg.model.predictor)}"
+            )
     loss = method.build_loss(cfg.loss)
     extra = method.build_extra(cfg, out_dim) if method.build_extra else None
     if cfg.model.batch_views == "auto":
@@ -396,5 +411,111 @@ register(
             "ema": {"start": 0.99, "end": 1.0},  # --moco-m 0.99 (default) with --moco-m-cos
         },
         summary="MoCo v3: InfoNCE between predictions and gathered momentum keys",
+    )
+)
+
+
+# -------------------------------------------------------------------------------------- DINO
+
+
+def _dino_heads(cfg: TrainConfig, feat_dim: int) -> tuple[nn.Module, nn.Module]:
+    """The DINO head as the projector (student and, by EMA copy, teacher) and no predictor:
+    DINO compares the two networks' head outputs directly."""
+    num_global = cfg.data.views.get("num_global", 2)
+    if num_global != 2:  # main_dino.py: teacher(images[:2]), DINOLoss chunks the teacher in 2
+        raise ValueError(f"DINO uses two global crops, got data.views.num_global={num_global}")
+    head = DINOHead(feat_dim, cfg.model.projector, cfg.loss.out_dim, cfg.loss.norm_last_layer)
+    return head, nn.Identity()
+
+
+def _dino_schedules(cfg: TrainConfig, steps_per_epoch: int, total: int) -> dict:
+    """The teacher temperature per step and, as 1.0 / 0.0, whether the head's last layer is
+    frozen (``epoch < loss.freeze_last_layer``, epochs counted as the reference does)."""
+    epoch = np.arange(total) // steps_per_epoch
+    return {
+        "teacher_temp": teacher_temp_schedule(cfg.loss, steps_per_epoch, total),
+        "freeze_last_layer": (epoch < cfg.loss.freeze_last_layer).astype(np.float64),
+    }
+
+
+def _dino_cancel_last_layer(model: SSLModel, hyper: dict[str, float]) -> None:
+    """``utils.cancel_gradients_last_layer``: no gradient, so no update (AdamW skips a parameter
+    without one, weight decay included), for the student head's last layer while frozen."""
+    if hyper.get("freeze_last_layer", 0.0):
+        for p in model.online.projector.last_layer.parameters():
+            p.grad = None
+
+
+def _dino_step(model: SSLModel, batch: dict) -> dict[str, Tensor]:
+    """Every crop through the student (globals and locals, each size its own backbone call:
+    ``MultiCropWrapper``), the two global crops through the teacher, then eq. 3 at this
+    step's teacher temperature."""
+    crops = batch["crops"]
+    if len(crops) < 2:
+        raise ValueError(f"DINO needs the two global crops, got {len(crops)} crops")
+    student = model.predict(crops)  # the predictor is the identity: student head outputs
+    teacher = model.project_target(crops[:2])
+    return model.loss(student, teacher, batch["hyper"]["teacher_temp"])
+
+
+register(
+    Method(
+        name="dino",
+        views="multicrop",
+        loss_config=DINOConfig,
+        build_loss=lambda c: DINOLoss(c.out_dim, c.student_temp, c.center_momentum),
+        step=_dino_step,
+        terms=(),
+        build_heads=_dino_heads,
+        schedules=_dino_schedules,
+        on_gradients=_dino_cancel_last_layer,
+        # DINO (Caron et al. 2021) ViT-S/16 on ImageNet: the paper's section 3.1 and "Implementation
+        # details" (section 4 opening), and facebookresearch/dino: main_dino.py's argument defaults
+        # and its README's ViT-S/16 recommendation ("Boosting DINO performance").
+        recipe={
+            "data": {
+                "batch_size": 1024,  # paper: "batch size of 1024" for ViT-S/16
+                "size": 224,  # paper: 2 global views at 224^2
+                "views": {
+                    "num_global": 2,
+                    "global_scale": [0.4, 1.0],  # --global_crops_scale 0.4 1
+                    "num_local": 8,  # --local_crops_number 8
+                    "local_size": 96,  # paper: local views at 96^2
+                    "local_scale": [0.05, 0.4],  # --local_crops_scale 0.05 0.4
+                },
+            },
+            "model": {
+                "backbone": "vit_small_patch16_224",  # ViT-S/16 (--arch vit_small)
+                "drop_path_rate": 0.1,  # --drop_path_rate 0.1 (student only)
+                "projector": [2048, 2048, 256],  # DINOHead: nlayers 3, hidden 2048, bottleneck 256
+                "batch_views": "grouped",  # MultiCropWrapper: one backbone call per crop size
+            },
+            "optim": {
+                "name": "adamw",  # paper and --optimizer adamw
+                "base_lr": 5e-4,  # paper: lr = 0.0005 * batchsize / 256 (--lr 0.0005)
+                "min_lr": 1e-6,  # --min_lr 1e-6
+                "weight_decay": 0.04,  # paper: cosine from 0.04 ...
+                "weight_decay_end": 0.4,  # ... to 0.4
+                "clip_grad": 3.0,  # --clip_grad 3.0
+                "clip_per_param": True,  # utils.clip_gradients: each parameter on its own
+            },
+            # --epochs 100 (the README's vanilla ViT-S/16 run); paper: 10 warm-up epochs
+            "schedule": {"epochs": 100, "warmup_epochs": 10},
+            "ema": {"start": 0.996, "end": 1.0},  # paper and --momentum_teacher: cosine 0.996 -> 1
+            "loss": {
+                "out_dim": 65536,  # paper and --out_dim 65536
+                "norm_last_layer": True,  # --norm_last_layer (default); README: false for more
+                "student_temp": 0.1,  # paper section 3.1: tau_s = 0.1
+                # paper: "linear warm-up for tau_t from 0.04 to 0.07 during the first 30 epochs";
+                # README's ViT-S/16 recommendation (--teacher_temp 0.07
+                # --warmup_teacher_temp_epochs 30); main_dino.py's default is 0.04 throughout
+                "warmup_teacher_temp": 0.04,
+                "teacher_temp": 0.07,
+                "warmup_teacher_temp_epochs": 30,
+                "center_momentum": 0.9,  # paper eq. 4: m = 0.9
+                "freeze_last_layer": 1,  # --freeze_last_layer 1
+            },
+        },
+        summary="DINO: self-distillation, centred and sharpened teacher over multi-crop views",
     )
 )

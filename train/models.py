@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from train.config import ModelConfig
 
 __all__ = [
+    "DINOHead",
     "Encoder",
     "SSLModel",
     "build_backbone",
@@ -41,6 +42,7 @@ __all__ = [
     "has_sync_batchnorm",
     "mlp",
     "update_momentum",
+    "WeightNormLinear",
 ]
 
 
@@ -140,6 +142,70 @@ def mlp(in_dim: int, sizes: Sequence[int], last_bn: bool = False) -> nn.Sequenti
             layers.append(nn.BatchNorm1d(size, affine=False))
         dim = size
     return nn.Sequential(*layers)
+
+
+class WeightNormLinear(nn.Module):
+    """A bias-free linear layer with weight normalisation (Salimans & Kingma 2016):
+    ``weight = g * v / ||v||`` per output row, ``g`` of shape ``[out, 1]``.
+
+    The parameters are named ``weight_g`` and ``weight_v``, the keys of
+    ``torch.nn.utils.weight_norm(nn.Linear(...))`` that DINO's head uses, so a checkpoint of
+    DINO's head maps key for key; written as plain parameters (no forward pre-hook), so the
+    module deep-copies into the EMA teacher like any other.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        v = nn.Linear(in_dim, out_dim, bias=False).weight.detach()  # torch's default init
+        self.weight_v = nn.Parameter(v.clone())
+        self.weight_g = nn.Parameter(torch.linalg.vector_norm(v, dim=1, keepdim=True))
+
+    def forward(self, x: Tensor) -> Tensor:
+        v = self.weight_v
+        weight = v * (self.weight_g / torch.linalg.vector_norm(v, dim=1, keepdim=True))
+        return nn.functional.linear(x, weight)
+
+
+class DINOHead(nn.Module):
+    """DINO's projection head (Caron et al. 2021, section 3.1 and appendix; ``DINOHead`` of
+    facebookresearch/dino ``vision_transformer.py``): an MLP of ``sizes`` (hidden layers with
+    GELU, no BatchNorm: the reference's ``use_bn_in_head=False``; the last size is the
+    bottleneck, 256), an l2 normalisation, then a weight-normalised linear layer of ``out_dim``
+    outputs (65,536) without bias.
+
+    ``DINOHead(384, (2048, 2048, 256), 65536)`` is the reference's 3-layer head for ViT-S. The
+    MLP's linear layers start from a truncated normal of std 0.02 with zero bias, the last
+    layer from torch's default with ``g = 1``; with ``norm_last_layer`` ``g`` stays 1 (no
+    gradient), so every output is a cosine between the normalised bottleneck and a prototype.
+    """
+
+    def __init__(
+        self, in_dim: int, sizes: Sequence[int], out_dim: int, norm_last_layer: bool = True
+    ) -> None:
+        super().__init__()
+        if not sizes:
+            raise ValueError("the DINO head needs at least its bottleneck size")
+        layers: list[nn.Module] = []
+        dim = in_dim
+        for i, size in enumerate(sizes):
+            layers.append(nn.Linear(dim, size))
+            if i < len(sizes) - 1:
+                layers.append(nn.GELU())
+            dim = size
+        self.mlp = nn.Sequential(*layers)
+        for m in self.mlp.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = WeightNormLinear(dim, out_dim)
+        with torch.no_grad():
+            self.last_layer.weight_g.fill_(1.0)
+        if norm_last_layer:
+            self.last_layer.weight_g.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = nn.functional.normalize(self.mlp(x), dim=-1, p=2)
+        return self.last_layer(x)
 
 
 class Encoder(nn.Module):

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from train.config import OptimConfig
 
-__all__ = ["LARS", "build_optimizer", "param_groups", "set_hyperparameters"]
+__all__ = ["LARS", "build_optimizer", "clip_gradients", "param_groups", "set_hyperparameters"]
 
 
 def param_groups(model: nn.Module, exclude_bias_norm: bool = True) -> list[dict]:
@@ -109,3 +109,19 @@ def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_deca
     for group in optimizer.param_groups:
         group["lr"] = lr
         group["weight_decay"] = weight_decay if group.get("regularized", True) else 0.0
+
+
+@torch.no_grad()
+def clip_gradients(params: list[Tensor], max_norm: float, per_param: bool = False) -> None:
+    """Clip gradients to ``max_norm``: the global norm over all of ``params``
+    (``torch.nn.utils.clip_grad_norm_``, MoCo v3's and most recipes' form) or, with
+    ``per_param``, each parameter's gradient on its own, scaled by ``max_norm / (norm + 1e-6)``
+    where that is below 1 (DINO's ``utils.clip_gradients``, ``--clip_grad 3.0``)."""
+    if not per_param:
+        nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    for p in params:
+        if p.grad is None:
+            continue
+        coef = max_norm / (torch.linalg.vector_norm(p.grad) + 1e-6)
+        p.grad.mul_(torch.clamp(coef, max=1.0))

@@ -16,7 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-_NOT_LOSSES = {"step", "epoch", "lr", "wd", "momentum", "images_per_s", "elapsed_s"}
+_NOT_LOSSES = {
+    "step",
+    "epoch",
+    "lr",
+    "wd",
+    "momentum",
+    "teacher_temp",
+    "freeze_last_layer",
+    "images_per_s",
+    "elapsed_s",
+}
 _MARKERS = ("o", "^", "D", "v", "P", "X")  # one per evaluation family (knn, knn_online, ...)
 
 

@@ -14,7 +14,7 @@ each method got:
 - ``--budget-fe N``: forward-equivalents per run. A backbone pass with gradient counts 3
   (forward + backward), one without gradient 1, each scaled by its pixels against a
   ``data.size`` view (:func:`forward_equivalents`): MOS (section 3.2's 2 + 3 passes) costs 9
-  per sample, MoCo v3 and BYOL 8, UniVIP 8 + K instance passes.
+  per sample, MoCo v3 and BYOL 8, UniVIP 8 + K instance passes, DINO 8 + its local crops.
 - ``--budget-seconds S`` (default of the recipes): wall-clock training time. Each method's step
   time is measured once on the real loader (a few steps after a warm-up), and its step count
   is ``S / step time``, fixed in ``OUT/plan.json`` so that a resumed or re-run table trains the
@@ -101,6 +101,29 @@ _RESNET_CPU = {
         "weight_decay_end": 1e-4,
     },
 }
+# DINO on top of the ViT layer, our choices for runs of a few hundred steps (its ImageNet recipe
+# counts 100 epochs): 6 local crops of 16 px (the reference's 96 of 224, about the same share
+# of the 32-px global side: 0.43 against 0.5), so the ViT takes 16-px inputs as well
+# (dynamic_img_size: timm interpolates the position embedding, as DINO's ViT does); a
+# 4,096-prototype head of the ViT heads' 1,024 width (65,536 outputs of 10 views at batch 128
+# would dominate a CPU step); the teacher temperature at main_dino.py's default 0.04 without
+# its 30-epoch warm-up, and the last layer never frozen (a run here is a few epochs at most);
+# the EMA from 0.99, as the ResNets: a teacher that starts as a copy of the student (the ViT
+# layer's 0 -> 1) is the setting DINO's section 5.2 reports to fail.
+_DINO_CPU = {
+    "data": {"views": {"num_local": 6, "local_size": 16}},
+    "model": {
+        "backbone_kwargs": {"depth": 4, "dynamic_img_size": True},
+        "projector": [1024, 1024, 256],
+    },
+    "ema": {"start": 0.99, "end": 1.0},
+    "loss": {
+        "out_dim": 4096,
+        "teacher_temp": 0.04,
+        "warmup_teacher_temp_epochs": 0,
+        "freeze_last_layer": 0,
+    },
+}
 _CPU_COMMON = {
     "data": {"batch_size": 128, "size": 32, "instance_size": 16, "num_instances": 4},
     "ema": {"start": 0.99, "end": 1.0},
@@ -122,14 +145,19 @@ _VIT_GPU = {
     }
 }
 _RESNET_GPU = {"model": {"backbone": "resnet18"}}
+_DINO_GPU = {
+    "data": {"views": {"num_local": 8, "local_size": 16}},
+    "model": {"backbone_kwargs": {"dynamic_img_size": True}},
+}
 
-VIT_METHODS = ("mos", "mocov3")
+VIT_METHODS = ("mos", "mocov3", "dino")
 
 RECIPES: dict[str, dict[str, Any]] = {
     "cpu": {
         "common": _CPU_COMMON,
         "vit": _VIT_CPU,
         "resnet": _RESNET_CPU,
+        "dino": _DINO_CPU,
         "budget_seconds": 600.0,
         "eval_evals": 4,  # kNN evaluations during a run
         # warm-up, a fraction of the steps: MOS appendix D (100 of 800 epochs) for the ViTs
@@ -139,6 +167,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "common": _GPU_COMMON,
         "vit": _VIT_GPU,
         "resnet": _RESNET_GPU,
+        "dino": _DINO_GPU,
         "budget_seconds": 1800.0,
         "eval_evals": 8,
         "warmup": {"vit": 0.1, "resnet": 0.1},  # our choice, for a few hundred epochs' worth
@@ -166,6 +195,10 @@ def forward_equivalents(cfg: TrainConfig) -> float:
         return 3.0 * 2 + 2 + d.num_instances * area * (3 + 1)
     if cfg.method in ("byol", "mocov3"):
         return 3.0 * 2 + 2
+    if cfg.method == "dino":  # every crop through the student, the 2 globals through the teacher
+        v = cfg.data.views
+        area = (v.get("local_size", 96) / d.size) ** 2
+        return 3.0 * 2 + 2 + v.get("num_local", 0) * area * 3
     raise ValueError(f"no forward-equivalent count for method {cfg.method!r}")
 
 
@@ -310,8 +343,9 @@ class QualityPlan:
 
         r = RECIPES[self.recipe]
         family = "vit" if method in VIT_METHODS else "resnet"
-        arch = r[family]
-        layer = deep_merge(r["common"], arch)
+        layer = deep_merge(r["common"], r[family])
+        if method in r:  # a method's own layer (DINO's local crops and head)
+            layer = deep_merge(layer, r[method])
         batch = layer["data"]["batch_size"]
         steps_per_epoch = max(self.train_samples // batch, 1)
         every = self.eval_every

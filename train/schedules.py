@@ -8,7 +8,8 @@ exactly the values an uninterrupted one would.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -52,6 +53,9 @@ class Schedules:
     weight_decay: np.ndarray  # [total_steps] weight decay of the regularised parameters
     momentum: np.ndarray  # [total_steps] EMA momentum of the target encoder
     steps_per_epoch: int
+    # the method's own per-step values by name (DINO's teacher temperature), which the loop
+    # hands to the method's step as ``batch["hyper"]``
+    method: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def total_steps(self) -> int:
@@ -63,7 +67,13 @@ def warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     return round(cfg.schedule.warmup_epochs * steps_per_epoch)
 
 
-def build_schedules(cfg: TrainConfig, steps_per_epoch: int) -> Schedules:
+# (cfg, steps_per_epoch, total_steps) -> {name: [total_steps] array}: a method's own schedules
+MethodSchedules = Callable[[TrainConfig, int, int], dict[str, np.ndarray]]
+
+
+def build_schedules(
+    cfg: TrainConfig, steps_per_epoch: int, method_schedules: MethodSchedules | None = None
+) -> Schedules:
     """All schedules of a run: ``steps_per_epoch`` is ``len(loader)`` (batches per rank and epoch).
 
     Total steps are ``schedule.steps`` when set, else ``schedule.epochs * steps_per_epoch``;
@@ -74,7 +84,8 @@ def build_schedules(cfg: TrainConfig, steps_per_epoch: int) -> Schedules:
     - weight decay: cosine ``optim.weight_decay -> optim.weight_decay_end``, no warmup
       (MOS: 0.04 -> 0.4; constant for SGD/LARS recipes);
     - momentum: cosine ``ema.start -> ema.end`` (MOS 0.992 -> 1, UniVIP 0.99 -> 1; BYOL's
-      ``1 - (1 - m0) (cos(pi k / K) + 1) / 2``).
+      ``1 - (1 - m0) (cos(pi k / K) + 1) / 2``);
+    - the method's own (``method_schedules``, from its registration in ``train.methods``).
     """
     if steps_per_epoch < 1:
         raise ValueError(
@@ -88,4 +99,5 @@ def build_schedules(cfg: TrainConfig, steps_per_epoch: int) -> Schedules:
         weight_decay=cosine_schedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end, total),
         momentum=cosine_schedule(cfg.ema.start, cfg.ema.end, total),
         steps_per_epoch=steps_per_epoch,
+        method=method_schedules(cfg, steps_per_epoch, total) if method_schedules else {},
     )

@@ -9,7 +9,8 @@ Batches (the loader contract; float32 NCHW, int64 indices, on ``device``):
   ``[B, M]`` LOCAL batch indices of the sample in each object crop of the stitched views (cyclic
   stitching, :func:`pipeline.stitching.stitch_multiscale`); ``index`` ``[B]``.
 - ``univip``: ``scene1, scene2`` ``[B, 3, S, S]``; ``instances`` ``[B, K, 3, s, s]``; ``index``.
-- ``multicrop``: ``crops``: list of ``num_crops`` tensors ``[B, 3, S, S]``; ``index``.
+- ``multicrop``: ``crops``: list of ``num_crops`` tensors ``[B, 3, S, S]`` then ``num_local``
+  ``[B, 3, L, L]``; ``index``.
 
 The data are learnable: sample ``n`` of the synthetic set is a fixed smooth random image
 (a function of ``seed`` and ``n`` only), and each view is that image at the view's size plus
@@ -59,7 +60,8 @@ class SyntheticLoader:
             ``num_samples`` samples, cut into global batches of ``batch_size * world_size``,
             each split by rank.
         size: side of the main views; ``instance_size`` / ``num_instances``: UniVIP instances;
-        num_crops: crops of the multicrop set; ``grid_choices`` / ``scale_choices``: MOS layout.
+        num_crops: global crops of the multicrop set, ``num_local`` local ones of side
+            ``local_size``; ``grid_choices`` / ``scale_choices``: MOS layout.
         noise: standard deviation of the per-view noise.
         pool: if > 0, make this many batches once (on ``device``) and serve them in turn:
             the compute ceiling of ``bench train``, free of any data cost.
@@ -77,6 +79,8 @@ class SyntheticLoader:
         instance_size: int = 96,
         num_instances: int = 4,
         num_crops: int = 2,
+        num_local: int = 0,
+        local_size: int = 96,
         num_samples: int = 4096,
         grid_choices: Sequence[int] = MOS_GRID_CHOICES,
         scale_choices: Sequence[int] = MOS_SCALE_CHOICES,
@@ -97,6 +101,8 @@ class SyntheticLoader:
         self.instance_size = instance_size
         self.num_instances = num_instances
         self.num_crops = num_crops
+        self.num_local = num_local
+        self.local_size = local_size
         self.num_samples = num_samples
         self.grid_choices = tuple(grid_choices)
         self.scale_choices = tuple(scale_choices)
@@ -190,7 +196,9 @@ class SyntheticLoader:
         return batch
 
     def _multicrop_batch(self, bases: Tensor, g: torch.Generator, epoch: int, index: int) -> dict:
-        return {"crops": [self._view(bases, self.size, g) for _ in range(self.num_crops)]}
+        crops = [self._view(bases, self.size, g) for _ in range(self.num_crops)]
+        crops += [self._view(bases, self.local_size, g) for _ in range(self.num_local)]
+        return {"crops": crops}
 
 
 def _to(value, device: torch.device):
