@@ -30,6 +30,7 @@ SIZE = "size mismatch"  # another batch size: recompiled once with a dynamic bat
 HEAD = "_modules"  # the predictor after the projector: another module structure
 PARAM = "_parameters"  # the same, told apart by a parameter's shape
 RANGE = "<= x.size()[0] <="  # a dynamic batch outside the range its graph was compiled for
+STRIDE = "stride mismatch"  # the same shape rank with other strides: made dynamic in them
 EXPECTED = {
     # online backbone, target backbone (grad mode); projector, predictor (structure), target
     # projector (grad mode): 5 graphs, 3 recompiles
@@ -41,6 +42,11 @@ EXPECTED = {
     # (the target's graph, dynamic in the batch from its start, guards the batch to the range
     # its convolutions were traced for, 2..15, and the 16 instances fall outside); heads:
     # projector at B, at B*K (size), predictor (its parameters), target projector (grad mode)
+    # backbone at 32 px (globals) and at 16 px (locals: size, dynamic from now on), the DINO
+    # head (its own class's forward) on the globals' and, with other strides, the locals'
+    # features, the target backbone and head on the globals (grad mode); the predictor is
+    # the identity
+    "dino": {"graphs": 6, "recompiles": sorted([SIZE, STRIDE, GRAD_MODE, GRAD_MODE])},
     "univip": {"graphs": 8, "recompiles": sorted([SIZE, SIZE, PARAM, GRAD_MODE, RANGE, GRAD_MODE])},
 }
 
@@ -75,7 +81,7 @@ def recompiles():
 
 def _reason(text: str) -> str:
     first = text.strip().splitlines()[0]
-    for key in (PARAM, HEAD, GRAD_MODE, RANGE, SIZE):
+    for key in (PARAM, HEAD, GRAD_MODE, RANGE, SIZE, STRIDE):
         if key in first:
             return key
     return first
@@ -95,7 +101,7 @@ def _graphs() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["mos", "mocov3", "univip", "byol"])
+@pytest.mark.parametrize("method", ["mos", "mocov3", "univip", "byol", "dino"])
 def test_compiled_step_graphs_breaks_and_recompiles(method, tmp_path, recompiles):
     parts = _gpu_like_parts(method, tmp_path)
     assert compile_modules(parts.model, backend="aot_eager") == COMPILED_MODULES

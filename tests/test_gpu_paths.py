@@ -28,7 +28,7 @@ from train.losses.mos import soft_targets
 from train.methods import build_model, resolve_config
 from train.models import has_local_batchnorm
 
-METHODS = ["mos", "univip", "byol", "mocov3"]
+METHODS = ["mos", "univip", "byol", "mocov3", "dino"]
 # Smaller than test_train_loop's tiny models (a step in a few milliseconds, a compile in seconds)
 # with every kind of layer of the real ones: ViT blocks and patch embedding; ResNet stem,
 # stages, BatchNorm
@@ -52,8 +52,23 @@ SMALL_MODELS = {
 
 def small(method: str, out, **sections) -> dict:
     """``tests.test_train_loop.tiny``'s config layer with :data:`SMALL_MODELS`."""
-    family = "vit" if method in ("mos", "mocov3") else "resnet"
-    return tiny(method, out, model=SMALL_MODELS[family], **sections)
+    family = "vit" if method in ("mos", "mocov3", "dino") else "resnet"
+    layer = tiny(method, out, model=SMALL_MODELS[family], **sections)
+    if method == "dino":  # two 16-px local crops: a second input size, as DINO's
+        vit = SMALL_MODELS["vit"]
+        layer["model"] = {
+            **vit,
+            "backbone_kwargs": {**vit["backbone_kwargs"], "dynamic_img_size": True},
+        }
+        layer["data"] = {**layer["data"], "views": {"num_local": 2, "local_size": 16}}
+        layer["loss"] = {"out_dim": 32}
+    return layer
+
+
+def with_hyper(parts, batch: dict, step: int) -> dict:
+    """``batch`` with the method's own values of ``step``, as ``train_step`` hands them over."""
+    hyper = {name: float(values[step]) for name, values in parts.schedules.method.items()}
+    return {**batch, "hyper": hyper} if hyper else batch
 
 
 # ------------------------------------------------------------------ pinned host memory (DLPack)
@@ -139,7 +154,7 @@ def test_bf16_autocast_step(method, tmp_path):
     cfg = resolve_config(small(method, tmp_path))
     parts = build_parts(cfg, init_distributed("cpu"))
     parts.model.train()
-    batch = next(iter(parts.loader))
+    batch = with_hyper(parts, next(iter(parts.loader)), 0)
     torch.manual_seed(0)
     with torch.no_grad():
         fp32 = parts.module(batch)
@@ -150,7 +165,7 @@ def test_bf16_autocast_step(method, tmp_path):
         bf16 = parts.module(batch)
     for term in parts.terms:
         assert bf16[term].item() == pytest.approx(fp32[term].item(), rel=0.05, abs=0.02), term
-        if method in ("mos", "mocov3"):  # their losses turn autocast off and reduce in float32
+        if method in ("mos", "mocov3", "dino"):  # their losses reduce in float32
             assert bf16[term].dtype == torch.float32
         # BYOL's and UniVIP's 2 - 2 cos come out in bf16 here: CPU autocast runs
         # cosine_similarity in bf16, CUDA autocast in float32 (its float32 op list has it)
