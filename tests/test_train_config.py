@@ -144,6 +144,11 @@ CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.ya
 def test_shipped_configs_resolve_and_build(path):
     cfg = resolve_config(load_yaml(path))
     model, _ = build_model(cfg)  # the timm name and sizes are valid
+    if cfg.method == "dino":  # the DINO head: its MLP ends at the bottleneck, then prototypes
+        head = model.online.projector
+        assert head.mlp[-1].out_features == cfg.model.projector[-1]
+        assert head.last_layer.weight_v.shape == (cfg.loss.out_dim, cfg.model.projector[-1])
+        return
     assert (
         model.online.projector[-1 if not cfg.model.projector_last_bn else -2].out_features
         == cfg.model.projector[-1]
