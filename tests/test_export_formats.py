@@ -33,7 +33,7 @@ def runs(tmp_path_factory):
 
 
 @torch.no_grad()
-def _features(run_dir, x, branch="online"):
+def _features(run_dir, x, branch="target"):  # export's default: eval's branch
     ckpt = load_checkpoint(latest_checkpoint(run_dir))
     model, _ = build_model(resolve_config(ckpt["config"]))
     model.load_state_dict(ckpt["model"])
@@ -271,5 +271,7 @@ def test_help_has_the_examples():
         "    ssl-cli export runs/mos --out mos_vit.pth\n"
         "    ssl-cli export runs/mos --format hf --out exports/mos_vit\n"
         "    ssl-cli export runs/univip --branch target --format safetensors --out r50.safetensors\n"
+        "    ssl-cli export runs/univip --format detectron2 --out r50_d2.pkl\n"
     ) in result.output
-    assert "[timm|safetensors|hf]" in result.output
+    assert "[timm|safetensors|hf|detectron2|mmdet]" in result.output
+    assert "[auto|online|target]" in result.output

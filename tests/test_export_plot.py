@@ -38,7 +38,7 @@ def _online_features(run_dir, x):
 def test_vit_export_loads_strictly_in_timm_with_identical_outputs(tmp_path):
     run = _run("mos", tmp_path)
     out = tmp_path / "export" / "backbone.pth"
-    info = export_backbone(run, out)
+    info = export_backbone(run, out, branch="online")
     assert info["arch"] == "vit_tiny_patch16_224" and info["input_size"] == 32
     assert json.loads((tmp_path / "export" / "backbone.pth.json").read_text()) == info
     model = timm.create_model(info["arch"], num_classes=0, **info["timm_kwargs"])
@@ -50,7 +50,7 @@ def test_vit_export_loads_strictly_in_timm_with_identical_outputs(tmp_path):
 
 def test_resnet_export_has_a_torchvision_layout(tmp_path):
     run = _run("byol", tmp_path)
-    info = export_backbone(run, tmp_path / "r18.pth")
+    info = export_backbone(run, tmp_path / "r18.pth", branch="online")
     tv = torchvision.models.resnet18()
     missing, unexpected = tv.load_state_dict(
         torch.load(tmp_path / info["files"]["torchvision"]), strict=False

@@ -52,10 +52,16 @@ import torch
 from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 
 from .checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_config
+from .detection import DETECTION_FORMATS, check_conversion, convert_for, detection_snippet
 
 BRANCHES = {"online": "online.backbone.", "target": "target.backbone."}
-FORMATS = ("timm", "safetensors", "hf")
-SUFFIXES = {"timm": (".pth", ".pt", ".bin"), "safetensors": (".safetensors",)}
+FORMATS = ("timm", "safetensors", "hf", *DETECTION_FORMATS)
+SUFFIXES = {
+    "timm": (".pth", ".pt", ".bin"),
+    "safetensors": (".safetensors",),
+    "detectron2": (".pkl",),
+    "mmdet": (".pth",),
+}
 HF_FILES = ("config.json", "model.safetensors", "ssl_cli_export.json")
 HF_INFO = "ssl_cli_export.json"
 # pretrained_cfg keys that describe our weights; timm's defaults for the architecture (tag,
@@ -150,7 +156,7 @@ def check_export_out(out: Path, fmt: str) -> None:
         return
     if out.is_dir():
         raise ValueError(f"--out {out}: is a folder; --format {fmt} writes a file")
-    if suffix_fmt != fmt:
+    if out.suffix.lower() not in SUFFIXES[fmt]:
         allowed = SUFFIXES[fmt]
         wanted = ", ".join(allowed[:-1]) + " or " + allowed[-1] if len(allowed) > 1 else allowed[0]
         hint = f", or pass --format {suffix_fmt}" if suffix_fmt else ""
@@ -351,12 +357,39 @@ def _write_hf(out: Path, state: dict, config: dict, info: dict, metadata: dict[s
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _write_detection(out: Path, fmt: str, state: dict, mapping: dict, info: dict) -> None:
+    """The detectron2 pickle or the mmdet checkpoint, written atomically, then read back and
+    checked against the backbone (:func:`train.detection.check_conversion`)."""
+    import pickle
+
+    if fmt == "detectron2":
+        model = {mapping[k]: v.detach().cpu().numpy() for k, v in state.items()}
+        payload = {"model": model, "__author__": "ssl-cli", "matching_heuristics": True}
+        _atomic_file(out, lambda tmp: tmp.write_bytes(pickle.dumps(payload, protocol=4)))
+        with open(out, "rb") as f:
+            written = pickle.load(f, encoding="latin1")["model"]
+    else:
+        meta = {k: info[k] for k in ("arch", "branch", "method", "step")}
+        payload = {"state_dict": {mapping[k]: v for k, v in state.items()}, "meta": meta}
+        _atomic_file(out, lambda tmp: torch.save(payload, tmp))
+        written = torch.load(out, map_location="cpu", weights_only=True)["state_dict"]
+    try:
+        check_conversion(state, written, mapping)
+    except ValueError as e:
+        out.unlink(missing_ok=True)
+        raise ValueError(f"{out}: the written file failed its check ({e}); removed") from None
+
+
 def export_backbone(
-    run_or_ckpt: str | Path, out: str | Path, branch: str = "online", fmt: str = "timm"
+    run_or_ckpt: str | Path, out: str | Path, branch: str = "auto", fmt: str = "timm"
 ) -> dict:
     """Write the backbone (and its description) in format ``fmt`` (:data:`FORMATS`); returns the
-    description, whose ``load`` is the Python snippet that loads it."""
+    description, whose ``load`` is the snippet that loads it. ``branch`` ``auto`` is the branch
+    ``ssl-cli eval`` reports by default (:func:`train.features.resolve_branches`: the momentum
+    encoder of every ssl-cli run)."""
     import timm
+
+    from .features import resolve_branches
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -369,6 +402,10 @@ def export_backbone(
     check_export_out(out, fmt)
 
     checkpoint = load_checkpoint(ckpt_path)
+    if branch not in ("online", "target"):
+        if branch != "auto":
+            raise ValueError(f"unknown branch {branch!r}; choose one of auto, online, target")
+        branch = resolve_branches(checkpoint, "auto")[0]
     state = backbone_state_dict(checkpoint, branch)
     model_cfg = checkpoint["config"]["model"]
     arch = model_cfg["backbone"]
@@ -378,6 +415,9 @@ def export_backbone(
     reference.load_state_dict(state, strict=True)
     input_size = model_cfg.get("img_size") or checkpoint["config"].get("data", {}).get("size")
     torchvision_layout = fmt != "hf" and _check_torchvision_layout(arch, state)
+    mapping = (
+        convert_for(fmt, arch, state, torchvision_layout) if fmt in DETECTION_FORMATS else None
+    )
     step = int(checkpoint["step"])
     metadata = {
         "arch": arch,
@@ -403,7 +443,11 @@ def export_backbone(
             if fmt == "hf"
             else {"timm": out.name}
         ),
-        "load": load_snippet(fmt, arch, kwargs, out),
+        "load": (
+            load_snippet(fmt, arch, kwargs, out)
+            if mapping is None
+            else detection_snippet(fmt, arch, kwargs, str(out.resolve()), not torchvision_layout)
+        ),
     }
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -417,6 +461,14 @@ def export_backbone(
             metadata,
             check=lambda folder: _check_hf_folder(folder, reference, int(input_size)),
         )
+        return info
+
+    if mapping is not None:
+        _write_detection(out, fmt, state, mapping, info)
+        info["files"] = {fmt: out.name}
+        info["keys"] = mapping
+        info["sha256"] = _sha256(out)
+        _atomic_file(json_path, lambda tmp: tmp.write_text(json.dumps(info, indent=1) + "\n"))
         return info
 
     def save(path: Path) -> None:
