@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from .views import SamplePlan, ViewSet
 
 __all__ = [
+    "SmallDataError",
     "EpochPlan",
     "ShardError",
     "ShardIndex",
@@ -69,6 +70,17 @@ _TAR_BLOCK = 512  # a tar member's header block precedes its data
 # cache (the pipeline's prefetched batches), and how far ahead the prefetcher looks.
 PIN_BATCHES = 2
 LOOKAHEAD_BATCHES = 64
+
+
+class SmallDataError(ValueError):
+    """The shards hold fewer samples than one global batch (no full batch to train on)."""
+
+    def __init__(self, samples: int, global_batch: int, batch_size: int, world_size: int):
+        self.samples, self.global_batch = samples, global_batch
+        super().__init__(
+            f"{samples} samples do not fill one global batch of {global_batch} "
+            f"(batch_size {batch_size} x world_size {world_size})"
+        )
 
 
 class ShardError(ValueError):
@@ -445,10 +457,7 @@ class EpochPlan:
         self.batches = num_samples // self.global_batch
         self.remainder = num_samples - self.batches * self.global_batch
         if self.batches == 0:
-            raise ValueError(
-                f"{num_samples} samples do not fill one global batch of {self.global_batch} "
-                f"(batch_size {batch_size} x world_size {world_size})"
-            )
+            raise SmallDataError(num_samples, self.global_batch, batch_size, world_size)
         self._cache: tuple[int, np.ndarray] | None = None
 
     def permutation(self, epoch: int) -> np.ndarray:

@@ -887,9 +887,35 @@ def _build_locked(
         f"{out}: {c['samples']} samples in {len(manifest['shards'])} shards, "
         f"{c['rejects']} rejected (see rejects.jsonl), {c['boxes']} boxes"
     )
+    log(describe_labels(manifest, source))
     if gt is not None:
         log(describe_recall(manifest["annotations"]))
     return BuildResult(out, manifest, n_todo, up_to_date=False, problems=diagnose(manifest))
+
+
+def describe_labels(manifest: dict, source) -> str:
+    """The labels line of a build: the classes, or "none" with the hint ``--layout imagenet``
+    when the images of a plain folder sit in two or more sub-folders (class folders, as
+    ImageNet's), which the folder layout does not read as labels."""
+    classes = manifest.get("classes") or []
+    if manifest["counts"].get("labelled"):
+        shown = ", ".join(classes[:8]) + (
+            f", ... {len(classes) - 8} more" if len(classes) > 8 else ""
+        )
+        return f"labels: {len(classes)} classes ({shown})"
+    line = "labels: none"
+    if source.layout == "folder" and source.root is not None:
+        folders = sorted(
+            {Path(it.source).relative_to(source.root).parts[0] for it in source.items
+             if len(Path(it.source).relative_to(source.root).parts) > 1}
+        )  # fmt: skip
+        if len(folders) >= 2:
+            shown = ", ".join(folders[:5]) + (", ..." if len(folders) > 5 else "")
+            line += (
+                f" (the images sit in {len(folders)} sub-folders: {shown}; to use the folder "
+                "names as class labels, build with --layout imagenet)"
+            )
+    return line
 
 
 def describe_recall(report: dict) -> str:

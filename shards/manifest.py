@@ -15,15 +15,34 @@ class ShardsNotFound(FileNotFoundError):
     pass
 
 
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+
+
+def _holds_images(folder: Path, limit: int = 2000) -> bool:
+    """Whether ``folder`` (or a sub-folder) holds an image file, looking at ``limit`` entries."""
+    if not folder.is_dir():
+        return False
+    for i, path in enumerate(folder.rglob("*")):
+        if i >= limit:
+            return False
+        if path.suffix.lower() in _IMAGE_SUFFIXES:
+            return True
+    return False
+
+
 def read_manifest_file(out: str | Path) -> dict:
     """The checked ``manifest.json`` of the local shard folder ``out``."""
     path = Path(out) / "manifest.json"
     if not path.exists():
-        hint = (
-            " (an unfinished build: run the same build command again)"
-            if (Path(out) / WORK / "build.json").exists() or (Path(out) / ".parts").exists()
-            else ""
-        )
+        if (Path(out) / WORK / "build.json").exists() or (Path(out) / ".parts").exists():
+            hint = " (an unfinished build: run the same build command again)"
+        elif _holds_images(Path(out)):
+            hint = (
+                f" ({out} holds images, not shards: build the shards first, "
+                f"`ssl-cli shards build {out} SHARDS`, then pass SHARDS)"
+            )
+        else:
+            hint = ""
         raise ShardsNotFound(f"{path} not found: not a finished shard folder{hint}")
     try:
         manifest = json.loads(path.read_text())

@@ -376,6 +376,9 @@ def _verify_truth(manifest: dict, rows: dict, override: str | Path | None) -> li
     return problems
 
 
+_CLASSES_SHOWN = 30  # classes listed by `shards inspect`; the rest are counted
+
+
 def inspect_shards(out: str | Path, examples: int = 5) -> str:
     """A human-readable summary: counts, shards, labels, boxes per image, a few samples (of a
     local folder, or of a URL: only its manifest and proposals are fetched)."""
@@ -431,9 +434,12 @@ def inspect_shards(out: str | Path, examples: int = 5) -> str:
         counts = Counter(labels)
         classes = manifest.get("classes")
         lines.append(f"  labels      {len(counts)} classes, {len(labels)} labelled samples")
-        for lab, n in counts.most_common(5):
+        shown = sorted(counts)[:_CLASSES_SHOWN]
+        for lab in shown:  # every class by label, up to _CLASSES_SHOWN
             name = f" ({classes[lab]})" if classes and lab < len(classes) else ""
-            lines.append(f"    {lab}{name}: {n}")
+            lines.append(f"    {lab}{name}: {counts[lab]}")
+        if len(counts) > len(shown):
+            lines.append(f"    ... {len(counts) - len(shown)} more")
     else:
         lines.append("  labels      none")
     if "annotations" in manifest:

@@ -76,7 +76,10 @@ def test_layers_later_wins_and_method_comes_from_any_layer():
         ({"model": {"projector": [64, "x"]}}, r"model.projector\[1\]: expected int"),
         ({"optim": {"betas": [0.9]}}, "optim.betas: expected 2 values"),
         ({"model": "vit"}, "model: expected a mapping"),
-        ({"method": "simclr"}, "unknown method 'simclr'; choose one of: byol, dino, mocov3, mos, univip"),
+        (
+            {"method": "simclr"},
+            "unknown method 'simclr'; choose one of: byol, dino, mocov3, mos, univip",
+        ),
         ({"schedule": {"epochs": 0}}, "schedule.epochs: must be >= 1"),
         ({"ema": {"start": 1.5}}, r"ema.start: must be in \[0, 1\]"),
         ({"data": {"views": {"size": object()}}}, "data.views.size: expected a plain value"),

@@ -42,7 +42,7 @@ def tiny(method: str, out, **sections) -> dict:
             "num_instances": 2,
             "synthetic_samples": 32,
         },
-        "model": dict(VIT if method in ("mos", "mocov3") else RESNET),
+        "model": dict(VIT if method in ("mos", "mocov3", "dino") else RESNET),
         "schedule": {"epochs": 2, "warmup_epochs": 1},
         "optim": {"base_lr": 0.032},  # lr 1e-3 at batch 8
         "run": {"out": str(out), "log_every": 1, "ckpt_every": 1000, "tensorboard": False},

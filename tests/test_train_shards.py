@@ -37,11 +37,15 @@ def shards(tmp_path_factory):
 def real(method, out, shards_dir, **run):
     layer = tiny(method, out)
     layer["data"].update(synthetic=False, shards=str(shards_dir), batch_size=4, size=32)
+    if method == "dino":  # two 16-px local crops through a ViT that takes both sizes
+        layer["model"]["backbone_kwargs"] = {"depth": 2, "dynamic_img_size": True}
+        layer["data"]["views"] = {"num_local": 2, "local_size": 16}
+        layer["loss"] = {"out_dim": 64}
     return resolve_config(layer, {"run": {"log_every": 1, **run}})
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["mos", "univip", "byol", "mocov3"])
+@pytest.mark.parametrize("method", ["mos", "univip", "byol", "mocov3", "dino"])
 def test_every_method_trains_on_shards(method, shards, tmp_path):
     result = pretrain(real(method, tmp_path, shards), log=quiet)
     assert len(result["metrics"]) == 4  # 8 images / batch 4 * 2 epochs

@@ -70,7 +70,7 @@ from train.resolve import resolve_config
 from train.runinfo import run_info
 from train.runlog import RunLog, require_wandb, write_json_atomic
 from train.runlog import trim_metrics as _trim_metrics  # noqa: F401  (train.loop._trim_metrics)
-from train.schedules import Schedules, build_schedules
+from train.schedules import Schedules, build_schedules, peak_lr, warmup_steps
 
 if TYPE_CHECKING:
     from pipeline.views import ViewSet
@@ -256,17 +256,33 @@ def build_loader(cfg: TrainConfig, info: DistInfo) -> Any:
             f"the shard loader pipeline.loader cannot be imported ({e}); "
             "train on synthetic data with --synthetic, or install DALI"
         ) from None
-    return shard_loader.ViewLoader(
-        cfg.data.shards,
-        views=real_view_set(method.views, cfg),
-        batch_size=local,
-        rank=info.rank,
-        world_size=info.world_size,
-        seed=cfg.run.seed,
-        device=str(info.device),
-        num_threads=cfg.data.num_threads,
-        workers=cfg.data.workers,
-    )
+    from pipeline.source import SmallDataError
+
+    try:
+        return shard_loader.ViewLoader(
+            cfg.data.shards,
+            views=real_view_set(method.views, cfg),
+            batch_size=local,
+            rank=info.rank,
+            world_size=info.world_size,
+            seed=cfg.run.seed,
+            device=str(info.device),
+            num_threads=cfg.data.num_threads,
+            workers=cfg.data.workers,
+        )
+    except SmallDataError as e:
+        # a power of two with at least two batches per epoch, a multiple of the processes
+        fit = max(info.world_size, 2 ** max(0, (e.samples // 2).bit_length() - 1))
+        fit -= fit % info.world_size
+        demos = sorted(p.name for p in Path(__file__).parent.parent.glob("configs/demo_*_cpu.yaml"))
+        raise ConfigError(
+            f"data.batch_size: {cfg.data.shards} holds {e.samples} samples, fewer than one "
+            f"global batch of {e.global_batch}; lower the batch to fit the data, e.g. "
+            f"--batch-size {fit} (at most {e.samples}, a multiple of the {info.world_size} "
+            "process(es)), or start from a small-data config: --config configs/"
+            + (demos[0] if demos else "demo_mos_cpu.yaml")
+            + (f" (also {', '.join(demos[1:])})" if len(demos) > 1 else "")
+        ) from None
 
 
 @dataclass
@@ -643,6 +659,55 @@ def _non_finite_state(parts: Parts) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------- outputs
+
+
+# above this many seconds per step on a CPU, the start says so (a paper recipe on a laptop)
+_SLOW_CPU_STEP_S = 10.0
+
+
+def schedule_warnings(cfg: TrainConfig, parts: Parts) -> list[str]:
+    """What a run's start should point out before it trains: an lr warm-up longer than the
+    run (the peak lr is never reached), and on a CPU a step so slow that the recipe is not
+    meant for it (one backbone forward is timed to estimate the step)."""
+    out = []
+    sched = parts.schedules
+    warmup = warmup_steps(cfg, sched.steps_per_epoch)
+    if warmup > sched.total_steps:
+        out.append(
+            f"the lr warm-up (schedule.warmup_epochs={cfg.schedule.warmup_epochs:g}: {warmup} "
+            f"steps) is longer than the run ({sched.total_steps} steps): the lr ends at "
+            f"{sched.lr[-1]:.3g}, {sched.lr[-1] / max(peak_lr(cfg), 1e-30):.0%} of its peak; "
+            "lower it, e.g. --set schedule.warmup_epochs=0"
+        )
+    if parts.info.device.type == "cpu" and not cfg.data.synthetic:
+        per_step = _cpu_step_estimate(cfg, parts)
+        if per_step > _SLOW_CPU_STEP_S:
+            total = per_step * (sched.total_steps)
+            out.append(
+                f"on this CPU a step of this recipe takes about {per_step:.0f} s ({cfg.model.backbone} "
+                f"at {cfg.data.size} px, global batch {cfg.data.batch_size}; one forward timed), "
+                f"so {sched.total_steps} steps take about {_format_eta(total)}; for a first run on "
+                "a CPU start from --config configs/demo_mos_cpu.yaml (or demo_univip_cpu.yaml)"
+            )
+    return out
+
+
+@torch.no_grad()
+def _cpu_step_estimate(cfg: TrainConfig, parts: Parts) -> float:
+    """Seconds per step: one no-grad forward of the online backbone on 2 images, scaled by the
+    method's forward-equivalents per sample (train.quality) and this rank's batch."""
+    from train.quality import forward_equivalents
+
+    backbone = parts.model.online.backbone
+    x = torch.zeros(2, 3, cfg.data.size, cfg.data.size)
+    was_training = backbone.training
+    backbone.eval()
+    backbone(x)  # allocations out of the way
+    t0 = time.perf_counter()
+    backbone(x)
+    per_image = (time.perf_counter() - t0) / 2
+    backbone.train(was_training)
+    return per_image * forward_equivalents(cfg) * cfg.data.batch_size / parts.info.world_size
 
 
 def eta_seconds(done: int, start: int, total: int, train_seconds: float) -> float | None:
@@ -1033,6 +1098,8 @@ class _Run:
                 f"epoch), global batch {cfg.data.batch_size} on {self.info.world_size} x "
                 f"{self.info.device}, {parts.precision}, run dir {self.run_dir}"
             )
+            for warning in schedule_warnings(cfg, parts):
+                self.log(f"warning: {warning}")
         self.guard = _FiniteGuard(parts.terms, self.info.device)
         self.sums = torch.zeros(len(parts.terms), device=self.info.device)
         self.done = self.start
@@ -1041,12 +1108,21 @@ class _Run:
         self.train_seconds = 0.0  # training time since this start
 
     def observe(self, step: int, values: Tensor) -> None:
-        """Step ``step``'s loss terms: into the non-finite guard and the window's sums."""
+        """Step ``step``'s loss terms: into the non-finite guard and the window's sums. After
+        the first step of this start, its time and the ETA at that pace (a run with a long
+        ``log_every`` is not silent until its first metrics line)."""
         self.guard.observe(step, values)
         self.sums += values
         self.n_since += 1
         self.done = step + 1
         self.bar.update(1)
+        if step == self.start and self.main and self.done < self.total:
+            values.cpu()  # the step's work done, on a GPU too (one sync, once)
+            took = time.perf_counter() - self.t_begin
+            self.log(
+                f"first step: {took:.1f} s (start-up included); at that pace the "
+                f"{self.total - self.done} steps left take {_format_eta(took * (self.total - self.done))}"
+            )
 
     def log_metrics(self, step: int) -> None:
         """The training line of the window ending with ``step``: terms averaged over its steps
