@@ -14,14 +14,13 @@ from click.testing import CliRunner
 from torch import nn
 
 from cli.main import main as cli
+from tests.test_train_loop import VIT, Crash, loader_for, quiet, tiny
 from train.checkpoint import load_checkpoint
 from train.loop import pretrain
 from train.losses.dino import DINOConfig, DINOLoss, teacher_temp_schedule
 from train.methods import build_model, resolve_config
 from train.models import DINOHead, WeightNormLinear
 from train.optim import clip_gradients
-
-from tests.test_train_loop import VIT, Crash, loader_for, quiet, tiny
 
 K = 12  # prototypes in the loss tests
 
