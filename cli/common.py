@@ -304,12 +304,16 @@ def fail(e: Exception) -> click.ClickException:
 LIBRARY_ERRORS = (ValueError, RuntimeError, OSError, KeyError)
 
 
-def library_errors(f=None, *, usage: tuple[str, ...] = ()):
+def library_errors(f=None, *, usage: tuple[str, ...] = ("ConfigError",)):
     """Decorate a command: what the library raises for bad input (``ValueError``,
     ``RuntimeError``, ``OSError``, ``KeyError``: messages that name the file, key or option)
     becomes the command's error message, exit status 1 and no traceback. ``usage``: the names
-    of the exceptions (``"ConfigError"``, ``"FileNotFoundError"``) that are usage errors
-    instead (exit status 2, with the usage line). click's own exceptions pass unchanged."""
+    of the exceptions that are usage errors instead (exit status 2, with the usage line): a
+    ``ConfigError`` (a config key or value, an option that does not fit) for every command,
+    ``FileNotFoundError`` too where the missing file is one the command line names. click's
+    own exceptions pass unchanged (usage errors: 2). The exit statuses, for every command:
+    0 done, 1 the work failed (an input, the shards, the training), 2 the command line or
+    config is wrong."""
 
     def decorate(fn):
         @functools.wraps(fn)

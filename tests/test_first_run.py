@@ -132,3 +132,31 @@ def test_too_few_samples_for_the_recipe_batch_says_what_to_do(class_folders, tmp
     message = str(e.value)
     assert "holds 12 samples, fewer than one global batch of 64" in message
     assert "--batch-size 4" in message and "configs/demo_mos_cpu.yaml" in message
+
+
+def test_the_printed_next_steps_run_as_printed_without_an_activated_venv(monkeypatch):
+    import shutil
+    import subprocess
+
+    from train.demo import cli_command, next_steps
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no ssl-cli on PATH
+    command = cli_command()
+    assert command != "ssl-cli"
+    done = subprocess.run([command, "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("ssl-cli")
+    assert f"{command} shards build IMAGES SHARDS" in next_steps("runs/demo")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["pretrain", "--method", "mos", "--print-config", "--set", "optim.base_lr=fast"],
+        ["pretrain", "--method", "dino", "--print-config", "--set", "loss.nope=1"],
+        ["bench", "quality", "--train", "x", "--val", "y", "--methods", "simclr"],
+    ],
+)
+def test_config_errors_are_usage_errors_everywhere(args):
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert "Usage:" in result.output

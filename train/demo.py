@@ -15,6 +15,8 @@ works, not what the methods reach (``ssl-cli bench quality`` measures that).
 from __future__ import annotations
 
 import gzip
+import shutil
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -175,10 +177,27 @@ def demo_evaluate(
     return reports
 
 
+def cli_command() -> str:
+    """How to call ssl-cli from here: ``ssl-cli`` when that is on PATH and is this install,
+    else the path of this environment's script (``.venv/bin/ssl-cli`` after ``make demo``,
+    whose venv is not activated), relative to the working directory when inside it."""
+    script = Path(sys.executable).parent / "ssl-cli"
+    found = shutil.which("ssl-cli")
+    if found and (not script.exists() or Path(found).resolve() == script.resolve()):
+        return "ssl-cli"
+    if not script.exists():
+        return "ssl-cli"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
+
+
 def next_steps(out_dir: str | Path) -> str:
-    """What to run after the demo, with its real paths."""
+    """What to run after the demo, with its real paths and a command that runs as printed."""
     out = Path(out_dir)
     shards, digits = out / "shards", out / "digits"
+    cli = cli_command()
     steps = [
         (
             f"ssl-cli preview --data {shards} --method mos --out {out / 'preview.png'}",
@@ -195,7 +214,8 @@ def next_steps(out_dir: str | Path) -> str:
         ),
         (f"ssl-cli export {out / 'mos'} --format hf --out {out / 'mos_export'}", "export"),
         ("ssl-cli shards build IMAGES SHARDS", "your images"),
-        ("ssl-cli pretrain --method mos --data SHARDS --out RUN", "then"),
+        ("ssl-cli pretrain --config configs/demo_mos_cpu.yaml --data SHARDS --out RUN", "then"),
     ]
     width = max(len(why) for _, why in steps) + 1
-    return "\n".join(["next steps:"] + [f"  {why + ':':<{width}}  {cmd}" for cmd, why in steps])
+    lines = [f"  {why + ':':<{width}}  {cli}{cmd[len('ssl-cli') :]}" for cmd, why in steps]
+    return "\n".join(["next steps:", *lines])
