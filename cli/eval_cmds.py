@@ -17,6 +17,8 @@ backbone and prints one row per branch.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from cli.common import ShardFolder, alias, library_errors, require, storage_options, world_size
@@ -57,7 +59,7 @@ def _options(f=None, *, train_help=_TRAIN_HELP, val_help=_VAL_HELP, size_help=_S
         click.argument("ckpt", metavar="RUN", required=False, type=click.Path(exists=True)),
         alias("--ckpt", "ckpt", "the argument RUN", type=click.Path(exists=True)),
         click.option("--train", "train_shards", required=True, type=ShardFolder(), help=train_help),
-        click.option("--val", "val_shards", required=True, type=ShardFolder(), help=val_help),
+        click.option("--val", "val_shards", default=None, type=ShardFolder(), help=val_help),
         click.option(
             "--branch",
             type=click.Choice(["auto", "online", "target", "both"]),
@@ -156,11 +158,44 @@ def _run(fn, **kwargs) -> dict:
     import sys
 
     kwargs["progress"] = kwargs["progress"] and sys.stderr.isatty()
+    train, val = kwargs.get("train"), kwargs.get("val")
+    if val is None and kwargs.get("val_fraction") is None:
+        what = "--val SHARDS" + (
+            ", or --val-fraction F to split --train" if "val_fraction" in kwargs else ""
+        )
+        raise click.UsageError(f"no shards to score: give {what}")
+    if kwargs.get("val_fraction") is None and _same_folder(train, val):
+        click.echo(
+            f"warning: --train and --val are the same shards ({train}): every query is in the "
+            "bank or the probe's training set, so the score measures memory, not features; "
+            "--val-fraction 0.1 (instead of --val) cuts them into two parts that share nothing",
+            err=True,
+        )
     return library_errors(fn, usage=("ConfigError", "FileNotFoundError"))(**kwargs)
+
+
+def _same_folder(a, b) -> bool:
+    from shards.remote import is_url
+
+    if a is None or b is None:
+        return False
+    if is_url(str(a)) or is_url(str(b)):
+        return str(a).rstrip("/") == str(b).rstrip("/")
+    return Path(a).resolve() == Path(b).resolve()
+
+
+_VAL_FRACTION = click.option(
+    "--val-fraction",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=None,
+    help="Score a share of --train instead of --val: that many of its samples (a fixed "
+    "permutation, the same every time) are the queries, the rest the bank / training set.",
+)
 
 
 @eval_group.command("knn")
 @_options
+@_VAL_FRACTION
 @click.option("--k", type=click.IntRange(min=1), default=20, help="Neighbours (DINO: 20).")
 @click.option(
     "--temperature",
@@ -180,6 +215,7 @@ def knn(
     num_threads,
     json_out,
     progress,
+    val_fraction,
     k,
     temperature,
 ) -> None:
@@ -193,6 +229,7 @@ def knn(
       ssl-cli eval knn runs/mos_fmnist --train data/shards/fmnist_train --val data/shards/fmnist_test
       ssl-cli eval knn runs/mos_fmnist/checkpoints/step-00001000.pt --train data/shards/fmnist_train --val data/shards/fmnist_test --branch both
       ssl-cli eval knn runs/mos_coco --train data/shards/imagenet_train --val data/shards/imagenet_val --device cuda --precision bf16
+      ssl-cli eval knn runs/mine --train data/shards/mine_labelled --val-fraction 0.1
     """
     from train.evaluation import knn_eval
 
@@ -203,6 +240,7 @@ def knn(
         checkpoint=ckpt,
         train=train_shards,
         val=val_shards,
+        val_fraction=val_fraction,
         k=k,
         temperature=temperature,
         size=size,
@@ -244,6 +282,7 @@ def knn(
 @click.option("--momentum", type=click.FloatRange(0, 1), default=0.9, help="SGD momentum.")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, help="Probe wd.")
 @click.option("--seed", type=int, default=0, help="Probe initialisation and batch order.")
+@_VAL_FRACTION
 def linear(
     ckpt,
     train_shards,
@@ -263,6 +302,7 @@ def linear(
     momentum,
     weight_decay,
     seed,
+    val_fraction,
 ) -> None:
     """Linear probe on the frozen backbone (BatchNorm without affine + Linear, SGD, cosine
     lr): fit on TRAIN, score VAL's centre crops. Prints top-1 / top-5 and writes
@@ -294,6 +334,7 @@ def linear(
         checkpoint=ckpt,
         train=train_shards,
         val=val_shards,
+        val_fraction=val_fraction,
         probe=probe,
         size=size,
         batch_size=batch_size,

@@ -198,3 +198,64 @@ def test_knn_on_the_gpu_matches_the_cpu(tmp_path):
     assert b["run"]["device"] != a["run"]["device"]
     # nvJPEG vs libjpeg and TF32 may flip a borderline neighbour on 5 queries, not more
     assert abs(a["top1"] - b["top1"]) <= 20.0 and b["n_val"] == a["n_val"] == 5
+
+
+# ------------------------------------------------------------------- one shard set, split
+
+
+def test_val_fraction_scores_a_share_of_train_that_the_bank_does_not_hold(tmp_path):
+    from train.features import Features, split_features
+
+    feats = Features(torch.arange(20.0)[:, None], torch.arange(20) % 3, 3, "x")
+    bank, queries = split_features(feats, 0.25)
+    assert (len(bank), len(queries)) == (15, 5)
+    assert not set(bank.features[:, 0].tolist()) & set(queries.features[:, 0].tolist())
+    again, _ = split_features(feats, 0.25)
+    assert torch.equal(again.features, bank.features)  # the same split every time
+    train = labelled_shards("train")
+    args = [tiny_run(), "--train", train, "--val-fraction", 0.5, "--batch-size", 4,
+            "--device", "cpu", "--json", tmp_path / "knn.json", "--k", 2]  # fmt: skip
+    result = invoke("knn", *args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "knn.json").read_text())
+    n = report["n_train"] + report["n_val"]
+    assert report["val_fraction"] == 0.5 and report["n_val"] == round(0.5 * n)
+
+
+def test_the_same_shards_for_train_and_val_warn(tmp_path):
+    train = labelled_shards("train")
+    result = CliRunner().invoke(
+        eval_group,
+        [
+            str(a)
+            for a in (
+                "knn",
+                tiny_run(),
+                "--train",
+                train,
+                "--val",
+                train,
+                "--batch-size",
+                4,
+                "--device",
+                "cpu",
+                "--json",
+                tmp_path / "k.json",
+            )
+        ],  # fmt: skip
+    )
+    assert result.exit_code == 0, result.output
+    assert "warning: --train and --val are the same shards" in result.stderr
+    assert "--val-fraction 0.1" in result.stderr
+
+
+def test_no_val_and_a_folder_of_runs_are_clear_errors(tmp_path):
+    train = labelled_shards("train")
+    result = CliRunner().invoke(eval_group, ["knn", str(tiny_run()), "--train", str(train)])
+    assert result.exit_code == 2 and "--val-fraction F to split --train" in result.output
+    runs = tiny_run().parent  # the folder that holds the run
+    result = CliRunner().invoke(
+        eval_group, ["knn", str(runs), "--train", str(train), "--val", str(train)]
+    )
+    assert result.exit_code != 0
+    assert f"is a folder of 1 run(s), not a run: pass one of {runs / 'run'}" in result.output

@@ -117,6 +117,26 @@ class _Setup:
             )
 
 
+def _check_split(train, val, val_fraction: float | None):
+    """``val`` for a split: ``None`` or the same folder as ``train`` (``ValueError`` else)."""
+    if val_fraction is None:
+        if val is None:
+            raise ValueError("no --val shards: give --val, or --val-fraction to split --train")
+        return val
+    if val is not None and Path(val).resolve() != Path(train).resolve():
+        raise ValueError("--val-fraction splits --train into bank and queries: drop --val")
+    return None
+
+
+def _bank_and_queries(setup, backbone, train, val, val_fraction):
+    """The bank and the queries: two shard sets, or one cut by ``val_fraction``."""
+    from train.features import split_features
+
+    if val_fraction is None:
+        return setup.extract(backbone, train), setup.extract(backbone, val)
+    return split_features(setup.extract(backbone, train), val_fraction)
+
+
 def _shared(bank, queries) -> dict:
     return {
         "train": bank.root,
@@ -222,9 +242,12 @@ def knn_eval(
     precision: str = "fp32",
     out: str | Path | None = None,
     progress: bool = False,
+    val_fraction: float | None = None,
 ) -> dict:
     """Weighted kNN (DINO) of a checkpoint's backbone: ``train`` shards are the memory bank,
     ``val`` the queries, centre crops of ``size`` (default: the checkpoint's ``data.size``).
+    ``val_fraction``: ``train`` alone, cut into bank and queries that share no sample
+    (:func:`train.features.split_features`); ``val`` is then ``None`` or the same shards.
     ``branch``: ``auto`` (the momentum encoder when the checkpoint has one), ``online``,
     ``target`` or ``both``. Writes the report (:func:`report_path`, or ``out``) and returns it
     (``top1``, ``top5`` in percent, counts, checkpoint, step, resolved ``branch``, ...; for
@@ -232,8 +255,10 @@ def knn_eval(
     if k < 1 or not temperature > 0:
         raise ValueError(f"k must be >= 1 and temperature > 0, got {k}, {temperature}")
 
+    val = _check_split(train, val, val_fraction)
+
     def compute(backbone, setup):
-        bank, queries = setup.extract(backbone, train), setup.extract(backbone, val)
+        bank, queries = _bank_and_queries(setup, backbone, train, val, val_fraction)
         num_classes = max(bank.num_classes, queries.num_classes)
         acc = knn_accuracy(
             bank.features,
@@ -245,7 +270,7 @@ def knn_eval(
             temperature,
         )
         fields = {"top1": acc.top1, "top5": acc.top5, "k": k, "temperature": temperature}
-        return {**fields, **_shared(bank, queries)}
+        return {**fields, **_shared(bank, queries), "val_fraction": val_fraction}
 
     options = dict(
         size=size,
@@ -274,6 +299,7 @@ def linear_eval(
     progress: bool = False,
     protocol: str = "fast",
     log: Callable[[str], None] | None = None,
+    val_fraction: float | None = None,
 ) -> dict:
     """Linear probe of a checkpoint's backbone, fit on ``train``, scored on ``val`` (centre
     crops); report written and returned like :func:`knn_eval`, plus ``protocol``, the probe's
@@ -298,8 +324,12 @@ def linear_eval(
     if not isinstance(probe, config_type):
         raise TypeError(f"protocol {protocol!r} takes a {config_type.__name__}, got {probe!r}")
 
+    if val_fraction is not None and protocol != "fast":
+        raise ValueError("--val-fraction cuts extracted features: use it with --protocol fast")
+    val = _check_split(train, val, val_fraction)
+
     def fast(backbone, setup):
-        bank, queries = setup.extract(backbone, train), setup.extract(backbone, val)
+        bank, queries = _bank_and_queries(setup, backbone, train, val, val_fraction)
         num_classes = max(bank.num_classes, queries.num_classes)
         model = train_linear_probe(
             bank.features, bank.labels, num_classes, probe, log=log if setup.info.is_main else None
@@ -314,6 +344,7 @@ def linear_eval(
             "protocol": protocol,
             "probe": asdict(probe),
             **_shared(bank, queries),
+            "val_fraction": val_fraction,
         }
 
     def paper(backbone, setup):

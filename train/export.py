@@ -89,6 +89,18 @@ def resolve_checkpoint(run_or_ckpt: str | Path) -> Path:
     if path.is_dir():
         found = latest_checkpoint(path)
         if found is None:
+            runs = sorted(  # run folders up to two levels down (runs/demo/mos, table/runs/x)
+                str(p.relative_to(path))
+                for p in [*path.glob("*"), *path.glob("*/*")]
+                if p.is_dir() and p.name != "checkpoints" and latest_checkpoint(p) is not None
+            )
+            if runs:  # a folder of runs (runs/demo): name them
+                shown = ", ".join(str(path / r) for r in runs[:6]) + (
+                    ", ..." if len(runs) > 6 else ""
+                )
+                raise FileNotFoundError(
+                    f"{path} is a folder of {len(runs)} run(s), not a run: pass one of {shown}"
+                )
             raise FileNotFoundError(f"{path}: no checkpoint in {path / 'checkpoints'}")
         return found
     raise FileNotFoundError(f"{path}: neither a run directory nor a checkpoint file")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ __all__ = [
     "load_backbone",
     "load_backbones",
     "resolve_branches",
+    "split_features",
 ]
 
 # What ``--branch`` accepts: ``auto`` resolves per checkpoint (:func:`resolve_branches`).
@@ -60,6 +61,28 @@ class Features:
 
     def __len__(self) -> int:
         return self.features.shape[0]
+
+
+def split_features(
+    features: Features, val_fraction: float, seed: int = 0
+) -> tuple[Features, Features]:
+    """One shard set's features cut in two that share no sample: ``round(val_fraction * N)``
+    rows, drawn by a fixed permutation of the row indices (``seed``), are the queries, the rest
+    the bank. The same shards, fraction and seed give the same split."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    n = len(features)
+    n_val = round(val_fraction * n)
+    if not 0 < n_val < n:
+        raise ValueError(f"--val-fraction {val_fraction} of {n} samples leaves an empty side")
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(n))
+    val_idx, bank_idx = order[:n_val].sort().values, order[n_val:].sort().values
+
+    def take(idx: Tensor) -> Features:
+        idx = idx.to(features.features.device)
+        return replace(features, features=features.features[idx], labels=features.labels[idx])
+
+    return take(bank_idx), take(val_idx)
 
 
 def resolve_branches(checkpoint: dict, branch: str = "auto") -> list[str]:
