@@ -54,13 +54,14 @@ def test_two_runs_share_one_figure_with_an_lr_panel_and_a_run_legend(tmp_path):
         # total loss, three terms, learning rate, accuracy; no blank axes left over
         assert titles == [
             "total loss",
-            "m2s",
-            "m2m",
-            "s2s",
-            "learning rate",
+            "m2s = multi-to-single (MOS eq. 11)",
+            "m2m = multi-to-multi (MOS eq. 12)",
+            "s2s = single-to-single (MOS eq. 13)",
+            "learning rate (log scale)",
             "evaluation accuracy (%)",
         ]
-        lr = _panel(fig, "learning rate")
+        lr = _panel(fig, "learning rate (log scale)")
+        assert lr.get_yscale() == "log"
         by_run = {line.get_gid(): line for line in lr.get_lines()}
         assert set(by_run) == {"mos", "mocov3"}
         assert list(by_run["mocov3"].get_ydata()) == [5e-4 * 2, 2e-3, 2e-3, 2e-3, 2e-3]
@@ -124,7 +125,7 @@ def test_a_run_without_evaluations_has_no_accuracy_panel(tmp_path):
     run = _write_run(tmp_path / "run", evals=())
     fig = curves_figure([run])
     try:
-        assert [ax.get_title() for ax in fig.axes][-1] == "learning rate"
+        assert [ax.get_title() for ax in fig.axes][-1] == "learning rate (log scale)"
         assert len(fig.axes) == 5
     finally:
         plt.close(fig)
@@ -215,3 +216,24 @@ def test_cli_errors(tmp_path):
     assert result.exit_code == 2 and "Missing argument" in result.output
 
     assert "Examples:" in _invoke("--help").output
+
+
+def test_one_run_keeps_one_colour_shows_lone_points_and_eval_reports(tmp_path):
+    run = _write_run(tmp_path / "run", steps=(2,), evals=((2, 20.0, 55.0),))
+    (run / "eval").mkdir()
+    report = {"eval": "linear", "step": 2, "branch": "both",
+              "branches": {"online": {"top1": 41.5}, "target": {"top1": 44.0}}}  # fmt: skip
+    (run / "eval" / "linear-both-step-00000002.json").write_text(json.dumps(report))
+    (run / "eval" / "broken.json").write_text("{")  # left out, not an error
+    fig = curves_figure([run])
+    try:
+        colours = {line.get_color() for ax in fig.axes for line in ax.get_lines()}
+        assert colours == {"C0"}  # the run's colour on every panel
+        loss = _panel(fig, "total loss")
+        assert loss.get_lines()[0].get_marker() == "o"  # one logged step: a visible marker
+        acc = _panel(fig, "evaluation accuracy (%)")
+        stars = {line.get_gid(): line for line in acc.get_lines() if line.get_marker() == "*"}
+        assert set(stars) == {"run linear online", "run linear target"}
+        assert list(stars["run linear target"].get_ydata()) == [44.0]
+    finally:
+        plt.close(fig)

@@ -28,6 +28,15 @@ _NOT_LOSSES = {
     "elapsed_s",
 }
 _MARKERS = ("o", "^", "D", "v", "P", "X")  # one per evaluation family (knn, knn_online, ...)
+# the loss terms' names as the papers say them (titles of their panels)
+TERM_NAMES = {
+    "m2s": "multi-to-single (MOS eq. 11)",
+    "m2m": "multi-to-multi (MOS eq. 12)",
+    "s2s": "single-to-single (MOS eq. 13)",
+    "scene": "scene-scene (UniVIP eq. 3)",
+    "scene_instance": "scene-instance (UniVIP eq. 6)",
+    "instance": "instance-instance (UniVIP eq. 11)",
+}
 
 
 def _number(value: object) -> bool:
@@ -79,6 +88,27 @@ def read_metrics(run_dir: str | Path) -> Metrics:
         note = f" ({out.skipped_note()})" if out.skipped else ""
         raise ValueError(f"{path}: no training steps logged yet{note}")
     return out
+
+
+def read_eval_reports(run_dir: str | Path) -> list[dict]:
+    """The ``ssl-cli eval`` reports of a run (``RUN/eval/*.json``) as points: ``step``,
+    ``label`` (``knn target``, ``linear online``, ...) and ``top1``; unreadable files and
+    reports without a top-1 are left out."""
+    points = []
+    for path in sorted((Path(run_dir) / "eval").glob("*.json")):
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(report, dict) or not _number(report.get("step")):
+            continue
+        kind = report.get("eval", path.stem.split("-")[0])
+        branches = report.get("branches") or {report.get("branch", ""): report}
+        for branch, values in branches.items():
+            if isinstance(values, dict) and _number(values.get("top1")):
+                label = f"{kind} {branch}".strip()
+                points.append({"step": report["step"], "label": label, "top1": values["top1"]})
+    return points
 
 
 def run_names(runs: Sequence[str | Path]) -> list[str]:
@@ -176,7 +206,8 @@ def curves_figure(runs: Sequence[str | Path], log: Callable[[str], None] = _stde
             ]
     terms = ["loss"] + [t for t in terms if t != "loss"] if "loss" in terms else terms
     has_lr = any(_number(r.get("lr")) for m in metrics for r in m.train)
-    has_eval = any(m.evals for m in metrics)
+    reports = [read_eval_reports(r) for r in runs]
+    has_eval = any(m.evals for m in metrics) or any(reports)
     if not terms and not has_eval:
         where = ", ".join(str(Path(r) / "metrics.jsonl") for r in runs)
         raise ValueError(f"{where}: no numeric loss terms to plot")
@@ -190,27 +221,42 @@ def curves_figure(runs: Sequence[str | Path], log: Callable[[str], None] = _stde
     several = len(runs) > 1
     colours = [f"C{i % 10}" for i in range(len(runs))]
 
+    def line(ax, pts, i):  # one run's curve, in its colour; a lone point as a marker
+        marker = "o" if len(pts) < 3 else None
+        ax.plot(*zip(*pts), lw=1.4, color=colours[i], marker=marker, ms=5, gid=names[i])
+
     for ax, term in zip(flat, terms):
         for i, m in enumerate(metrics):
             pts = [(r["step"], r[term]) for r in m.train if _number(r.get(term))]
             if pts:
-                single = "C0" if term == "loss" else "C1"
-                ax.plot(*zip(*pts), lw=1.4, color=colours[i] if several else single, gid=names[i])
-        ax.set_title("total loss" if term == "loss" else term)
+                line(ax, pts, i)
+        name = TERM_NAMES.get(term)
+        ax.set_title("total loss" if term == "loss" else f"{term} = {name}" if name else term)
     if has_lr:
         ax = flat[len(terms)]
+        positive = True
         for i, m in enumerate(metrics):
             pts = [(r["step"], r["lr"]) for r in m.train if _number(r.get("lr"))]
             if pts:
-                ax.plot(*zip(*pts), lw=1.4, color=colours[i], gid=names[i])
-        ax.set_title("learning rate")
-        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+                line(ax, pts, i)
+                positive &= any(v > 0 for _, v in pts)
+        ax.set_title("learning rate (log scale)" if positive else "learning rate")
+        if positive:  # runs of other batch sizes differ by orders of magnitude; warm-up's 0 drops
+            ax.set_yscale("log")
+        else:
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     if has_eval:
         ax = flat[len(terms) + has_lr]
         order: dict[str, int] = {}
         for i, m in enumerate(metrics):
             if m.evals:
-                _draw_eval(ax, m.evals, colours[i] if several else None, names[i], order)
+                _draw_eval(ax, m.evals, colours[i], names[i], order)
+        for i, points in enumerate(reports):  # `ssl-cli eval` results: stars, labelled
+            for p in points:
+                ax.plot(p["step"], p["top1"], marker="*", ms=12, color=colours[i], ls="none",
+                        zorder=4, clip_on=False, gid=f"{names[i]} {p['label']}")  # fmt: skip
+                ax.annotate(p["label"], (p["step"], p["top1"]), textcoords="offset points",
+                            xytext=(4, -10), fontsize="x-small", color=colours[i])  # fmt: skip
         ax.set_ylim(0, 100)
         ax.set_title("evaluation accuracy (%)")
         if several:  # the styles, in grey; the colours are the runs (the figure legend)
@@ -230,8 +276,10 @@ def curves_figure(runs: Sequence[str | Path], log: Callable[[str], None] = _stde
                         )
                     )
             ax.legend(handles=handles, fontsize="small", loc="lower right")
-        elif ax.get_lines():
-            ax.legend(loc="lower right")
+        else:  # one run: the evaluation curves by name (the stars carry their own labels)
+            curves = [h for h in ax.get_lines() if h.get_marker() != "*"]
+            if curves:
+                ax.legend(handles=curves, loc="lower right")
     for ax in flat[:panels]:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
