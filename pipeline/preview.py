@@ -206,7 +206,8 @@ def render_preview(
         draw(axes, batch, loader, views)
     title = {
         "mos": "MOS: source | single views | stitched views (cells labelled with the batch "
-        "position b of their sample)",
+        "position b of their sample)\nr = the stitched image's grid (r x r cells, one object "
+        "each); s = per cell, its object is s x s smaller views (MOS section 3.1)",
         "univip": "UniVIP: source (proposals grey, scenes blue/orange, overlap green, instances "
         "red) | scenes | instances",
         "multicrop": "multi-crop: source with crop boxes (global solid, local dashed) | crops",

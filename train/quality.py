@@ -32,7 +32,8 @@ exact resume, and its evaluation is written next to it (``quality.json``): a kil
 re-run with the same command resumes the run in flight and skips finished ones. kNN against
 steps is logged during each run (``eval.every``, both branches). ``report.json``,
 ``table.md`` (mean, standard deviation and spread over seeds) and ``curves.png`` (kNN against
-step per method, references as horizontal lines) are written at the end.
+forward-equivalents spent, the axis on which the methods' budgets are equal, per method;
+references as horizontal lines) are written at the end.
 """
 
 from __future__ import annotations
@@ -793,7 +794,9 @@ def _plot(runs: list[dict], refs: dict, path: Path) -> None:
     methods = list(dict.fromkeys(r["method"] for r in runs))
     for i, m in enumerate(methods):
         for j, r in enumerate(x for x in runs if x["method"] == m):
-            xs = [p["step"] for p in r["knn_curve"]]
+            # compute, not steps: methods spend different forward-equivalents per step
+            per_step = r["forward_equivalents"] / max(r["steps"], 1) / 1e3
+            xs = [p["step"] * per_step for p in r["knn_curve"]]
             ax.plot(xs, [p["target"] for p in r["knn_curve"]], color=colours[i % len(colours)],
                     alpha=0.8, label=f"{m} (target)" if j == 0 else None)  # fmt: skip
             online = [p["online"] for p in r["knn_curve"]]
@@ -807,7 +810,9 @@ def _plot(runs: list[dict], refs: dict, path: Path) -> None:
             seen.add(ref["backbone"])
             ax.axhline(ref["knn_top1"], color="grey", ls="-.", lw=1,
                        label=f"random init {ref['backbone']}")  # fmt: skip
-    ax.set_xlabel("step")
+    ax.set_xlabel(
+        "thousands of forward-equivalents (a backbone pass on a view: 3 with gradient, 1 without)"
+    )
     ax.set_ylabel("kNN top-1 (%)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
