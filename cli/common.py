@@ -27,6 +27,7 @@ __all__ = [
     "require",
     "split_overrides",
     "storage_options",
+    "storage_options_last",
     "version_string",
     "world_size",
 ]
@@ -294,6 +295,19 @@ def storage_options(f):
             help=help_text,
         )(f)
     return f
+
+
+STORAGE_PARAMS = ("cache_dir", "cache_size", "s3_endpoint", "staging")
+
+
+def storage_options_last(group: click.Group) -> None:
+    """Every command under ``group``: the object-storage options moved to the end of its
+    parameters, so ``--help`` lists what a newcomer needs first (the order of the options on
+    a command line does not matter to click)."""
+    for cmd in group.commands.values():
+        if isinstance(cmd, click.Group):
+            storage_options_last(cmd)
+        cmd.params.sort(key=lambda p: p.name in STORAGE_PARAMS)  # stable: the rest keep order
 
 
 def fail(e: Exception) -> click.ClickException:

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import click
 
-from cli.common import COMPLETION, library_errors, storage_options, version_option
+from cli.common import (
+    COMPLETION,
+    library_errors,
+    storage_options,
+    storage_options_last,
+    version_option,
+)
 from shards.images import ImageParams
 from shards.proposals import RANKS, SEARCH_MODES, FilterParams, SearchParams
 
@@ -57,14 +63,6 @@ def shards() -> None:
 @shards.command("build")
 @click.argument("src")
 @click.argument("out", type=click.Path(file_okay=False))
-@storage_options
-@click.option(
-    "--staging",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="With an s3:// / gs:// OUT: the local folder the build writes before each file is "
-    "uploaded (a killed build resumes from it) [default: under --cache-dir].",
-)
 @click.option(
     "--layout",
     type=click.Choice(["auto", "folder", "coco", "imagenet", "wds", "cifar", "idx"]),
@@ -230,6 +228,14 @@ def shards() -> None:
     help="With --annotations: an image of the annotation file that is not in SRC is an error "
     "(default: counted and reported).",
 )
+@storage_options
+@click.option(
+    "--staging",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="With an s3:// / gs:// OUT: the local folder the build writes before each file is "
+    "uploaded (a killed build resumes from it) [default: under --cache-dir].",
+)
 @library_errors
 def shards_build(
     src,
@@ -381,7 +387,6 @@ def _default_staging(url: str) -> Path:
 
 @shards.command("verify")
 @click.argument("out", type=click.Path(file_okay=False))
-@storage_options
 @click.option(
     "--decode/--no-decode", default=False, help="Also decode every image and check its size."
 )
@@ -392,6 +397,7 @@ def _default_staging(url: str) -> Path:
     help="A build with annotations: the annotation file to check against, when it is no longer "
     "at the path the manifest records.",
 )
+@storage_options
 @library_errors
 def shards_verify(out, decode, annotations) -> None:
     """Recompute checksums and counts; check that tar samples and Parquet rows match one to one.
@@ -413,8 +419,8 @@ def shards_verify(out, decode, annotations) -> None:
 
 @shards.command("inspect")
 @click.argument("out", type=click.Path(file_okay=False))
-@storage_options
 @click.option("--examples", type=click.IntRange(min=0), default=5, help="Samples to print.")
+@storage_options
 @library_errors
 def shards_inspect(out, examples) -> None:
     """Print samples, shards, labels and boxes-per-image statistics.
@@ -684,6 +690,7 @@ main.add_command(data_group, name="data")
 bench.add_command(bench_pipeline, name="pipeline")
 bench.add_command(bench_train, name="train")
 bench.add_command(bench_quality, name="quality")
+storage_options_last(main)
 
 if __name__ == "__main__":
     main()

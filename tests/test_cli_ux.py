@@ -292,7 +292,8 @@ def test_eval_takes_the_run_as_argument_and_ckpt_still_works(monkeypatch, tmp_pa
     assert "deprecated" not in result.stderr
     result = invoke("eval", "knn", "--ckpt", tmp_path, *shards)
     assert result.exit_code == 0, result.output
-    assert result.stderr.strip() == "note: --ckpt is deprecated, use the argument RUN"
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
+    assert notes == ["note: --ckpt is deprecated, use the argument RUN"]
     assert seen == [str(tmp_path)] * 2
     missing = invoke("eval", "knn", *shards)
     assert missing.exit_code == 2 and "Missing argument 'RUN'" in missing.output
@@ -411,3 +412,12 @@ def test_shards_build_without_a_terminal_writes_log_lines(tmp_path):
     assert lines[-1].startswith("shards: 3/3 images (100%)")
     quiet = invoke(*args[:3], tmp_path / "quiet", *args[4:], "--no-progress")
     assert quiet.exit_code == 0 and quiet.stderr == ""
+
+
+@pytest.mark.parametrize("path", [("shards", "build"), ("pretrain",), ("eval", "knn")])
+def test_object_storage_options_come_last_in_help(path):
+    result = CliRunner().invoke(main, [*path, "--help"], terminal_width=200)
+    options = [line.split()[0] for line in result.output.splitlines() if line.startswith("  --")]
+    storage = {"--cache-dir", "--cache-size", "--s3-endpoint", "--staging"}
+    first = next(i for i, o in enumerate(options) if o in storage)
+    assert all(o in storage or o.startswith("--help") for o in options[first:]), options
