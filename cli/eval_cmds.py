@@ -151,6 +151,8 @@ def _show(report: dict, what: str) -> None:
             click.echo(f"  {name:<8} {r['top1']:>7.2f}% {r['top5']:>7.2f}%")
     if report.get("input_size_change"):
         click.echo(f"note: {report['input_size_change']}")
+    if report.get("warning"):
+        click.echo(f"warning: {report['warning']}", err=True)
     click.echo(f"wrote {report['path']}")
 
 
@@ -476,4 +478,6 @@ def _show_objects(report: dict) -> None:
         )
     if report.get("input_size_change"):
         click.echo(f"note: {report['input_size_change']}")
+    if report.get("warning"):
+        click.echo(f"warning: {report['warning']}", err=True)
     click.echo(f"wrote {report['path']}")

@@ -375,6 +375,9 @@ def pretrain(
     layers = _layers(config_file, method, assignments + split_overrides(overrides), flags)
     cfg = resolve_config(*layers)
     if print_config:
+        from train.loop import check_config
+
+        check_config(cfg)  # what pretrain would refuse, --print-config refuses too
         click.echo(dump_yaml(to_dict(cfg)), nl=False)
         return
     if not cfg.run.out:

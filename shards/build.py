@@ -774,6 +774,11 @@ def build_shards(
         # 32/28-px images: accept them (MOS uses no boxes; with the default filter none survive)
         params = replace(params, image=replace(params.image, min_side=1))
     if not source.items:
+        if source.layout in ("cifar", "idx"):
+            raise SourceError(
+                f"{src}: the {source.layout.upper()} files of split {split!r} hold no images "
+                "(0 records): nothing to build"
+            )
         raise SourceError(f"{src}: no images found (extensions: .jpg .jpeg .png .webp .bmp)")
     truth = None
     gt = None

@@ -139,3 +139,10 @@ def test_suffixes_of_the_detection_formats(runs, tmp_path):
     assert "writes a .pkl file" in result.output
     result = _cli(runs["resnet"], "--format", "mmdet", "--out", tmp_path / "r.pkl", code=1)
     assert "writes a .pth file" in result.output
+
+
+def test_no_export_into_another_runs_checkpoint_folder(runs, tmp_path):
+    other = runs["vit"] / "checkpoints" / "step-00000099.pt"
+    result = _cli(runs["resnet"], "--out", other, code=1)
+    assert f"the checkpoint folder of the run {runs['vit']}" in result.output
+    assert not other.exists()

@@ -1,7 +1,9 @@
 """A first run on the user's own data: what the tool says before it trains, while it starts,
 and when the data do not fit the recipe."""
 
+import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -160,3 +162,105 @@ def test_config_errors_are_usage_errors_everywhere(args):
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 2, result.output
     assert "Usage:" in result.output
+
+
+# ----------------------------------------------------------------- checkpoints at scale
+
+
+def test_keep_last_and_keep_every(tmp_path):
+    from train.checkpoint import list_checkpoints, save_checkpoint
+
+    for step in range(1, 11):
+        save_checkpoint({"format": 1, "w": torch.zeros(4)}, tmp_path, step, keep_last=2,
+                        keep_every=4)  # fmt: skip
+    names = [p.name for p in list_checkpoints(tmp_path)]
+    assert names == ["step-00000004.pt", "step-00000008.pt", "step-00000009.pt",
+                     "step-00000010.pt"]  # fmt: skip
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_before_writing(tmp_path, monkeypatch):
+    import collections
+    import shutil
+
+    from train import checkpoint as ckpt_mod
+
+    save_checkpoint = ckpt_mod.save_checkpoint
+    save_checkpoint({"format": 1, "w": torch.zeros(4)}, tmp_path, 1, keep_last=3)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 2**20, 2**20))
+    big = {"format": 1, "w": torch.zeros(8 * 2**20)}  # 32 MiB
+    with pytest.raises(ckpt_mod.CheckpointWriteError) as e:
+        save_checkpoint(big, tmp_path, 2, keep_last=3)
+    assert "not enough space on" in str(e.value) and "newest kept: step-00000001.pt" in str(e.value)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000001.pt"]
+
+
+def test_an_empty_checkpoint_file_says_so(tmp_path):
+    from train.checkpoint import load_checkpoint
+
+    (tmp_path / "step-00000001.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="the file is empty"):
+        load_checkpoint(tmp_path / "step-00000001.pt")
+
+
+def test_a_yaml_alias_bomb_is_refused(tmp_path):
+    from train.config import load_yaml
+
+    lines = ["method: mos", "model:", "  backbone_kwargs:", "    a: &a [x, x, x, x, x, x, x, x, x]"]
+    for prev, name in zip("abcdefg", "bcdefgh"):
+        lines.append(f"    {name}: &{name} [{', '.join(['*' + prev] * 9)}]")
+    (tmp_path / "bomb.yaml").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match="expands to more than 100,000 values"):
+        load_yaml(tmp_path / "bomb.yaml")
+
+
+@pytest.mark.parametrize(
+    "assignment, message",
+    [
+        ("model.img_size=0", "model.img_size: must be >= 1"),
+        ("data.views.grid_choices=[]", "grid_choices must be positive ints"),
+        ("data.size=7", "must be divisible by lcm"),
+        (
+            "model.backbone_kwargs.depth=-1",
+            "model: vit_small_patch16_224 (depth=-1) cannot be built",
+        ),
+    ],
+)
+def test_print_config_refuses_what_pretrain_refuses(assignment, message):
+    result = CliRunner().invoke(
+        cli, ["pretrain", "--method", "mos", "--print-config", "--set", assignment]
+    )
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_disjoint_labels_warn_and_reports_on_other_data_do_not_overwrite(tmp_path):
+    import json
+
+    from train.evaluation import _free_report_path, _label_warning
+    from train.features import Features
+
+    def feats(labels):
+        return Features(torch.zeros(len(labels), 2), torch.tensor(labels), 4, "x")
+
+    assert _label_warning(feats([0, 1, 2]), feats([1, 2])) is None
+    assert "share no label" in _label_warning(feats([0, 1]), feats([2, 3]))
+    assert "1 of 2 queries have a label" in _label_warning(feats([0, 1]), feats([1, 3]))
+    path = tmp_path / "knn-target-step-00000003.json"
+    path.write_text(json.dumps({"train": "a", "val": "b", "val_fraction": None}))
+    same = {"train": "a", "val": "b", "val_fraction": None}
+    assert _free_report_path(path, same) == path  # the same data: replaced
+    other = _free_report_path(path, {"train": "a", "val": "data/c", "val_fraction": None})
+    assert other.name.startswith("knn-target-step-00000003-on-c-") and other != path
+
+
+def test_idx_files_without_images_say_so(tmp_path):
+    from tests.test_scenes import _idx
+
+    src = tmp_path / "idx"
+    src.mkdir()
+    for split in ("train", "t10k"):
+        (src / f"{split}-images-idx3-ubyte").write_bytes(_idx(np.zeros((0, 28, 28))))
+        (src / f"{split}-labels-idx1-ubyte").write_bytes(_idx(np.zeros((0,))))
+    result = CliRunner().invoke(cli, ["shards", "build", str(src), str(tmp_path / "out")])
+    assert result.exit_code != 0
+    assert "hold no images (0 records)" in result.output

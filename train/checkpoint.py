@@ -99,11 +99,17 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep_last: int) -> Path:
-    """Write ``state`` atomically as ``step-{step:08d}.pt`` and keep the ``keep_last`` newest."""
+def save_checkpoint(
+    state: dict, run_dir: str | Path, step: int, keep_last: int, keep_every: int = 0
+) -> Path:
+    """Write ``state`` atomically as ``step-{step:08d}.pt``, then keep the ``keep_last`` newest
+    and every checkpoint whose step is a multiple of ``keep_every`` (:func:`prune_checkpoints`).
+    Before writing, the free space of the folder is checked against the state's size
+    (:func:`check_free_space`): a clear error instead of a half-written file."""
     d = checkpoint_dir(run_dir)
     d.mkdir(parents=True, exist_ok=True)
     final = d / f"step-{step:08d}.pt"
+    check_free_space(d, state, final)
     tmp = d / f".{final.name}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -123,8 +129,44 @@ def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep_last: int)
         if tmp.exists():
             tmp.unlink()
     _fsync_dir(d)
-    prune_checkpoints(run_dir, keep_last)
+    prune_checkpoints(run_dir, keep_last, keep_every)
     return final
+
+
+# room left beside a checkpoint: torch's zip framing, and the other writes of the run
+_FREE_SPACE_MARGIN = 1.05
+_FREE_SPACE_EXTRA = 16 * 2**20
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes of the tensors and arrays in ``state`` (nested dicts, lists), about its file size."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, np.ndarray):
+        return state.nbytes
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
+
+
+def check_free_space(folder: Path, state: dict, final: Path) -> None:
+    """:class:`CheckpointWriteError` (ENOSPC) when ``folder``'s file system has less room than
+    ``state`` needs, before anything is written."""
+    import shutil
+
+    need = int(state_bytes(state) * _FREE_SPACE_MARGIN) + _FREE_SPACE_EXTRA
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        kept = list_checkpoints(folder.parent)
+        previous = f"newest kept: {kept[-1].name}" if kept else "none written before"
+        raise CheckpointWriteError(
+            errno.ENOSPC,
+            f"not enough space on {folder} for checkpoint {final.name}: it needs about "
+            f"{need / 2**20:,.0f} MiB, {free / 2**20:,.0f} MiB are free ({previous}). Free "
+            "space (or lower run.keep_last) and run the same command again to resume.",
+        )
 
 
 def _write_error(e: OSError, d: Path, final: Path) -> CheckpointWriteError:
@@ -193,9 +235,29 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
-    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+def prune_checkpoints(run_dir: str | Path, keep_last: int, keep_every: int = 0) -> None:
+    """Delete all checkpoints but the ``keep_last`` newest and, with ``keep_every`` > 0, those
+    whose step is a multiple of it (a 300-epoch run keeps a few recent ones to resume from and
+    a checkpoint every K steps to evaluate later)."""
+    found = list_checkpoints(run_dir)
+    for old in found[:-keep_last] if keep_last > 0 else []:
+        step = int(_NAME.match(old.name).group(1))
+        if keep_every > 0 and step % keep_every == 0:
+            continue
         old.unlink(missing_ok=True)
+
+
+def _check_not_empty(path: Path) -> None:
+    if path.stat().st_size == 0:
+        raise ValueError(
+            f"cannot load checkpoint {path}: the file is empty (0 bytes: a copy or a write "
+            "that did not finish); use another checkpoint of the run"
+        )
+
+
+def _reason(e: Exception) -> str:
+    """An exception's message, or its type when the message is empty."""
+    return str(e).strip() or type(e).__name__
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -203,10 +265,11 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    _check_not_empty(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated files, foreign formats
-        raise ValueError(f"cannot load checkpoint {path}: {e}") from None
+        raise ValueError(f"cannot load checkpoint {path}: {_reason(e)}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(
             f"{path} is not an ssl-cli pretraining checkpoint (format {CHECKPOINT_FORMAT})"
@@ -217,10 +280,12 @@ def load_checkpoint(path: str | Path) -> dict:
 def read_checkpoint_config(path: str | Path) -> dict:
     """Only the ``config`` of a checkpoint; the file is memory-mapped, the weights not read."""
     path = Path(path)
+    if path.is_file():
+        _check_not_empty(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        raise ValueError(f"cannot load checkpoint {path}: {e}") from None
+        raise ValueError(f"cannot load checkpoint {path}: {_reason(e)}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(
             f"{path} is not an ssl-cli pretraining checkpoint (format {CHECKPOINT_FORMAT})"

@@ -145,7 +145,8 @@ class RunConfig:
     channels_last: bool = True  # NHWC memory format on CUDA
     log_every: int = 10  # steps between metrics lines (and non-finite-loss checks)
     ckpt_every: int = 1000  # steps between checkpoints (and one at the end)
-    keep_last: int = 3  # checkpoints kept
+    keep_last: int = 3  # newest checkpoints kept
+    keep_every: int = 0  # also keep those whose step is a multiple of this (0: none)
     tensorboard: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
     progress: bool = True  # tqdm bar (only on rank 0 and on a terminal)
@@ -356,7 +357,31 @@ def load_yaml(path: str | Path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    _check_expanded_size(data, path)
     return data
+
+
+# A config is a few hundred values; YAML aliases can make a small file expand exponentially
+# (a "billion laughs"), which the merging and checking of the layers would then copy.
+MAX_CONFIG_VALUES = 100_000
+
+
+def _check_expanded_size(data: Any, path: Path) -> None:
+    """``ConfigError`` when ``data``, aliases expanded, holds more than :data:`MAX_CONFIG_VALUES`
+    values; the walk stops as soon as it has seen that many."""
+    stack, seen = [data], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_CONFIG_VALUES:
+            raise ConfigError(
+                f"{path}: expands to more than {MAX_CONFIG_VALUES:,} values (YAML aliases "
+                "repeating a block?); a config is a few hundred: refusing it"
+            )
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def parse_assignment(text: str) -> dict:

@@ -137,8 +137,53 @@ def _bank_and_queries(setup, backbone, train, val, val_fraction):
     return split_features(setup.extract(backbone, train), val_fraction)
 
 
+def _free_report_path(path: Path, report: dict) -> Path:
+    """``path``, unless it holds the report of the same step on other data: then a name with
+    the data in it (``KIND-...-step-N-on-VAL-HASH.json``), so that evaluations of one
+    checkpoint on different shards do not overwrite each other."""
+    import hashlib
+    import json
+
+    data = {k: report.get(k) for k in ("train", "val", "val_fraction")}
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return path
+    if not isinstance(old, dict) or {k: old.get(k) for k in data} == data:
+        return path
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
+    val = Path(str(data["val"] or data["train"])).name or "data"
+    return path.with_name(f"{path.stem}-on-{val}-{digest}{path.suffix}")
+
+
+def _label_warning(bank, queries) -> str | None:
+    """A warning when queries carry labels the bank (or the probe's training set) never has:
+    those queries cannot be right, and disjoint label sets make the score meaningless."""
+    bank_labels = set(bank.labels.unique().tolist())
+    missing = ~torch.isin(
+        queries.labels,
+        torch.tensor(sorted(bank_labels), dtype=queries.labels.dtype, device=queries.labels.device),
+    )
+    n = int(missing.sum())
+    if n == 0:
+        return None
+    classes = sorted(set(queries.labels[missing].tolist()))
+    shown = ", ".join(map(str, classes[:8])) + (", ..." if len(classes) > 8 else "")
+    if n == len(queries):
+        return (
+            f"--train and --val share no label: none of the {len(queries)} queries' classes "
+            f"({shown}) is in the training shards, so the score means nothing"
+        )
+    return (
+        f"{n} of {len(queries)} queries have a label the training shards lack ({shown}): they "
+        "cannot be classified right"
+    )
+
+
 def _shared(bank, queries) -> dict:
+    warning = _label_warning(bank, queries)
     return {
+        **({"warning": warning} if warning else {}),
         "train": bank.root,
         "val": queries.root,
         "n_train": len(bank),
@@ -214,7 +259,9 @@ def _evaluate(kind: str, checkpoint, options: dict, compute, out) -> dict:
         path = (
             Path(out)
             if out
-            else report_path(meta["checkpoint"], kind, meta["step"], report["branch"])
+            else _free_report_path(
+                report_path(meta["checkpoint"], kind, meta["step"], report["branch"]), report
+            )
         )
         report["path"] = str(path)
         if info.is_main:

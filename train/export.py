@@ -106,6 +106,19 @@ def resolve_checkpoint(run_or_ckpt: str | Path) -> Path:
     raise FileNotFoundError(f"{path}: neither a run directory nor a checkpoint file")
 
 
+def _is_run_checkpoints(folder: Path) -> bool:
+    """Whether ``folder`` is a run's ``checkpoints/`` (beside the run's config.yaml or
+    metrics.jsonl, or holding ``step-*.pt`` files)."""
+    if folder.name != "checkpoints" or not folder.is_dir():
+        return False
+    run = folder.parent
+    return (
+        (run / "config.yaml").exists()
+        or (run / "metrics.jsonl").exists()
+        or any(folder.glob("step-*.pt"))
+    )
+
+
 def _is_checkpoint(path: Path) -> bool:
     try:
         read_checkpoint_config(path)
@@ -125,6 +138,12 @@ def check_export_target(ckpt_path: Path, targets: list[Path]) -> None:
             raise ValueError(
                 f"refusing to write {target}: it is in the checkpoint folder {ckpt_path.parent} "
                 "of the run being exported (the trainer owns it); choose another --out"
+            )
+        other = next((d for d in [resolved, *resolved.parents] if _is_run_checkpoints(d)), None)
+        if other is not None:
+            raise ValueError(
+                f"refusing to write {target}: it is in {other}, the checkpoint folder of the run "
+                f"{other.parent} (its resume reads every file there); choose another --out"
             )
         if resolved.is_file() and _is_checkpoint(resolved):
             raise ValueError(

@@ -111,6 +111,7 @@ RESUMABLE_KEYS = frozenset(
         "run.log_every",
         "run.ckpt_every",
         "run.keep_last",
+        "run.keep_every",
         "run.tensorboard",
         "run.wandb",
         "run.progress",
@@ -197,6 +198,24 @@ def real_view_set(views: str, cfg: TrainConfig) -> ViewSet:
         return view_set(views, **kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"data.views: {VIEW_SETS[views].__name__}(**{kwargs}): {e}") from None
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """What only building reveals, checked before any work (``pretrain`` and ``--print-config``
+    alike): the view set's options (``data.views``, sizes) and the model, built on the meta
+    device (no memory, no weights): timm's arguments and the heads. A :class:`ConfigError`
+    names the section."""
+    real_view_set(get_method(cfg.method).views, cfg)
+    try:
+        with torch.device("meta"):
+            build_model(cfg)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, RuntimeError, AssertionError) as e:
+        kwargs = {"img_size": cfg.model.img_size, "patch_size": cfg.model.patch_size,
+                  **cfg.model.backbone_kwargs}  # fmt: skip
+        shown = ", ".join(f"{k}={v}" for k, v in kwargs.items() if v is not None)
+        raise ConfigError(f"model: {cfg.model.backbone} ({shown}) cannot be built: {e}") from None
 
 
 def synthetic_loader(cfg: TrainConfig, info: DistInfo, **overrides: Any) -> Any:
@@ -863,6 +882,7 @@ def _pretrain(
     if not cfg.run.out:
         raise ConfigError("run.out: no run directory given (--out RUN)")
     run_dir = Path(cfg.run.out)
+    check_config(cfg)
     _check_loggers(cfg, info)  # before any work: W&B on but not installed
     if info.is_main:
         _remove_temporaries(run_dir, log)
@@ -1289,7 +1309,8 @@ def _save(parts: Parts, run_dir: Path, step: int, steps_per_epoch: int) -> Path:
             "loader": _loader_position(parts.loader, step, steps_per_epoch),
             "rng": rng,
         }
-        path = save_checkpoint(state, run_dir, step, parts.cfg.run.keep_last)
+        keep = parts.cfg.run
+        path = save_checkpoint(state, run_dir, step, keep.keep_last, keep.keep_every)
     barrier()
     return path
 
