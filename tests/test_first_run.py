@@ -264,3 +264,39 @@ def test_idx_files_without_images_say_so(tmp_path):
     result = CliRunner().invoke(cli, ["shards", "build", str(src), str(tmp_path / "out")])
     assert result.exit_code != 0
     assert "hold no images (0 records)" in result.output
+
+
+def test_a_resume_after_a_non_finite_stop_checks_the_checkpoint_and_steps_back(tmp_path):
+    import json
+
+    from train.checkpoint import list_checkpoints, load_checkpoint
+    from train.loop import NonFiniteLossError
+
+    layer = tiny("byol", tmp_path, schedule={"epochs": 1, "steps": 5, "warmup_epochs": 0})
+    keep = {"run": {"ckpt_every": 1, "keep_last": 5}}
+    pretrain(resolve_config(layer, keep), log=lambda _: None)
+    # step 5's weights as a diverging lr leaves them: finite, but far beyond a trained network's
+    newest = list_checkpoints(tmp_path)[-1]
+    state = load_checkpoint(newest)
+    key = next(
+        k for k in state["model"] if k.startswith("online.backbone.") and k.endswith("weight")
+    )
+    state["model"][key] = state["model"][key] * 1e12
+    torch.save(state, newest)
+    (tmp_path / "non-finite.json").write_text(json.dumps({"step": 6, "optim.base_lr": 0.032}))
+    lines = []
+    lower = resolve_config(layer, keep, {"optim": {"base_lr": 0.016}})
+    result = pretrain(lower, log=lines.append)
+    text = "\n".join(lines)
+    assert (
+        f"step-00000005.pt cannot be resumed after the non-finite stop: {key} has a weight" in text
+    )
+    assert "checked step-00000004.pt after the non-finite stop" in text
+    assert [m["step"] for m in result["metrics"]] == [5]  # resumed after step 4
+    # nothing passes: a clear stop, not a resume from a bad file
+    for path in list_checkpoints(tmp_path):
+        bad = load_checkpoint(path)
+        bad["model"][key] = torch.full_like(bad["model"][key], float("nan"))
+        torch.save(bad, path)
+    with pytest.raises(NonFiniteLossError, match="no kept checkpoint .* passes the check"):
+        pretrain(lower, log=lambda _: None)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os  # noqa: F401  (part of this module's namespace, as _trim_metrics below)
 import random
 import sys
@@ -47,6 +48,7 @@ from train.checkpoint import (
     CHECKPOINT_FORMAT,
     capture_rng,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     read_checkpoint_config,
     remove_stale_temporaries,
@@ -971,6 +973,8 @@ def _read_resume(
         return _Resumed()
     state = load_checkpoint(path)
     non_finite = read_non_finite(path)
+    if non_finite is not None:  # never call an untested checkpoint good
+        path, state = _checked_after_non_finite(cfg, info, path, state, log, resume is None)
     relaxed = check_resume_config(cfg, state["config"], non_finite, int(state["step"]))
     if relaxed and info.is_main:
         log(
@@ -984,6 +988,92 @@ def _read_resume(
             f"this run has {info.world_size}; resume with the same number of processes"
         )
     return _Resumed(path, state, relaxed)
+
+
+# a weight this large (absolute) is a diverged run, not a trained network
+SANE_WEIGHT = 1e4
+
+
+def checkpoint_problem(cfg: TrainConfig, state: dict, device: torch.device) -> str | None:
+    """Why the weights of ``state`` cannot be trained on, or ``None``: a non-finite tensor, a
+    parameter beyond :data:`SANE_WEIGHT`, or a non-finite loss of one forward pass (no
+    gradient) on a small random batch of the method's views. The model is built from ``cfg``
+    (the config of the resuming run) and thrown away after."""
+    model, _ = build_model(cfg)
+    model.load_state_dict(state["model"])
+    model.to(device)
+    params = dict(model.named_parameters())
+    for name, value in state["model"].items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            return f"{name} holds NaN or inf"
+        if name in params and value.numel() and float(value.abs().max()) > SANE_WEIGHT:
+            return f"{name} has a weight of {float(value.abs().max()):.3g} (a diverged run)"
+    from train.synthetic import SyntheticLoader
+
+    batch = next(iter(SyntheticLoader(get_method(cfg.method).views, 4, seed=cfg.run.seed,
+                                      device=device, **_synthetic_shapes(cfg))))  # fmt: skip
+    hyper = {
+        name: float(v[0])
+        for name, v in build_schedules(cfg, 1, get_method(cfg.method).schedules).method.items()
+    }
+    if hyper:
+        batch["hyper"] = hyper
+    model.train()
+    with torch.no_grad():
+        out = model(batch)
+    values = {k: float(v) for k, v in out.items() if isinstance(v, Tensor) and v.numel() == 1}
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+        return (
+            "one forward pass gives a non-finite loss ("
+            + ", ".join(f"{k}={v}" for k, v in bad.items())
+            + ")"
+        )
+    return None
+
+
+def _synthetic_shapes(cfg: TrainConfig) -> dict:
+    """The SyntheticLoader keyword arguments that give ``cfg``'s view shapes."""
+    d, v = cfg.data, cfg.data.views
+    shapes = {"size": d.size, "instance_size": d.instance_size, "num_instances": d.num_instances,
+              "num_samples": 8}  # fmt: skip
+    if get_method(cfg.method).views == "multicrop":
+        shapes.update(num_crops=v.get("num_global", 2), num_local=v.get("num_local", 0),
+                      local_size=v.get("local_size", 96))  # fmt: skip
+    return shapes
+
+
+def _checked_after_non_finite(
+    cfg: TrainConfig, info: DistInfo, path: Path, state: dict, log: Callable, step_back: bool
+) -> tuple[Path, dict]:
+    """After a non-finite stop: ``path`` if it passes :func:`checkpoint_problem`, else (with
+    ``step_back``: the checkpoint was not named by ``--resume``) the newest older kept one
+    that does; each rank checks the same files in the same order. Raises
+    :class:`NonFiniteLossError` when none passes."""
+    candidates = [path]
+    if step_back:
+        older = [p for p in list_checkpoints(path.parent.parent) if p.name < path.name]
+        candidates += older[::-1]
+    failed = []
+    for candidate in candidates:
+        if candidate != path:
+            state = load_checkpoint(candidate)
+        problem = checkpoint_problem(cfg, state, info.device)
+        if problem is None:
+            if info.is_main:
+                log(
+                    f"checked {candidate.name} after the non-finite stop: finite weights of "
+                    "sane size, a finite loss on one forward pass"
+                    + (f" (skipped, failing: {', '.join(failed)})" if failed else "")
+                )
+            return candidate, state
+        failed.append(candidate.name)
+        if info.is_main:
+            log(f"{candidate.name} cannot be resumed after the non-finite stop: {problem}")
+    raise NonFiniteLossError(
+        f"no kept checkpoint of {path.parent.parent} passes the check after the non-finite stop "
+        f"({', '.join(failed)}): start a new run directory with a lower lr"
+    )
 
 
 def _restore(parts: Parts, resumed: _Resumed) -> tuple[int, dict]:
