@@ -151,8 +151,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 _ADVICE = (
-    "the newest checkpoint in the run directory is the last good one: run the same command "
-    "again with a lower lr (--base-lr, or --set optim.base_lr=...) and/or gradient clipping "
+    "run the same command again (the resume checks the newest kept checkpoint, and steps back "
+    "to an older one if its weights or one forward pass are not sane) with a lower lr (--base-lr, or --set optim.base_lr=...) and/or gradient clipping "
     "(--set optim.clip_grad=1.0), which a resume after a non-finite stop allows, or with "
     "--precision fp32"
 )
