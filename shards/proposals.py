@@ -11,7 +11,7 @@ kept ones in the order it kept them.
 
 The defaults differ from the ORL recipe (fast mode on the full image, filtered in OpenCV's order)
 where a measurement against ground truth showed tighter boxes at equal or better speed
-(docs/benchmarks.md, "Proposal recall against ground truth"). The recipe stays one option set
+(docs/benchmarks-history.md, "Proposal recall against ground truth"). The recipe stays one option set
 away: ``SearchParams(mode="fast", max_side=0)`` with ``FilterParams(rank="search")``
 (``--mode fast --max-side 0 --rank search``).
 """
