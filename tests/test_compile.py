@@ -18,7 +18,7 @@ from torch._dynamo.utils import counters
 from tests.test_gpu_paths import small
 from train.distributed import init_distributed
 from train.loop import COMPILED_MODULES, build_parts, compile_modules, train_step
-from train.methods import resolve_config
+from train.resolve import resolve_config
 
 # The graphs dynamo builds in the first step of each method (small models of tests.test_gpu_paths
 # at 32 px, UniVIP's instances at 16 px, channels-last), and why each graph after a function's

@@ -18,9 +18,10 @@ from tests.test_train_loop import VIT, Crash, loader_for, quiet, tiny
 from train.checkpoint import load_checkpoint
 from train.loop import pretrain
 from train.losses.dino import DINOConfig, DINOLoss, teacher_temp_schedule
-from train.methods import build_model, resolve_config
+from train.methods import build_model
 from train.models import DINOHead, WeightNormLinear
 from train.optim import clip_gradients
+from train.resolve import resolve_config
 
 K = 12  # prototypes in the loss tests
 

@@ -13,7 +13,7 @@ from tests.test_eval_cli import STEPS, common, invoke, reference_features, tiny_
 from tests.test_eval_loader import labelled_shards
 from train.checkpoint import latest_checkpoint, load_checkpoint
 from train.evaluation import knn_accuracy, knn_eval
-from train.export import backbone_state_dict
+from train.checkpoint import backbone_state_dict
 from train.features import load_backbone, load_backbones, resolve_branches
 
 warnings.filterwarnings("ignore", message=".*external source.*not used.*")

@@ -26,7 +26,8 @@ from train.evaluation import (
     train_linear_probe,
 )
 from train.loop import pretrain
-from train.methods import build_model, resolve_config
+from train.methods import build_model
+from train.resolve import resolve_config
 
 warnings.filterwarnings("ignore", message=".*external source.*not used.*")
 

@@ -29,7 +29,6 @@ from tests.test_eval_cli import tiny_run
 from tests.test_eval_loader import unlabelled_shards
 from tests.test_pipeline_shards import _tmpdir
 from tests.test_train_loop import tiny
-from train.methods import resolve_config
 from train.objects import (
     PIXEL_SIZE,
     average_precision,
@@ -44,6 +43,7 @@ from train.objects import (
     vit_token_grid,
 )
 from train.probes import LinearProbeConfig
+from train.resolve import resolve_config
 
 warnings.filterwarnings("ignore", message=".*external source.*not used.*")
 

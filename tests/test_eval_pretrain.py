@@ -24,7 +24,7 @@ from train.checkpoint import list_checkpoints, load_checkpoint
 from train.config import ConfigError, to_dict
 from train.features import extract_features, load_backbone
 from train.loop import check_resume_config, pretrain
-from train.methods import resolve_config
+from train.resolve import resolve_config
 
 warnings.filterwarnings("ignore", message=".*external source.*not used.*")
 

@@ -15,7 +15,7 @@ from cli.export_cmds import export_cmd
 from tests.test_train_loop import quiet, tiny
 from train.checkpoint import latest_checkpoint, load_checkpoint
 from train.loop import pretrain
-from train.methods import resolve_config
+from train.resolve import resolve_config
 
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 

@@ -15,7 +15,8 @@ from tests.test_train_loop import quiet, tiny
 from train.checkpoint import latest_checkpoint, load_checkpoint
 from train.export import export_backbone
 from train.loop import pretrain
-from train.methods import build_model, resolve_config
+from train.methods import build_model
+from train.resolve import resolve_config
 
 SOURCE_KEYS = {"tag", "hf_hub_id", "hf_hub_filename", "url", "file", "source", "license"}
 INHERITED_KEYS = SOURCE_KEYS | {"origin_url", "paper_ids", "notes", "test_input_size"}

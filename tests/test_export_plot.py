@@ -12,8 +12,8 @@ from PIL import Image
 from tests.test_train_loop import quiet, tiny
 from train.export import export_backbone
 from train.loop import pretrain
-from train.methods import resolve_config
 from train.plots import plot_run
+from train.resolve import resolve_config
 
 
 def _run(method, tmp_path, steps=3):

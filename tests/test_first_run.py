@@ -14,7 +14,7 @@ from train import loop as loop_mod
 from train.config import ConfigError
 from train.distributed import init_distributed
 from train.loop import build_parts, pretrain, schedule_warnings
-from train.methods import resolve_config
+from train.resolve import resolve_config
 
 
 def test_a_warm_up_longer_than_the_run_warns_and_the_first_step_is_reported(tmp_path):

@@ -25,8 +25,9 @@ from train.loop import (
     train_step,
 )
 from train.losses.mos import soft_targets
-from train.methods import build_model, resolve_config
+from train.methods import build_model
 from train.models import has_local_batchnorm
+from train.resolve import resolve_config
 
 METHODS = ["mos", "univip", "byol", "mocov3", "dino"]
 # Smaller than test_train_loop's tiny models (a step in a few milliseconds, a compile in seconds)

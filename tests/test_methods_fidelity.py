@@ -14,8 +14,9 @@ from cli.train_cmds import pretrain
 from pipeline.views import MOSViews
 from tests.test_train_loop import RESNET, VIT  # the tiny models of the loop tests
 from train.loop import convert_sync_batchnorm, synthetic_loader
-from train.methods import build_model, resolve_config
+from train.methods import build_model
 from train.optim import build_optimizer
+from train.resolve import resolve_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -18,7 +18,7 @@ from train.evaluation import (
     train_linear_probe,
     train_paper_probe,
 )
-from train.methods import resolve_config
+from train.resolve import resolve_config
 
 warnings.filterwarnings("ignore", message=".*external source.*not used.*")
 

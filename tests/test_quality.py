@@ -8,8 +8,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cli.main import main
-from train.methods import resolve_config
-from train.quality import QualityPlan, forward_equivalents
+from train.methods import forward_equivalents
+from train.quality import QualityPlan
+from train.resolve import resolve_config
 
 
 def stripes(root, per_class: int, seed: int) -> None:

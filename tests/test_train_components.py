@@ -16,9 +16,10 @@ from train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from train.methods import build_model, resolve_config
+from train.methods import build_model
 from train.models import Encoder, mlp, update_momentum
 from train.optim import LARS, build_optimizer, param_groups, set_hyperparameters
+from train.resolve import resolve_config
 from train.schedules import build_schedules, cosine_schedule
 from train.synthetic import SyntheticLoader
 

@@ -17,7 +17,8 @@ from train.config import (
     parse_assignment,
     to_dict,
 )
-from train.methods import METHODS, build_model, get_method, resolve_config
+from train.methods import METHODS, build_model, get_method
+from train.resolve import resolve_config
 from train.schedules import peak_lr
 
 

@@ -12,7 +12,8 @@ import torch.multiprocessing as mp
 from train.checkpoint import list_checkpoints, load_checkpoint
 from train.config import ConfigError
 from train.loop import NonFiniteLossError, pretrain
-from train.methods import get_method, resolve_config
+from train.methods import get_method
+from train.resolve import resolve_config
 from train.synthetic import SyntheticLoader
 
 VIT = {

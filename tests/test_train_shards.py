@@ -10,7 +10,7 @@ from tests.conftest import encode, photo
 from tests.test_train_loop import quiet, tiny
 from train.distributed import init_distributed
 from train.loop import build_loader, pretrain
-from train.methods import resolve_config
+from train.resolve import resolve_config
 
 pytest.importorskip("nvidia.dali")
 

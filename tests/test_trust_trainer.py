@@ -28,7 +28,8 @@ from tests.test_train_loop import PoisonedLoader, quiet, tiny
 from train.checkpoint import CheckpointWriteError, list_checkpoints, load_checkpoint
 from train.config import ConfigError
 from train.loop import NonFiniteLossError, pretrain
-from train.methods import get_method, resolve_config
+from train.methods import get_method
+from train.resolve import resolve_config
 
 warnings.filterwarnings("ignore", message=".*external source.*not used.*")
 

@@ -31,7 +31,7 @@ from pipeline.bench import Progress, to_stderr
 from train.config import TrainConfig, to_dict
 from train.distributed import cleanup_distributed, init_distributed
 from train.loop import build_loader, build_parts, synthetic_loader, train_step
-from train.methods import resolve_config
+from train.resolve import resolve_config
 from train.runinfo import describe_device, library_versions
 
 __all__ = ["baseline_config", "bench_train", "measure_steps"]

@@ -35,6 +35,9 @@ import numpy as np
 import torch
 
 __all__ = [
+    "BRANCHES",
+    "backbone_state_dict",
+    "resolve_checkpoint",
     "CHECKPOINT_FORMAT",
     "CheckpointWriteError",
     "capture_rng",
@@ -50,6 +53,8 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = 1
+# The two encoders of every ssl-cli model by the prefix of their backbone's keys in a checkpoint
+BRANCHES = {"online": "online.backbone.", "target": "target.backbone."}
 _NAME = re.compile(r"^step-(\d{8,})\.pt$")
 # ``.NAME.tmp-PID``: the temporary files of the atomic writes of a run directory (checkpoints
 # here; metrics.jsonl, run.json and the shard check cache in train/loop.py)
@@ -334,3 +339,42 @@ def _to_tuples(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return tuple(_to_tuples(v) for v in x)
     return x
+
+
+def resolve_checkpoint(run_or_ckpt: str | Path) -> Path:
+    path = Path(run_or_ckpt)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            runs = sorted(  # run folders up to two levels down (runs/demo/mos, table/runs/x)
+                str(p.relative_to(path))
+                for p in [*path.glob("*"), *path.glob("*/*")]
+                if p.is_dir() and p.name != "checkpoints" and latest_checkpoint(p) is not None
+            )
+            if runs:  # a folder of runs (runs/demo): name them
+                shown = ", ".join(str(path / r) for r in runs[:6]) + (
+                    ", ..." if len(runs) > 6 else ""
+                )
+                raise FileNotFoundError(
+                    f"{path} is a folder of {len(runs)} run(s), not a run: pass one of {shown}"
+                )
+            raise FileNotFoundError(f"{path}: no checkpoint in {path / 'checkpoints'}")
+        return found
+    raise FileNotFoundError(f"{path}: neither a run directory nor a checkpoint file")
+
+
+def backbone_state_dict(checkpoint: dict, branch: str = "online") -> dict[str, torch.Tensor]:
+    """Backbone tensors of ``branch`` with the model prefix removed (timm's own key names)."""
+    if branch not in BRANCHES:
+        raise ValueError(f"unknown branch {branch!r}; choose one of {', '.join(BRANCHES)}")
+    prefix = BRANCHES[branch]
+    state = {
+        k[len(prefix) :]: v.clone() for k, v in checkpoint["model"].items() if k.startswith(prefix)
+    }
+    if not state:
+        raise ValueError(
+            f"checkpoint has no '{prefix}*' tensors: not an ssl-cli pretraining checkpoint"
+        )
+    return state

@@ -23,7 +23,7 @@ from pathlib import Path
 import configs
 from train.config import load_yaml
 from train.loop import pretrain
-from train.methods import resolve_config
+from train.resolve import resolve_config
 
 __all__ = [
     "DEMO_METHODS",

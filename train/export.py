@@ -51,10 +51,15 @@ import torch
 
 from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 
-from .checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_config
+from .checkpoint import (
+    backbone_state_dict,
+    load_checkpoint,
+    read_checkpoint_config,
+    resolve_checkpoint,
+)
 from .detection import DETECTION_FORMATS, check_conversion, convert_for, detection_snippet
+from .features import resolve_branches
 
-BRANCHES = {"online": "online.backbone.", "target": "target.backbone."}
 FORMATS = ("timm", "safetensors", "hf", *DETECTION_FORMATS)
 SUFFIXES = {
     "timm": (".pth", ".pt", ".bin"),
@@ -80,30 +85,6 @@ _PRETRAINED_CFG_KEYS = (
     "classifier",
     "custom_load",
 )
-
-
-def resolve_checkpoint(run_or_ckpt: str | Path) -> Path:
-    path = Path(run_or_ckpt)
-    if path.is_file():
-        return path
-    if path.is_dir():
-        found = latest_checkpoint(path)
-        if found is None:
-            runs = sorted(  # run folders up to two levels down (runs/demo/mos, table/runs/x)
-                str(p.relative_to(path))
-                for p in [*path.glob("*"), *path.glob("*/*")]
-                if p.is_dir() and p.name != "checkpoints" and latest_checkpoint(p) is not None
-            )
-            if runs:  # a folder of runs (runs/demo): name them
-                shown = ", ".join(str(path / r) for r in runs[:6]) + (
-                    ", ..." if len(runs) > 6 else ""
-                )
-                raise FileNotFoundError(
-                    f"{path} is a folder of {len(runs)} run(s), not a run: pass one of {shown}"
-                )
-            raise FileNotFoundError(f"{path}: no checkpoint in {path / 'checkpoints'}")
-        return found
-    raise FileNotFoundError(f"{path}: neither a run directory nor a checkpoint file")
 
 
 def _is_run_checkpoints(folder: Path) -> bool:
@@ -195,21 +176,6 @@ def check_export_out(out: Path, fmt: str) -> None:
             f"--out {out}: --format {fmt} writes a {wanted} file; name it "
             f"{out.with_suffix(allowed[0]).name}{hint}"
         )
-
-
-def backbone_state_dict(checkpoint: dict, branch: str = "online") -> dict[str, torch.Tensor]:
-    """Backbone tensors of ``branch`` with the model prefix removed (timm's own key names)."""
-    if branch not in BRANCHES:
-        raise ValueError(f"unknown branch {branch!r}; choose one of {', '.join(BRANCHES)}")
-    prefix = BRANCHES[branch]
-    state = {
-        k[len(prefix) :]: v.clone() for k, v in checkpoint["model"].items() if k.startswith(prefix)
-    }
-    if not state:
-        raise ValueError(
-            f"checkpoint has no '{prefix}*' tensors: not an ssl-cli pretraining checkpoint"
-        )
-    return state
 
 
 def timm_kwargs(model_cfg: dict) -> dict:
@@ -419,8 +385,6 @@ def export_backbone(
     ``ssl-cli eval`` reports by default (:func:`train.features.resolve_branches`: the momentum
     encoder of every ssl-cli run)."""
     import timm
-
-    from .features import resolve_branches
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from train.checkpoint import load_checkpoint
+from train.checkpoint import BRANCHES, backbone_state_dict, load_checkpoint, resolve_checkpoint
 from train.distributed import gather_rows
 from train.probes import Accuracy, knn_accuracy
 
@@ -98,8 +98,6 @@ def resolve_branches(checkpoint: dict, branch: str = "auto") -> list[str]:
     (§3.1); ``online`` reproduces those. ``both``: ``["online", "target"]``. ``online`` /
     ``target``: themselves; a branch the checkpoint lacks is a ``ValueError``.
     """
-    from train.export import BRANCHES
-
     if branch not in BRANCH_CHOICES:
         raise ValueError(f"unknown branch {branch!r}; choose one of {', '.join(BRANCH_CHOICES)}")
     present = [
@@ -126,7 +124,6 @@ def load_backbones(
     of a checkpoint file), loaded once: ``{branch name: backbone}`` on the CPU in eval mode,
     and ``{"checkpoint", "step", "method", "branches", "branch_requested", "config"}``
     (config: the resolved :class:`~train.config.TrainConfig`)."""
-    from train.export import backbone_state_dict, resolve_checkpoint
     from train.models import build_backbone
     from train.resolve import resolve_config
 

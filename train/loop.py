@@ -65,7 +65,7 @@ from train.distributed import (
     cleanup_distributed,
     init_distributed,
 )
-from train.methods import Method, build_model, get_method
+from train.methods import Method, build_model, forward_equivalents, get_method
 from train.models import SSLModel, has_local_batchnorm, has_sync_batchnorm, update_momentum
 from train.optim import build_optimizer, clip_gradients, set_hyperparameters
 from train.resolve import resolve_config
@@ -717,8 +717,6 @@ def schedule_warnings(cfg: TrainConfig, parts: Parts) -> list[str]:
 def _cpu_step_estimate(cfg: TrainConfig, parts: Parts) -> float:
     """Seconds per step: one no-grad forward of the online backbone on 2 images, scaled by the
     method's forward-equivalents per sample (train.quality) and this rank's batch."""
-    from train.quality import forward_equivalents
-
     backbone = parts.model.online.backbone
     x = torch.zeros(2, 3, cfg.data.size, cfg.data.size)
     was_training = backbone.training

@@ -5,8 +5,7 @@ loss-config dataclass, a recipe (config defaults taken from the method's paper),
 reads from the loader, and a step function ``(model, batch) -> {"loss": ..., terms...}`` that
 sends the views through the branches and calls the model's loss (``model.loss``, built by the
 method's ``build_loss``) on their outputs. Layers to a checked config (the recipe under the
-layers, the ``loss`` section against the loss dataclass): :mod:`train.resolve`, whose
-``resolve_config`` and ``validate_config`` are importable from here too.
+layers, the ``loss`` section against the loss dataclass): :mod:`train.resolve`.
 
 Which features feed each loss (``p``: online backbone -> projector -> predictor; ``z``: EMA
 backbone -> EMA projector, stop-gradient):
@@ -53,17 +52,15 @@ from train.models import (
     has_batchnorm,
     mlp,
 )
-from train.resolve import resolve_config, validate_config  # noqa: F401  (train.methods names)
 from train.schedules import MethodSchedules
 
 __all__ = [
     "METHODS",
     "Method",
     "build_model",
+    "forward_equivalents",
     "get_method",
     "register",
-    "resolve_config",
-    "validate_config",
 ]
 
 
@@ -105,6 +102,28 @@ def get_method(name: str) -> Method:
         raise ValueError(
             f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}"
         ) from None
+
+
+def forward_equivalents(cfg: TrainConfig) -> float:
+    """Backbone cost of one training sample of ``cfg``: a pass with gradient counts 3, one
+    without 1, each times its pixels over ``data.size ** 2``. MOS (paper form) 9, symmetric
+    16; MoCo v3 and BYOL 8; UniVIP 8 + 4 K (instance_size / size)^2; DINO 8 + 3 per local
+    crop times (local_size / size)^2. ``ssl-cli bench quality`` spends equal budgets in these
+    units, and the trainer's start estimates a CPU step with them."""
+    d = cfg.data
+    if cfg.method == "mos":
+        loss = METHODS["mos"].build_loss(cfg.loss)  # the loss knows which views it needs
+        return 3.0 * len(loss.query_views) + 1.0 * len(loss.key_views)
+    if cfg.method == "univip":
+        area = (d.instance_size / d.size) ** 2
+        return 3.0 * 2 + 2 + d.num_instances * area * (3 + 1)
+    if cfg.method in ("byol", "mocov3"):
+        return 3.0 * 2 + 2
+    if cfg.method == "dino":  # every crop through the student, the 2 globals through the teacher
+        v = cfg.data.views
+        area = (v.get("local_size", 96) / d.size) ** 2
+        return 3.0 * 2 + 2 + v.get("num_local", 0) * area * 3
+    raise ValueError(f"no forward-equivalent count for method {cfg.method!r}")
 
 
 def build_model(cfg: TrainConfig) -> tuple[SSLModel, nn.Module]:

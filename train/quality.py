@@ -50,12 +50,12 @@ from typing import Any
 import torch
 
 from train.config import ConfigError, TrainConfig, deep_merge, parse_assignment, to_dict
+from train.methods import forward_equivalents
 from train.schedules import warmup_steps
 
 __all__ = [
     "RECIPES",
     "QualityPlan",
-    "forward_equivalents",
     "run_quality",
 ]
 
@@ -179,28 +179,6 @@ KNN_K, KNN_T = 20, 0.07  # DINO's weighted kNN
 # What the summary keeps of each object evaluation (train.objects.evaluate_objects's rows).
 OBJECT_METRICS = ("object_knn_top1", "object_linear_top1", "image_map")
 _CALIBRATION_WARMUP, _CALIBRATION_STEPS = 3, 8
-
-
-def forward_equivalents(cfg: TrainConfig) -> float:
-    """Backbone cost of one training sample of ``cfg``: a pass with gradient counts 3, one
-    without 1, each times its pixels over ``data.size ** 2``. MOS (paper form) 9, symmetric
-    16; MoCo v3 and BYOL 8; UniVIP 8 + 4 K (instance_size / size)^2."""
-    from train.methods import get_method
-
-    d = cfg.data
-    if cfg.method == "mos":
-        loss = get_method("mos").build_loss(cfg.loss)  # the loss knows which views it needs
-        return 3.0 * len(loss.query_views) + 1.0 * len(loss.key_views)
-    if cfg.method == "univip":
-        area = (d.instance_size / d.size) ** 2
-        return 3.0 * 2 + 2 + d.num_instances * area * (3 + 1)
-    if cfg.method in ("byol", "mocov3"):
-        return 3.0 * 2 + 2
-    if cfg.method == "dino":  # every crop through the student, the 2 globals through the teacher
-        v = cfg.data.views
-        area = (v.get("local_size", 96) / d.size) ** 2
-        return 3.0 * 2 + 2 + v.get("num_local", 0) * area * 3
-    raise ValueError(f"no forward-equivalent count for method {cfg.method!r}")
 
 
 def _manifest(shards: Path) -> dict:
@@ -340,7 +318,7 @@ class QualityPlan:
 
     def config(self, method: str, seed: int, steps: int) -> TrainConfig:
         """The resolved config of one run of ``steps`` steps."""
-        from train.methods import resolve_config
+        from train.resolve import resolve_config
 
         r = RECIPES[self.recipe]
         family = "vit" if method in VIT_METHODS else "resnet"
