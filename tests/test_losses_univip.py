@@ -261,8 +261,18 @@ def test_instance_loss_rejects_bad_shapes():
 
 
 # the defaults spelled out, and the previous defaults (the paper's -cos, 0.05 / 100, cosine masses)
-DEFAULT_OPTIONS = {"scene_form": "mse", "eps": 0.1, "iters": 50, "cosine_marginals": False}
-OLD_OPTIONS = {"scene_form": "cosine", "eps": 0.05, "iters": 100, "cosine_marginals": True}
+DEFAULT_OPTIONS = {
+    "scene_form": "mse",
+    "sinkhorn_eps": 0.1,
+    "sinkhorn_iters": 50,
+    "cosine_marginals": False,
+}
+OLD_OPTIONS = {
+    "scene_form": "cosine",
+    "sinkhorn_eps": 0.05,
+    "sinkhorn_iters": 100,
+    "cosine_marginals": True,
+}
 
 
 @pytest.mark.parametrize(
@@ -284,7 +294,11 @@ def test_univip_loss_sums_terms_and_goes_down(kwargs, options):
     t = torch.randn(batch, k, dim, generator=gen)
     loss_fn = UniVIPLoss(**kwargs)
     form = options["scene_form"]
-    sinkhorn_options = {n: options[n] for n in ("eps", "iters", "cosine_marginals")}
+    sinkhorn_options = {
+        "eps": options["sinkhorn_eps"],
+        "iters": options["sinkhorn_iters"],
+        "cosine_marginals": options["cosine_marginals"],
+    }
 
     def run():
         return loss_fn(params["p1"], params["p2"], z1, z2, params["inst"], params["o"], t)
@@ -312,8 +326,8 @@ def test_univip_loss_sums_terms_and_goes_down(kwargs, options):
         loss.backward()
         opt.step()
     assert run()["loss"].item() < first - 0.5
-    with pytest.raises(ValueError, match="eps"):
-        UniVIPLoss(eps=-1.0)
+    with pytest.raises(ValueError, match="sinkhorn_eps"):
+        UniVIPLoss(sinkhorn_eps=-1.0)
 
 
 # -------------------------------------------------------------------------------- defaults

@@ -1,7 +1,7 @@
 """Method registry: name -> how to build the model, the loss, the step and the views.
 
-Adding a method is one loss file in ``train/losses/`` plus one :func:`register` call here: a
-loss-config dataclass, a recipe (config defaults taken from the method's paper), the view set it
+Adding a method is one loss file in ``train/losses/`` (the loss and its config dataclass, with
+the same field names) plus one :func:`register` call here: the config dataclass, a recipe (config defaults taken from the method's paper), the view set it
 reads from the loader, and a step function ``(model, batch) -> {"loss": ..., terms...}`` that
 sends the views through the branches and calls the model's loss (``model.loss``, built by the
 method's ``build_loss``) on their outputs. Layers to a checked config (the recipe under the
@@ -24,25 +24,23 @@ backbone -> EMA projector, stop-gradient):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import torch
 from torch import Tensor, nn
 
 from train.config import TrainConfig
-from train.losses.byol import BYOLLoss
+from train.losses.byol import BYOLLoss, BYOLLossConfig
 from train.losses.dino import DINOConfig, DINOLoss, teacher_temp_schedule
-from train.losses.mocov3 import MoCoV3Loss
-from train.losses.mos import DEFAULT_TEMPERATURE, MOSLoss, global_members, global_single_members
-from train.losses.univip import (
-    DEFAULT_COSINE_MARGINALS,
-    DEFAULT_EPS,
-    DEFAULT_ITERS,
-    DEFAULT_SCENE_FORM,
-    UniVIPLoss,
+from train.losses.mocov3 import MoCoV3Loss, MoCoV3LossConfig
+from train.losses.mos import (
+    MOSLoss,
+    MOSLossConfig,
+    global_members,
+    global_single_members,
+    object_members,
 )
+from train.losses.univip import UniVIPLoss, UniVIPLossConfig
 from train.models import (
     DINOHead,
     Encoder,
@@ -160,37 +158,6 @@ def build_model(cfg: TrainConfig) -> tuple[SSLModel, nn.Module]:
 # --------------------------------------------------------------------------------------- MOS
 
 
-@dataclass(frozen=True)
-class MOSLossConfig:
-    temperature: float = DEFAULT_TEMPERATURE  # MOS appendix D: 0.2
-    # "paper": section 3.2's 2 + 3 passes, one direction per term (PatchMix main_pretrain.py
-    # feeds the same views); "symmetric": every view through both branches, both directions
-    form: Literal["paper", "symmetric"] = "paper"
-    # MoCo v3's 2 * tau factor: neither MOS eq. 11-13 nor PatchMix has it (docs/methods.md)
-    scale_by_2tau: bool = False
-    # eq. 14 is the plain sum; PatchMix halves the two stitched terms (0.5, 0.5, 1);
-    # 0 drops a term (table 4 ablation)
-    weight_m2s: float = 1.0
-    weight_m2m: float = 1.0
-    weight_s2s: float = 1.0
-
-
-def _object_members(batch: dict, view: int) -> Tensor:
-    """Members per object, ``[B, r*r]``: one entry per coarse cell of the stitched image.
-
-    The loader reports one member per crop (``[B, M]``; a cell with scale ``s_j`` holds
-    ``s_j**2`` smaller views of one sample). MOS counts objects: "each synthesized multi-object
-    image contains r^2 objects, each of which includes s^2 views" (section 3.1), and its soft
-    targets weigh images by shared objects (eqs. 8-10), so every cell counts once.
-    """
-    members = batch[f"members{view}"]
-    layout = batch.get(f"layout{view}")
-    if layout is None:  # already one member per object
-        return members
-    first = torch.as_tensor(layout.first_crop_of_cell, device=members.device)
-    return members.index_select(1, first)
-
-
 def _mos_step(model: SSLModel, batch: dict) -> dict[str, Tensor]:
     """The loss's query views through the base branch, its key views through the momentum one,
     then :class:`~train.losses.mos.MOSLoss` on them by view name.
@@ -204,8 +171,8 @@ def _mos_step(model: SSLModel, batch: dict) -> dict[str, Tensor]:
     members = {
         "single1": single,
         "single2": single,
-        "multi1": global_members(_object_members(batch, 1), b),
-        "multi2": global_members(_object_members(batch, 2), b),
+        "multi1": global_members(object_members(batch, 1), b),
+        "multi2": global_members(object_members(batch, 2), b),
     }
     loss = model.loss
     queries = dict(zip(loss.query_views, model.predict([batch[v] for v in loss.query_views])))
@@ -218,14 +185,7 @@ register(
         name="mos",
         views="mos",
         loss_config=MOSLossConfig,
-        build_loss=lambda c: MOSLoss(
-            temperature=c.temperature,
-            form=c.form,
-            scale_by_2tau=c.scale_by_2tau,
-            weight_m2s=c.weight_m2s,
-            weight_m2m=c.weight_m2m,
-            weight_s2s=c.weight_s2s,
-        ),
+        build_loss=lambda c: MOSLoss(**asdict(c)),
         step=_mos_step,
         terms=("m2s", "m2m", "s2s"),
         # MOS appendix D, ViT-S/16 on ImageNet-1K, value by value. "PatchMix" is the same
@@ -267,17 +227,6 @@ register(
 
 
 # ------------------------------------------------------------------------------------ UniVIP
-
-
-@dataclass(frozen=True)
-class UniVIPLossConfig:
-    # scene-scene (eq. 3) and scene-instance (eq. 6) distance: "mse" = 2 - 2 cos, ORL's
-    # LatentPredictHead and our BYOL's (equal gradients, so UniVIP vs BYOL is not confounded,
-    # table 7); "cosine" = -cos, eq. 2 / 5 as written
-    scene_form: Literal["mse", "cosine"] = DEFAULT_SCENE_FORM
-    sinkhorn_eps: float = DEFAULT_EPS  # OTA (UniVIP's Sinkhorn reference): 0.1
-    sinkhorn_iters: int = DEFAULT_ITERS  # OTA: 50
-    cosine_marginals: bool = DEFAULT_COSINE_MARGINALS  # False: eq. 9-10's raw dot products
 
 
 # UniVIP section 4 "Optimization" on COCO, which "fully follow[s]" ORL (Jiahao000/ORL,
@@ -331,12 +280,7 @@ register(
         name="univip",
         views="univip",
         loss_config=UniVIPLossConfig,
-        build_loss=lambda c: UniVIPLoss(
-            eps=c.sinkhorn_eps,
-            iters=c.sinkhorn_iters,
-            cosine_marginals=c.cosine_marginals,
-            scene_form=c.scene_form,
-        ),
+        build_loss=lambda c: UniVIPLoss(**asdict(c)),
         step=_univip_step,
         terms=("scene", "scene_instance", "instance"),
         build_extra=_univip_extra,
@@ -357,16 +301,6 @@ register(
 # ------------------------------------------------------------------------- BYOL and MoCo v3
 
 
-@dataclass(frozen=True)
-class BYOLLossConfig:
-    pass
-
-
-@dataclass(frozen=True)
-class MoCoV3LossConfig:
-    temperature: float = DEFAULT_TEMPERATURE  # MoCo v3 ViT: 0.2
-
-
 def _two_view_step(model: SSLModel, batch: dict) -> dict[str, Tensor]:
     """The first two global crops through both branches (BYOL and MoCo v3)."""
     crops = batch["crops"]
@@ -382,7 +316,7 @@ register(
         name="byol",
         views="multicrop",
         loss_config=BYOLLossConfig,
-        build_loss=lambda c: BYOLLoss(),
+        build_loss=lambda c: BYOLLoss(**asdict(c)),
         step=_two_view_step,
         terms=(),
         # BYOL as the baseline on the same shards as UniVIP, with UniVIP's COCO recipe (the
@@ -401,7 +335,7 @@ register(
         name="mocov3",
         views="multicrop",
         loss_config=MoCoV3LossConfig,
-        build_loss=lambda c: MoCoV3Loss(temperature=c.temperature),
+        build_loss=lambda c: MoCoV3Loss(**asdict(c)),
         step=_two_view_step,
         terms=(),
         # MoCo v3 (Chen, Xie, He, ICCV 2021) ViT-S/16, value by value from its reference
@@ -482,7 +416,10 @@ register(
         name="dino",
         views="multicrop",
         loss_config=DINOConfig,
-        build_loss=lambda c: DINOLoss(c.out_dim, c.student_temp, c.center_momentum),
+        # the loss takes its own three fields of the config (the rest: head and schedules)
+        build_loss=lambda c: DINOLoss(
+            out_dim=c.out_dim, student_temp=c.student_temp, center_momentum=c.center_momentum
+        ),
         step=_dino_step,
         terms=(),
         build_heads=_dino_heads,

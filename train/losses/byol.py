@@ -9,6 +9,8 @@ a constant and a factor 2 (``loss.scene_form: cosine``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -25,6 +27,12 @@ def byol_loss(p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor) -> Tensor:
     projections of views 1 and 2 (detached here). Returns ``mean L(p1, z2) + mean L(p2, z1)``.
     """
     return normalized_mse(p1, z2).mean() + normalized_mse(p2, z1).mean()
+
+
+@dataclass(frozen=True)
+class BYOLLossConfig:
+    """BYOL's loss has no hyper-parameter: the config's ``loss`` section for ``method: byol`` is
+    empty."""
 
 
 class BYOLLoss(nn.Module):

@@ -9,10 +9,19 @@ targets, i.e. MOS's eq. 13 without the stitched terms.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
 from train.losses.contrastive import DEFAULT_TEMPERATURE, soft_contrastive
+
+
+@dataclass(frozen=True)
+class MoCoV3LossConfig:
+    """The MoCo v3 loss's hyper-parameter (the config's ``loss`` section for ``method: mocov3``)."""
+
+    temperature: float = DEFAULT_TEMPERATURE  # MoCo v3 ViT: --moco-t=.2
 
 
 def infonce(q: Tensor, k: Tensor, temperature: float = DEFAULT_TEMPERATURE) -> Tensor:
@@ -37,7 +46,7 @@ def mocov3_loss(
 class MoCoV3Loss(nn.Module):
     """:func:`mocov3_loss` as a module with the losses' common output: ``{"loss": total}``."""
 
-    def __init__(self, temperature: float = DEFAULT_TEMPERATURE) -> None:
+    def __init__(self, temperature: float = MoCoV3LossConfig.temperature) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")

@@ -32,6 +32,9 @@ Conventions (decided here, the trainer relies on them):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 from torch import Tensor, nn
 
@@ -44,17 +47,53 @@ from train.losses.contrastive import DEFAULT_TEMPERATURE, soft_contrastive
 __all__ = [
     "DEFAULT_TEMPERATURE",
     "MOSLoss",
+    "MOSLossConfig",
     "MOS_FORMS",
     "MOS_VIEWS",
     "all_gather_no_grad",
     "global_members",
     "global_single_members",
+    "object_members",
     "soft_contrastive",
     "soft_targets",
 ]
 
 
+@dataclass(frozen=True)
+class MOSLossConfig:
+    """The MOS loss's hyper-parameters (the config's ``loss`` section for ``method: mos``), each
+    declared once: :class:`MOSLoss` takes the same names and these defaults."""
+
+    temperature: float = DEFAULT_TEMPERATURE  # MOS appendix D: 0.2
+    # "paper": section 3.2's 2 + 3 passes, one direction per term (PatchMix main_pretrain.py
+    # feeds the same views); "symmetric": every view through both branches, both directions
+    form: Literal["paper", "symmetric"] = "paper"
+    # MoCo v3's 2 * tau factor: neither MOS eq. 11-13 nor PatchMix has it (docs/methods.md)
+    scale_by_2tau: bool = False
+    # eq. 14 is the plain sum; PatchMix halves the two stitched terms (0.5, 0.5, 1);
+    # 0 drops a term (table 4 ablation)
+    weight_m2s: float = 1.0
+    weight_m2m: float = 1.0
+    weight_s2s: float = 1.0
+
+
 # --------------------------------------------------------------------------- global indices
+
+
+def object_members(batch: dict, view: int) -> Tensor:
+    """Members per object, ``[B, r*r]``: one entry per coarse cell of the stitched image.
+
+    The loader reports one member per crop (``[B, M]``; a cell with scale ``s_j`` holds
+    ``s_j**2`` smaller views of one sample). MOS counts objects: "each synthesized multi-object
+    image contains r^2 objects, each of which includes s^2 views" (section 3.1), and its soft
+    targets weigh images by shared objects (eqs. 8-10), so every cell counts once.
+    """
+    members = batch[f"members{view}"]
+    layout = batch.get(f"layout{view}")
+    if layout is None:  # already one member per object
+        return members
+    first = torch.as_tensor(layout.first_crop_of_cell, device=members.device)
+    return members.index_select(1, first)
 
 
 def global_members(members: Tensor, local_batch_size: int) -> Tensor:
@@ -178,12 +217,12 @@ class MOSLoss(nn.Module):
 
     def __init__(
         self,
-        temperature: float = DEFAULT_TEMPERATURE,
-        form: str = "paper",
-        scale_by_2tau: bool = False,
-        weight_m2s: float = 1.0,
-        weight_m2m: float = 1.0,
-        weight_s2s: float = 1.0,
+        temperature: float = MOSLossConfig.temperature,
+        form: str = MOSLossConfig.form,
+        scale_by_2tau: bool = MOSLossConfig.scale_by_2tau,
+        weight_m2s: float = MOSLossConfig.weight_m2s,
+        weight_m2m: float = MOSLossConfig.weight_m2m,
+        weight_s2s: float = MOSLossConfig.weight_s2s,
         gather: bool = True,
     ) -> None:
         super().__init__()

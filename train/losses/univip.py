@@ -48,6 +48,8 @@ Conventions decided here:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -55,10 +57,25 @@ from torch import Tensor, nn
 
 from train.losses.byol import normalized_mse
 
-DEFAULT_EPS = 0.1  # OTA's entropic regularisation; costs (eq. 8) lie in [0, 2]
-DEFAULT_ITERS = 50  # OTA's Sinkhorn iterations
-DEFAULT_COSINE_MARGINALS = False  # eq. 9-10 as written: raw dot products
-DEFAULT_SCENE_FORM = "mse"  # ORL / BYOL 2 - 2 cos; "cosine" is eq. 2 / 5 literally
+
+@dataclass(frozen=True)
+class UniVIPLossConfig:
+    """The UniVIP loss's hyper-parameters (the config's ``loss`` section for ``method:
+    univip``), each declared once: :class:`UniVIPLoss` takes the same names and defaults."""
+
+    # scene-scene (eq. 3) and scene-instance (eq. 6) distance: "mse" = 2 - 2 cos, ORL's
+    # LatentPredictHead and our BYOL's (equal gradients, so UniVIP vs BYOL is not confounded,
+    # table 7); "cosine" = -cos, eq. 2 / 5 as written
+    scene_form: Literal["mse", "cosine"] = "mse"
+    sinkhorn_eps: float = 0.1  # OTA's entropic regularisation; costs (eq. 8) lie in [0, 2]
+    sinkhorn_iters: int = 50  # OTA's Sinkhorn iterations
+    cosine_marginals: bool = False  # eq. 9-10 as written: raw dot products
+
+
+DEFAULT_EPS = UniVIPLossConfig.sinkhorn_eps
+DEFAULT_ITERS = UniVIPLossConfig.sinkhorn_iters
+DEFAULT_SCENE_FORM = UniVIPLossConfig.scene_form
+DEFAULT_COSINE_MARGINALS = UniVIPLossConfig.cosine_marginals
 
 
 def negative_cosine(x: Tensor, y: Tensor) -> Tensor:
@@ -283,7 +300,8 @@ class UniVIPLoss(nn.Module):
     """Eq. 12: ``L_scene + L_scene-instance + L_instance``, equally weighted.
 
     Args:
-        eps, iters: Sinkhorn regularisation and iterations (eq. 7; OTA's 0.1 and 50).
+        sinkhorn_eps, sinkhorn_iters: Sinkhorn regularisation and iterations (eq. 7; OTA's
+            0.1 and 50).
         cosine_marginals: L2-normalise before the dot products of eq. 9-10 (default: raw).
         scene_form: ``"mse"`` (BYOL / ORL ``2 - 2 cos``, default) or ``"cosine"`` (``-cos``,
             eq. 2 / 5 literally) for the scene (eq. 3) and scene-instance (eq. 6) terms.
@@ -294,17 +312,20 @@ class UniVIPLoss(nn.Module):
 
     def __init__(
         self,
-        eps: float = DEFAULT_EPS,
-        iters: int = DEFAULT_ITERS,
-        cosine_marginals: bool = DEFAULT_COSINE_MARGINALS,
-        scene_form: str = DEFAULT_SCENE_FORM,
+        scene_form: str = UniVIPLossConfig.scene_form,
+        sinkhorn_eps: float = UniVIPLossConfig.sinkhorn_eps,
+        sinkhorn_iters: int = UniVIPLossConfig.sinkhorn_iters,
+        cosine_marginals: bool = UniVIPLossConfig.cosine_marginals,
     ) -> None:
         super().__init__()
-        if eps <= 0 or iters < 1:
-            raise ValueError(f"need eps > 0 and iters >= 1, got eps={eps}, iters={iters}")
+        if sinkhorn_eps <= 0 or sinkhorn_iters < 1:
+            raise ValueError(
+                f"need sinkhorn_eps > 0 and sinkhorn_iters >= 1, got {sinkhorn_eps}, "
+                f"{sinkhorn_iters}"
+            )
         _scene_distance(scene_form)  # fail early on an unknown form
-        self.eps = eps
-        self.iters = iters
+        self.eps = sinkhorn_eps
+        self.iters = sinkhorn_iters
         self.cosine_marginals = cosine_marginals
         self.scene_form = scene_form
 
