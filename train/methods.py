@@ -1,8 +1,9 @@
 """Method registry: name -> how to build the model, the loss, the step and the views.
 
 Adding a method is one loss file in ``train/losses/`` (the loss and its config dataclass, with
-the same field names) plus one :func:`register` call here: the config dataclass, a recipe (config defaults taken from the method's paper), the view set it
-reads from the loader, and a step function ``(model, batch) -> {"loss": ..., terms...}`` that
+the same field names) plus one :func:`register` call here: the config dataclass, a recipe
+(config defaults taken from the method's paper), the view set it reads from the loader, and a
+step function ``(model, batch) -> {"loss": ..., terms...}`` that
 sends the views through the branches and calls the model's loss (``model.loss``, built by the
 method's ``build_loss``) on their outputs. Layers to a checked config (the recipe under the
 layers, the ``loss`` section against the loss dataclass): :mod:`train.resolve`.
