@@ -66,6 +66,8 @@ ENDPOINT_ENV = "AWS_ENDPOINT_URL"
 BLOCK_SIZE = 64 << 20  # multipart part size of uploads
 _SMALL_FILES = ("proposals", "rejects", "ignored", "classes")  # keys of manifest["files"]
 _SHARD_NAME = re.compile(r"^shard-\d{6}\.tar$")
+_SHARD_FILE = re.compile(r"^shard-\d{6}\.(tar|idx)$")  # a shard's tar or its DALI index
+UPLOAD_RECORD = ".ssl-cli-upload.json"  # the local folder's record of what it uploaded where
 _STATE = ".ssl-cli-cache"  # cache bookkeeping, inside every cache folder
 
 
@@ -500,7 +502,8 @@ class ShardCache:
             os.fsync(f.fileno())
         self._meta_path(want.name).unlink(missing_ok=True)
         os.replace(tmp, self.path(want.name))
-        meta = {"sha256": digest, "bytes": size, "of": want.of}
+        stamp = want.of if want.sha256 is None else self._stamps([want.name]).get(want.name)
+        meta = {"sha256": digest, "bytes": size, "of": want.of, "remote": stamp}
         self._atomic_write(self._meta_path(want.name), json.dumps(meta).encode())
         line = {
             "name": want.name,
@@ -511,6 +514,40 @@ class ShardCache:
         }
         with open(self._state / "downloads.jsonl", "a") as f:  # O_APPEND: one write per line
             f.write(json.dumps(line) + "\n")
+
+    def check_store(self) -> list[str]:
+        """The store itself against the cache: every shard's tar whose object at the URL is not
+        the one the cached copy was downloaded from (its size and ETag, a HEAD request each),
+        or whose cached copy no longer matches its recorded digest, is downloaded again and
+        checked against the manifest; a tar never downloaded is downloaded and checked too.
+        Returns one line per object that fails (the store's fault, named as such), so that a
+        warm cache never vouches for a bucket changed after it was filled."""
+        manifest = self.manifest or self.open()
+        names = [s["name"] for s in manifest["shards"]]
+        stamps = self._stamps(names)
+        problems = []
+        for name in names:
+            meta_path = self._meta_path(name)
+            try:
+                meta = json.loads(meta_path.read_text())
+            except (OSError, ValueError):
+                meta = {}
+            cached = self.path(name)
+            fresh = (
+                meta.get("remote") is not None
+                and meta.get("remote") == stamps.get(name)
+                and cached.is_file()
+                and cached.stat().st_size == meta.get("bytes")
+                and sha256_file(cached) == meta.get("sha256")
+            )
+            if fresh:
+                continue
+            meta_path.unlink(missing_ok=True)  # the cache copy is not evidence: fetch again
+            try:
+                self.fetch(name)
+            except RemoteShardError as e:
+                problems.append(f"{e} (the object in the store is wrong, not the cache)")
+        return problems
 
     def downloads(self) -> list[dict]:
         """Every download into this cache so far (all processes), oldest first."""
@@ -732,6 +769,33 @@ def _remote_sha256(fs, path: str) -> str | None:
     return (meta or {}).get("sha256")
 
 
+def _remote_stamp(fs, path: str) -> str | None:
+    """Size and ETag (S3), MD5 / CRC32C (GCS) or modification time of an object: changes
+    whenever its bytes do, whatever its metadata says. ``None``: no such object."""
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return None
+    tag = next(
+        (
+            info[k]
+            for k in ("ETag", "etag", "md5Hash", "crc32c", "LastModified", "mtime")
+            if info.get(k)
+        ),
+        "",
+    )
+    return f"{info.get('size')}:{tag}"
+
+
+def _remote_digest(fs, path: str, block: int = 1 << 22) -> str:
+    """The sha256 of an object's bytes, read from the store (no metadata trusted)."""
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _put(fs, local: Path, path: str, sha256: str, block_size: int) -> None:
     scheme = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
     if scheme in ("s3", "s3a"):
@@ -783,6 +847,8 @@ class ShardUploader:
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
         self._manifest_checked = False
+        self._uploaded_records: dict | None = None
+        self.removed: list[str] = []
 
     def _sizes(self) -> dict[str, int]:
         if self._listing is None:
@@ -808,7 +874,7 @@ class ShardUploader:
             sha256 = sha256 or sha256_file(local)
             remote = f"{self.base}/{name}"
             there = self._sizes().get(name)
-            if there == size and _remote_sha256(self.fs, remote) == sha256:
+            if there == size and self._same_bytes(name, remote, sha256):
                 self.skipped.append(name)
                 self._done.add(name)
                 uploaded = False
@@ -823,10 +889,47 @@ class ShardUploader:
                 self.bytes += size
                 self._done.add(name)
                 self._sizes()[name] = size
+                self._record(name, _remote_stamp(self.fs, remote), sha256)
                 uploaded = True
         if self.on_file is not None:
             self.on_file(name, uploaded)
         return uploaded
+
+    def _same_bytes(self, name: str, remote: str, sha256: str) -> bool:
+        """Whether the object at ``remote`` holds the bytes of digest ``sha256``: its metadata
+        says so and its stamp (size + ETag) is the one recorded when this folder uploaded it;
+        without a record of it, its bytes are read back and hashed. Metadata alone is not
+        trusted: an object rewritten with its metadata copied keeps the old digest."""
+        if _remote_sha256(self.fs, remote) != sha256:
+            return False
+        stamp = _remote_stamp(self.fs, remote)
+        record = self._records().get(self._key(name))
+        if record is not None and record == {"stamp": stamp, "sha256": sha256}:
+            return True
+        if _remote_digest(self.fs, remote) != sha256:
+            return False
+        self._record(name, stamp, sha256)
+        return True
+
+    def _key(self, name: str) -> str:
+        return f"{redact_url(self.url)}/{name}"
+
+    def _records(self) -> dict:
+        if self._uploaded_records is None:
+            try:
+                self._uploaded_records = json.loads((self.local / UPLOAD_RECORD).read_text())
+            except (OSError, ValueError):
+                self._uploaded_records = {}
+        return self._uploaded_records
+
+    def _record(self, name: str, stamp: str | None, sha256: str) -> None:
+        """Remember the stamp of an object known to hold ``sha256`` (``UPLOAD_RECORD`` in the
+        local folder, rewritten atomically)."""
+        records = self._records()
+        records[self._key(name)] = {"stamp": stamp, "sha256": sha256}
+        tmp = self.local / f".{UPLOAD_RECORD}.tmp"
+        tmp.write_text(json.dumps(records, indent=0))
+        os.replace(tmp, self.local / UPLOAD_RECORD)
 
     def shard_finished(self, tar: str | os.PathLike, sha256: str | None = None) -> None:
         """A build finished the shard ``tar`` (its index is written): upload both."""
@@ -898,13 +1001,26 @@ class ShardUploader:
         for s in manifest["shards"]:
             self.upload_file(s["index"])
             self.upload_file(s["name"], s["sha256"])
+        self._remove_unlisted(manifest)
         self.upload_file("manifest.json")
         return {
             "url": redact_url(self.url),
             "uploaded": list(self.uploaded),
             "skipped": list(self.skipped),
+            "removed": list(self.removed),
             "bytes": self.bytes,
         }
+
+    def _remove_unlisted(self, manifest: dict) -> None:
+        """Shard files at the URL that the new manifest does not list (an earlier build of the
+        same URL with more shards) are deleted before the manifest goes up, so that the folder
+        at the URL is exactly the build."""
+        listed = {n for s in manifest["shards"] for n in (s["name"], s["index"])}
+        for name in sorted(self._sizes()):
+            if _SHARD_FILE.match(name) and name not in listed:
+                self.fs.rm_file(f"{self.base}/{name}")
+                self._sizes().pop(name, None)
+                self.removed.append(name)
 
     # ---------------------------------------------------------------------- watcher mode
 

@@ -109,11 +109,12 @@ def verify_shards(
         except RemoteShardError as e:
             return [str(e)]
         out = store.root
+        store_problems = store.check_store()
         listed = {s["name"] for s in manifest["shards"]}
         strays = sorted(
             n for n in _remote_names(store) if n.startswith("shard-") and n.endswith(".tar")
         )
-        problems = [
+        problems = store_problems + [
             f"{store.remote(n)}: shard file not listed in the manifest"
             for n in strays
             if n not in listed
@@ -176,7 +177,9 @@ def _verify(
                 path = store.fetch(shard["name"], pin=True)
                 pinned = shard["name"]
             except RemoteShardError as e:
-                problems.append(str(e))
+                said = f"{store.remote(shard['name'])}: "
+                if not any(p.startswith(said) for p in problems):  # once per object
+                    problems.append(str(e))
                 continue
         if not path.exists():
             problems.append(f"{shard['name']}: missing")

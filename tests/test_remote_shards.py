@@ -197,7 +197,7 @@ def test_damaged_remote_shard_is_an_error_naming_it(s3_server):
         batches(url, batch_size=2)
     problems = verify_shards(url)
     assert problems[0].startswith(f"{url}/shard-000001.tar: ") and "sha256" in problems[0]
-    assert all("has no sample in any shard" in p for p in problems[1:])  # its rows
+    assert all("has no sample in any shard" in p for p in problems[1:]), problems  # its rows
 
 
 def test_missing_remote_shard_is_an_error_naming_it(s3_server):
@@ -495,3 +495,48 @@ def test_damaged_remote_index_is_an_error_naming_it(s3_server):
     )
     with pytest.raises(ShardError, match=r"damaged-index/shard-000001\.idx: .*sha256"):
         ShardIndex(url)
+
+
+# ------------------------------------------------------------------ the store, not the cache
+
+
+def _rewrite_keeping_metadata(server, key: str, data: bytes) -> None:
+    """Replace an object's bytes, its recorded sha256 metadata copied over unchanged."""
+    client = server.client()
+    meta = client.head_object(Bucket=server.bucket, Key=key)["Metadata"]
+    client.put_object(Bucket=server.bucket, Key=key, Body=data, Metadata=meta)
+
+
+def test_verify_with_a_warm_cache_checks_the_store(s3_server):
+    local = constant_shards()
+    url = copy_of(s3_server, local, "warm")
+    assert verify_shards(url) == []  # every tar now in the cache
+    data = bytearray((local / "shard-000001.tar").read_bytes())
+    data[700] ^= 0xFF  # same size, one byte off, the old digest kept in its metadata
+    _rewrite_keeping_metadata(s3_server, "warm/shard-000001.tar", bytes(data))
+    problems = verify_shards(url)
+    assert problems and problems[0].startswith(f"{url}/shard-000001.tar: ")
+    assert "the object in the store is wrong, not the cache" in problems[0]
+
+
+def test_a_rerun_upload_repairs_changed_bytes_under_intact_metadata(s3_server):
+    local = constant_shards()
+    url = copy_of(s3_server, local, "repaired")
+    data = bytearray((local / "shard-000000.tar").read_bytes())
+    data[700] ^= 0xFF
+    _rewrite_keeping_metadata(s3_server, "repaired/shard-000000.tar", bytes(data))
+    result = upload_shards(local, url)
+    assert "shard-000000.tar" in result["uploaded"]
+    assert "shard-000001.tar" in result["skipped"]
+    assert verify_shards(url) == []
+
+
+def test_a_rebuild_with_fewer_shards_leaves_none_of_the_old_ones(s3_server):
+    url = s3_server.url("rebuilt")
+    upload_shards(many_shards(), url)  # five shards
+    result = upload_shards(constant_shards(), url)
+    listed = {s["name"] for s in load_manifest(constant_shards())["shards"]}
+    keys = s3_server.client().list_objects_v2(Bucket=s3_server.bucket, Prefix="rebuilt/")
+    tars = {o["Key"].split("/")[-1] for o in keys["Contents"] if o["Key"].endswith(".tar")}
+    assert tars == listed and result["removed"]
+    assert verify_shards(url) == []
