@@ -236,8 +236,21 @@ def _check_remote(
             )
         if store.path(s["name"]).is_file():
             cached.append(s)
-    stats = _check_local(store.root, manifest, cached, sha256, cache, write_cache, where)
-    stats["remote"] = len(manifest["shards"]) - len(cached)
+    # a cache copy that fails its check is the cache's fault, not the store's: it is dropped
+    # and downloaded again (and checked against the manifest) when the loader needs it
+    stats = {"shards": len(manifest["shards"]), "hashed": 0, "cached": 0, "bytes_hashed": 0}
+    dropped = []
+    for s in cached:
+        try:
+            one = _check_local(store.root, manifest, [s], sha256, cache, write_cache, where)
+        except ShardError:
+            store.drop(s["name"])
+            dropped.append(s["name"])
+            continue
+        for k in ("hashed", "cached", "bytes_hashed"):
+            stats[k] += one[k]
+    stats["remote"] = len(manifest["shards"]) - len(cached) + len(dropped)
+    stats["dropped_cache_copies"] = dropped
     return stats
 
 

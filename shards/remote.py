@@ -484,6 +484,15 @@ class ShardCache:
             tmp.unlink(missing_ok=True)
             where = f"listed in {self.remote('manifest.json')}"
             raise RemoteShardError(f"{url}: missing ({where})") from None
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):  # the cache's side, not the store's
+                raise RemoteShardError(
+                    f"the shard cache {self.root} is full ({e.strerror}) while downloading "
+                    f"{url}: the store is not at fault; free space there, or give a smaller "
+                    "--cache-size or another --cache-dir"
+                ) from None
+            raise RemoteShardError(f"{url}: download failed ({_reason(e)})") from None
         except Exception as e:  # noqa: BLE001
             tmp.unlink(missing_ok=True)
             raise RemoteShardError(f"{url}: download failed ({_reason(e)})") from None
@@ -514,6 +523,13 @@ class ShardCache:
         }
         with open(self._state / "downloads.jsonl", "a") as f:  # O_APPEND: one write per line
             f.write(json.dumps(line) + "\n")
+
+    def drop(self, name: str) -> None:
+        """Forget the cache copy of ``name`` (a copy that failed its check): it is downloaded
+        again on its next use."""
+        with _FileLock(self._lock_path(name)):
+            self._meta_path(name).unlink(missing_ok=True)
+            self.path(name).unlink(missing_ok=True)
 
     def check_store(self) -> list[str]:
         """The store itself against the cache: every shard's tar whose object at the URL is not

@@ -540,3 +540,34 @@ def test_a_rebuild_with_fewer_shards_leaves_none_of_the_old_ones(s3_server):
     tars = {o["Key"].split("/")[-1] for o in keys["Contents"] if o["Key"].endswith(".tar")}
     assert tars == listed and result["removed"]
     assert verify_shards(url) == []
+
+
+def test_a_corrupted_cache_copy_is_dropped_and_fetched_again_not_blamed_on_the_store(s3_server):
+    url = copy_of(s3_server, constant_shards(), "cachecopy")
+    assert verify_shards(url) == []  # the tars are in the cache
+    store = remote.cache_for(url)
+    copy = store.path("shard-000001.tar")
+    data = bytearray(copy.read_bytes())
+    data[700] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    stats = check_shards(url, sha256=True)
+    assert stats["dropped_cache_copies"] == ["shard-000001.tar"] and not copy.exists()
+    assert verify_shards(url) == []  # downloaded again from the (sound) store
+    assert copy.is_file()
+
+
+def test_a_full_cache_disk_is_named_as_the_cache_not_the_store(s3_server, monkeypatch):
+    import errno as errno_mod
+
+    url = copy_of(s3_server, constant_shards(), "fullcache")
+    store = remote.ShardCache(url)
+    store.open()
+
+    def full(rpath, lpath, **kw):  # the local write of a download, disk full
+        raise OSError(errno_mod.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store._fs()[0], "get_file", full)  # the process's one filesystem
+    with pytest.raises(
+        RemoteShardError, match=r"the shard cache .* is full .*the store is not at fault"
+    ):
+        store.fetch("shard-000000.tar")

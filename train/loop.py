@@ -872,6 +872,12 @@ def check_data(cfg: TrainConfig, info: DistInfo, run_dir: Path, sha256: bool, lo
             f"checked {stats['shards']} shard(s) of {cfg.data.shards} against manifest.json: "
             f"{how}, {seconds:.1f} s"
         )
+        dropped = stats.get("dropped_cache_copies")
+        if dropped:
+            log(
+                f"the shard cache's copies of {', '.join(dropped)} failed their check (the "
+                "cache's fault, not the store's): they are downloaded again when needed"
+            )
 
 
 def _pretrain(
