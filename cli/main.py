@@ -330,6 +330,7 @@ def shards_build(
             click.echo(f"  {'uploaded' if sent else 'already there'}: {name}")
 
         uploader = ShardUploader(out, remote, on_file=uploaded)
+        uploader.check_access()  # credentials and bucket, before any search
     try:
         result = build_shards(
             src,
@@ -354,14 +355,33 @@ def shards_build(
             uploader.close()  # the shards built so far go up, also when the build fails
     if uploader is not None and not result.problems:
         done = uploader.finish()
+        removed = f", {len(done['removed'])} of an earlier build removed" if done["removed"] else ""
         click.echo(
             f"{target}: {len(done['uploaded'])} file(s) uploaded ({done['bytes']} bytes), "
-            f"{len(done['skipped'])} already there, manifest.json last"
+            f"{len(done['skipped'])} already there{removed}, manifest.json last"
         )
+        _drop_staging(Path(out), staging is None)
     if result.problems:
         raise click.ClickException(
             f"{result.out}: the build finished, but:\n  " + "\n  ".join(result.problems)
         )
+
+
+def _drop_staging(folder: Path, default: bool) -> None:
+    """After a complete upload the bucket holds the build: the default staging folder (under
+    the cache) is removed rather than kept as a second full copy; one given with --staging is
+    the user's, kept, and said."""
+    import shutil
+
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    if default:
+        shutil.rmtree(folder, ignore_errors=True)
+        click.echo(
+            f"removed the staging copy {folder} ({size / 2**20:,.1f} MiB): the upload is whole"
+        )
+    else:
+        click.echo(f"the staging copy {folder} ({size / 2**20:,.1f} MiB) is kept (--staging); "
+                   "the upload is whole, so it may be deleted")  # fmt: skip
 
 
 def _remote_out(out: str) -> str | None:

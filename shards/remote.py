@@ -34,6 +34,7 @@ import os
 import re
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -294,6 +295,7 @@ class ShardCache:
         self._clean_tmp()
         self._pins: dict[str, tuple[int, int]] = {}  # name -> (lock fd held shared, count)
         self._pin_lock = threading.Lock()
+        self._over_limit_said = False
         self.manifest: dict | None = None
 
     def _clean_tmp(self) -> None:
@@ -662,6 +664,16 @@ class ShardCache:
                     evicted.append(name)
                 finally:
                     os.close(fd)
+        if total + need > self.max_bytes and not self._over_limit_said:
+            self._over_limit_said = True  # once per cache object: said, not repeated per tar
+            warnings.warn(
+                f"the shard cache {self.root} needs {(total + need) / 2**20:,.1f} MiB, over its "
+                f"limit of {self.max_bytes / 2**20:,.1f} MiB (--cache-size): the tars in it are "
+                "in use by the readers (the shards of the batches in flight) and cannot be "
+                "evicted; raise --cache-size to at least a few shards per reader",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return evicted
 
 
@@ -865,6 +877,27 @@ class ShardUploader:
         self._manifest_checked = False
         self._uploaded_records: dict | None = None
         self.removed: list[str] = []
+
+    def check_access(self) -> None:
+        """Write and delete a small probe object at the URL: missing credentials, a missing
+        bucket or no write permission fail here, before a build spends hours searching, with
+        a message that names the URL and the likely fix."""
+        probe = f"{self.base}/.ssl-cli-write-check"
+        try:
+            self.fs.pipe_file(probe, b"ssl-cli write check\n")
+            self.fs.rm_file(probe)
+        except Exception as e:  # noqa: BLE001 - storage libraries raise their own types
+            name = type(e).__name__
+            hint = (
+                "no credentials found: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or a "
+                "profile; Google: GOOGLE_APPLICATION_CREDENTIALS)"
+                if "Credential" in name or "credential" in str(e).lower()
+                else "check that the bucket exists and that these credentials may write to it"
+            )
+            raise RemoteShardError(
+                f"{redact_url(self.url)}: cannot write there ({name}: {_reason(e)}); {hint}. "
+                "Nothing was built."
+            ) from None
 
     def _sizes(self) -> dict[str, int]:
         if self._listing is None:

@@ -134,3 +134,34 @@ def test_cache_size_from_the_environment_takes_units(monkeypatch):
     monkeypatch.setenv(remote.CACHE_BYTES_ENV, "lots")
     with pytest.raises(ValueError, match=r"SSL_CLI_SHARD_CACHE_BYTES='lots': 'lots' is not a size"):
         remote._default_max_bytes()
+
+
+def test_a_build_to_a_bucket_it_cannot_write_stops_before_searching(s3_server, tmp_path):
+    src = classes(tmp_path / "images")
+    staging = tmp_path / "staging"
+    result = CliRunner().invoke(
+        main,
+        [
+            "shards",
+            "build",
+            str(src),
+            "s3://no-such-bucket/shards",
+            "--staging",
+            str(staging),
+            "--no-progress",
+        ],  # fmt: skip
+    )
+    assert result.exit_code == 1
+    assert "s3://no-such-bucket/shards: cannot write there" in result.output
+    assert "Nothing was built." in result.output
+    assert not list(staging.glob("shard-*.tar"))  # no search ran
+
+
+def test_the_default_staging_copy_is_removed_after_a_whole_upload(s3_server, tmp_path):
+    src = classes(tmp_path / "images")
+    url = s3_server.url("cli/nostaging")
+    out = run("shards", "build", str(src), url, "--shard-size", "4", "--workers", "1",
+              "--no-progress")  # fmt: skip
+    staging = remote.default_cache_root() / "staging"
+    assert "removed the staging copy" in out and not any(staging.glob("*/shard-*.tar"))
+    assert f"{url}: OK" in run("shards", "verify", url)

@@ -571,3 +571,13 @@ def test_a_full_cache_disk_is_named_as_the_cache_not_the_store(s3_server, monkey
         RemoteShardError, match=r"the shard cache .* is full .*the store is not at fault"
     ):
         store.fetch("shard-000000.tar")
+
+
+def test_a_cache_limit_below_what_readers_pin_is_said_once(s3_server, monkeypatch):
+    url = uploaded(s3_server, many_shards(), "many")
+    store = remote.ShardCache(url, max_bytes=100)  # smaller than one tar
+    store.open()
+    with pytest.warns(RuntimeWarning, match=r"over its limit of 0\.0 MiB \(--cache-size\)") as seen:
+        store.fetch("shard-000000.tar", pin=True)
+        store.fetch("shard-000001.tar", pin=True)
+    assert len([w for w in seen if "--cache-size" in str(w.message)]) == 1
