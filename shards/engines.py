@@ -44,6 +44,39 @@ def _crash_reject(item: SourceItem, what: str) -> Reject:
 def _init_worker() -> None:
     # one OpenCV thread per process: parallelism comes from the processes
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _exit_with_parent()
+
+
+_PARENT_POLL_S = 1.0
+
+
+def _exit_with_parent() -> None:
+    """A worker ends when the process that started it dies, also by ``kill -9`` (which runs no
+    clean-up in the parent): on Linux the kernel sends SIGTERM at once (``prctl
+    PR_SET_PDEATHSIG``); everywhere a daemon thread sees the parent change and exits within
+    :data:`_PARENT_POLL_S`."""
+    import signal
+    import sys
+    import threading
+    import time
+
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while True:
+            time.sleep(_PARENT_POLL_S)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 class LocalEngine:

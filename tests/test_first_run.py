@@ -300,3 +300,52 @@ def test_a_resume_after_a_non_finite_stop_checks_the_checkpoint_and_steps_back(t
         torch.save(bad, path)
     with pytest.raises(NonFiniteLossError, match="no kept checkpoint .* passes the check"):
         pretrain(lower, log=lambda _: None)
+
+
+def test_build_workers_end_when_the_build_is_killed(tmp_path):
+    """``kill -9`` of ``shards build``: its spawn workers (and so the resource tracker) end
+    with it, instead of searching on for nobody."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path as P
+
+    src = tmp_path / "images"
+    src.mkdir()
+    for i in range(60):  # enough work to be killed in the middle of
+        Image.fromarray(photo("astronaut", (400, 300))).save(src / f"a{i:03d}.jpg")
+    cli_path = str(P(sys.executable).parent / "ssl-cli")
+    build = subprocess.Popen([cli_path, "shards", "build", str(src), str(tmp_path / "out"),
+                              "--workers", "2", "--no-progress"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+    def children(pid):
+        out = []
+        for entry in P("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text()
+                except OSError:
+                    continue
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry.name))
+        return out
+
+    deadline = time.monotonic() + 120
+    workers = []
+    while time.monotonic() < deadline and len(workers) < 2:
+        workers = children(build.pid)
+        time.sleep(0.2)
+    assert len(workers) >= 2, "the build started no workers"
+    time.sleep(1.0)  # the workers are searching
+    os.kill(build.pid, signal.SIGKILL)
+    build.wait()
+    deadline = time.monotonic() + 20
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        alive = [w for w in workers if P(f"/proc/{w}").exists()
+                 and "Z" not in (P(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[:1])]  # fmt: skip
+        time.sleep(0.2)
+    assert not alive, f"workers {alive} outlived the killed build"
