@@ -56,6 +56,15 @@ def task(tmp_path_factory):
     return out
 
 
+def test_a_plan_refuses_a_train_set_smaller_than_a_batch(task, tmp_path):
+    # 64 images against the CPU recipe's batch of 128: the run would stop on it, so the dry
+    # run does too
+    args = ["bench", "quality", "--train", str(task["val"]), "--val", str(task["val"])]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path), "--dry-run"])
+    assert result.exit_code == 2
+    assert "holds 64 samples, fewer than one batch of 128" in result.output
+
+
 def test_forward_equivalents_count_the_papers_passes():
     layer = {"data": {"size": 32, "instance_size": 16, "num_instances": 4}}
     assert forward_equivalents(resolve_config({"method": "mos", **layer})) == 9  # 2*3 + 3

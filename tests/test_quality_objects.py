@@ -108,7 +108,7 @@ def test_dry_run_names_the_object_sets(shards, tmp_path):
             str(shards["train"]), "--val", str(shards["val"]), "--objects-train",
             str(shards["scenes_train"]), "--objects-val", str(shards["scenes_test"]),
             "--objects-size", "64", "--out", str(tmp_path / "q"), "--methods", "byol",
-            "--seeds", "0", "--budget-fe", "1000", "--dry-run"]  # fmt: skip
+            "--seeds", "0", "--budget-fe", "1000", "--dry-run", "data.batch_size=8"]  # fmt: skip
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert f"scored on {shards['scenes_test']}, input 64 px" in result.output

@@ -262,14 +262,20 @@ class QualityPlan:
             plan.budget_seconds = RECIPES[plan.recipe]["budget_seconds"]
         if plan.budget_fe is not None:
             plan.budget_seconds = None
-        from train.loop import real_view_set
+        from train.loop import check_config
 
-        for m in plan.methods:  # every layer resolves now, not after an hour of training
+        for m in plan.methods:  # every check of the run now (--dry-run too), not after an hour
             cfg = plan.config(m, plan.seeds[0], steps=1)
-            try:  # data.views keys the method's view set does not take
-                real_view_set(get_method(m).views, cfg)
+            try:  # data.views keys the method's view set does not take, the model
+                check_config(cfg)
             except ConfigError as e:
                 raise ConfigError(f"{m}: {e}") from None
+            if plan.train_samples < cfg.data.batch_size:
+                raise ConfigError(
+                    f"--train: {plan.train} holds {plan.train_samples} samples, fewer than one "
+                    f"batch of {cfg.data.batch_size} ({m}, recipe {plan.recipe}); use more "
+                    "shards, or a smaller batch (data.batch_size=N)"
+                )
         saved = Path(plan.out) / "plan.json"
         if saved.exists():
             plan._adopt(json.loads(saved.read_text()))
