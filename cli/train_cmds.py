@@ -89,7 +89,7 @@ def _common(f):
             "--method",
             metavar="NAME",
             default=None,
-            help="A method of the train.methods registry: mos, univip, byol, mocov3 "
+            help="A method of the train.methods registry: mos, univip, byol, mocov3, dino "
             "[default: from --config, else mos].",
         ),
         click.option(
