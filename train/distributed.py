@@ -10,6 +10,7 @@ no-op, so one CPU process runs the same code.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -76,6 +77,11 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
+# seconds a collective may wait before it fails (torch's default otherwise: 30 min for gloo,
+# 10 for NCCL); under torchrun --max-restarts a hung group then restarts instead of waiting
+TIMEOUT_ENV = "SSL_CLI_DIST_TIMEOUT"
+
+
 def init_distributed(requested_device: str = "auto") -> DistInfo:
     """Join the process group described by torchrun's environment, or run alone.
 
@@ -99,6 +105,9 @@ def init_distributed(requested_device: str = "auto") -> DistInfo:
     kwargs: dict[str, Any] = {}
     if device.type == "cuda":
         kwargs["device_id"] = device
+    timeout = _env_int(TIMEOUT_ENV, 0)
+    if timeout > 0:  # collectives (and the group's start) that hang past it raise instead
+        kwargs["timeout"] = datetime.timedelta(seconds=timeout)
     dist.init_process_group(
         backend=backend, init_method="env://", rank=rank, world_size=world, **kwargs
     )
