@@ -312,6 +312,8 @@ def test_build_workers_end_when_the_build_is_killed(tmp_path):
     import time
     from pathlib import Path as P
 
+    from tests.test_elastic import _children
+
     src = tmp_path / "images"
     src.mkdir()
     for i in range(60):  # enough work to be killed in the middle of
@@ -321,22 +323,10 @@ def test_build_workers_end_when_the_build_is_killed(tmp_path):
                               "--workers", "2", "--no-progress"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
 
-    def children(pid):
-        out = []
-        for entry in P("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    stat = (entry / "stat").read_text()
-                except OSError:
-                    continue
-                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                    out.append(int(entry.name))
-        return out
-
     deadline = time.monotonic() + 120
     workers = []
     while time.monotonic() < deadline and len(workers) < 2:
-        workers = children(build.pid)
+        workers = _children(build.pid)
         time.sleep(0.2)
     assert len(workers) >= 2, "the build started no workers"
     time.sleep(1.0)  # the workers are searching
