@@ -39,6 +39,7 @@ def test_a_slow_cpu_recipe_is_announced_with_its_estimate(tmp_path, monkeypatch)
     assert not schedule_warnings(cfg, parts)  # synthetic data: nothing to estimate
     real = cfg.replace(data=cfg.data.__class__(**{**cfg.data.__dict__, "synthetic": False}))
     monkeypatch.setattr(loop_mod, "_SLOW_CPU_STEP_S", 0.0)
+    monkeypatch.setattr(loop_mod, "_SLOW_CPU_RUN_S", 0.0)
     (warning,) = schedule_warnings(real, parts)
     assert "on this CPU a step of this recipe takes about" in warning
     assert "--config configs/demo_mos_cpu.yaml" in warning

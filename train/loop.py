@@ -684,6 +684,7 @@ def _non_finite_state(parts: Parts) -> list[str]:
 
 # above this many seconds per step on a CPU, the start says so (a paper recipe on a laptop)
 _SLOW_CPU_STEP_S = 10.0
+_SLOW_CPU_RUN_S = 3600.0  # ... and the whole run more than this (a short run is left alone)
 
 
 def schedule_warnings(cfg: TrainConfig, parts: Parts) -> list[str]:
@@ -702,8 +703,8 @@ def schedule_warnings(cfg: TrainConfig, parts: Parts) -> list[str]:
         )
     if parts.info.device.type == "cpu" and not cfg.data.synthetic:
         per_step = _cpu_step_estimate(cfg, parts)
-        if per_step > _SLOW_CPU_STEP_S:
-            total = per_step * (sched.total_steps)
+        total = per_step * sched.total_steps
+        if per_step > _SLOW_CPU_STEP_S and total > _SLOW_CPU_RUN_S:
             out.append(
                 f"on this CPU a step of this recipe takes about {per_step:.0f} s ({cfg.model.backbone} "
                 f"at {cfg.data.size} px, global batch {cfg.data.batch_size}; one forward timed), "
