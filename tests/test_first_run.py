@@ -133,7 +133,7 @@ def test_too_few_samples_for_the_recipe_batch_says_what_to_do(class_folders, tmp
     with pytest.raises(ConfigError) as e:
         pretrain(cfg, log=lambda _: None)
     message = str(e.value)
-    assert "holds 12 samples, fewer than one global batch of 64" in message
+    assert "holds 12 samples, which do not fill one global batch of 64" in message
     assert "--batch-size 4" in message and "configs/demo_mos_cpu.yaml" in message
 
 

@@ -297,8 +297,8 @@ def build_loader(cfg: TrainConfig, info: DistInfo) -> Any:
         fit -= fit % info.world_size
         demos = sorted(p.name for p in Path(__file__).parent.parent.glob("configs/demo_*_cpu.yaml"))
         raise ConfigError(
-            f"data.batch_size: {cfg.data.shards} holds {e.samples} samples, fewer than one "
-            f"global batch of {e.global_batch}; lower the batch to fit the data, e.g. "
+            f"data.batch_size: {cfg.data.shards} holds {e.samples} samples, which do not fill "
+            f"one global batch of {e.global_batch}; lower the batch to fit the data, e.g. "
             f"--batch-size {fit} (at most {e.samples}, a multiple of the {info.world_size} "
             "process(es)), or start from a small-data config: --config configs/"
             + (demos[0] if demos else "demo_mos_cpu.yaml")
