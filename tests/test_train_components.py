@@ -287,16 +287,16 @@ def test_synthetic_pool_serves_cached_batches():
 def test_mos_counts_objects_not_views():
     from pipeline.stitching import stitch_layout
     from train.losses.mos import soft_targets
-    from train.methods import _object_members
+    from train.losses.mos import object_members
 
     layout = stitch_layout(224, 2, (1, 2, 1, 1))  # cell 1 holds 4 small views of one sample
     b = 4
     per_crop = torch.tensor([[(i + j) % b for j in layout.cell_of_crop] for i in range(b)])
     assert per_crop.shape == (b, 7)
-    objects = _object_members({"members1": per_crop, "layout1": layout}, 1)
+    objects = object_members({"members1": per_crop, "layout1": layout}, 1)
     assert objects.tolist() == [[(i + j) % b for j in range(4)] for i in range(b)]
     # stitched vs single: each of the four objects weighs 1/4, the subdivided cell included
     targets = soft_targets(objects, torch.arange(b)[:, None])
     assert torch.allclose(targets, torch.full((b, b), 0.25))
     # without a layout the members are taken as one per object already
-    assert _object_members({"members1": objects}, 1) is objects
+    assert object_members({"members1": objects}, 1) is objects
