@@ -68,7 +68,7 @@ def _exit_with_parent() -> None:
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG = 1
         except (OSError, AttributeError):
-            pass
+            pass  # no prctl here: the watch thread below is the guarantee
 
     def watch() -> None:
         while True:

@@ -28,6 +28,7 @@ tensor is finite; temporary files of an interrupted save are removed when the ne
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os  # noqa: F401  (part of this module's namespace, as _trim_metrics below)
@@ -1002,24 +1003,22 @@ def _read_resume(
 SANE_WEIGHT = 1e4
 
 
-def checkpoint_problem(cfg: TrainConfig, state: dict, device: torch.device) -> str | None:
+def checkpoint_problem(cfg: TrainConfig, state: dict, info: DistInfo) -> str | None:
     """Why the weights of ``state`` cannot be trained on, or ``None``: a non-finite tensor, a
     parameter beyond :data:`SANE_WEIGHT`, or a non-finite loss of one forward pass (no
     gradient) on a small random batch of the method's views. The model is built from ``cfg``
     (the config of the resuming run) and thrown away after."""
     model, _ = build_model(cfg)
     model.load_state_dict(state["model"])
-    model.to(device)
+    model.to(info.device)
     params = dict(model.named_parameters())
     for name, value in state["model"].items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             return f"{name} holds NaN or inf"
         if name in params and value.numel() and float(value.abs().max()) > SANE_WEIGHT:
             return f"{name} has a weight of {float(value.abs().max()):.3g} (a diverged run)"
-    from train.synthetic import SyntheticLoader
-
-    batch = next(iter(SyntheticLoader(get_method(cfg.method).views, 4, seed=cfg.run.seed,
-                                      device=device, **_synthetic_shapes(cfg))))  # fmt: skip
+    small = cfg.replace(data=dataclasses.replace(cfg.data, batch_size=4 * info.world_size))
+    batch = next(iter(synthetic_loader(small, info, num_samples=8 * info.world_size)))
     hyper = {
         name: float(v[0])
         for name, v in build_schedules(cfg, 1, get_method(cfg.method).schedules).method.items()
@@ -1040,17 +1039,6 @@ def checkpoint_problem(cfg: TrainConfig, state: dict, device: torch.device) -> s
     return None
 
 
-def _synthetic_shapes(cfg: TrainConfig) -> dict:
-    """The SyntheticLoader keyword arguments that give ``cfg``'s view shapes."""
-    d, v = cfg.data, cfg.data.views
-    shapes = {"size": d.size, "instance_size": d.instance_size, "num_instances": d.num_instances,
-              "num_samples": 8}  # fmt: skip
-    if get_method(cfg.method).views == "multicrop":
-        shapes.update(num_crops=v.get("num_global", 2), num_local=v.get("num_local", 0),
-                      local_size=v.get("local_size", 96))  # fmt: skip
-    return shapes
-
-
 def _checked_after_non_finite(
     cfg: TrainConfig, info: DistInfo, path: Path, state: dict, log: Callable, step_back: bool
 ) -> tuple[Path, dict]:
@@ -1066,7 +1054,7 @@ def _checked_after_non_finite(
     for candidate in candidates:
         if candidate != path:
             state = load_checkpoint(candidate)
-        problem = checkpoint_problem(cfg, state, info.device)
+        problem = checkpoint_problem(cfg, state, info)
         if problem is None:
             if info.is_main:
                 log(
