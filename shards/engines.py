@@ -10,12 +10,22 @@ node needs ssl-cli installed in the same environment. A Ray worker process runs 
 threads that call the C library's ``rand()``, which OpenCV's selective search also draws its rank
 order from; so each Ray worker hands the image to one clean child process of its own (started
 once, reused), which keeps the output byte-identical to the local engine and isolates crashes.
+
+A Ray-level failure is never an image's fault: a lost node, a killed Ray worker or a lost result
+object (the image crashing its clean child is handled inside the task). The engine resubmits such
+an item, up to :data:`RAY_RESUBMITS` times, to whatever nodes remain, so a build that loses a node
+finishes on the others with every image accounted for once. Past that, or when the driver loses
+the cluster itself (the head node), the build stops with :class:`ClusterLost`; the shards finished
+so far are kept and a rerun resumes from them.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import socket
+import sys
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -127,6 +137,15 @@ class LocalEngine:
                     pool = self._pool(self.workers)
                     continue
                 pending.popleft()
+                if isinstance(result, _NotVisible):
+                    if os.path.exists(item.path):
+                        raise ClusterLost(
+                            f"a Ray worker on host {result.host} cannot see {item.path}, which "
+                            "this process reads: every node needs the source at the same path "
+                            "(a shared filesystem or the same mounted bucket); the build stops "
+                            "here and a rerun resumes from its finished shards"
+                        )
+                    result = fn(item, params)  # gone for everyone: the usual reject
                 yield result
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -135,9 +154,18 @@ class LocalEngine:
 _ray_child: ProcessPoolExecutor | None = None
 
 
+class _NotVisible:
+    """A Ray worker's answer for an input file it cannot see (a node without the source)."""
+
+    def __init__(self, host: str):
+        self.host = host
+
+
 def _in_clean_child(fn: ItemFn, item: SourceItem, params: Any) -> Any:
     """Run ``fn`` in this process's single spawned child (no foreign threads there)."""
     global _ray_child
+    if item.data is None and not os.path.exists(item.path):
+        return _NotVisible(socket.gethostname())
     if _ray_child is None:
         _ray_child = ProcessPoolExecutor(
             1, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
@@ -152,6 +180,33 @@ def _in_clean_child(fn: ItemFn, item: SourceItem, params: Any) -> Any:
     return _crash_reject(item, "the worker process died twice while processing this image")
 
 
+RAY_RESUBMITS = 3
+
+
+RAY_HEALTH_EVERY_S = 2.0
+RAY_HEAD_GRACE_S = 15.0  # Ray's own driver ends after 60 s without its GCS
+
+
+def _gcs_address(ray: Any) -> str | None:
+    try:
+        return ray._private.worker.global_worker.node.gcs_address
+    except AttributeError:  # a Ray client (ray://) connection, or an API that moved
+        return None
+
+
+def _reachable(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=1.0).close()
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+class ClusterLost(RuntimeError):
+    """The Ray cluster lost the work for an item more often than the engine resubmits it."""
+
+
 class RayEngine:
     def __init__(self, address: str | None = None, window: int | None = None):
         try:
@@ -164,15 +219,48 @@ class RayEngine:
         self.address = address
         self.window = window
 
+    def _get(self, ref: Any, item: SourceItem) -> Any:
+        """``ray.get`` that notices a lost head node: Ray itself ends the driver's process a
+        minute after its cluster's control store (GCS, on the head) stops answering, with a
+        message about GCS; this raises :class:`ClusterLost` naming the build's state first."""
+        ray = self.ray
+        gcs = _gcs_address(ray)
+        unreachable_since = None
+        while True:
+            ready, _ = ray.wait([ref], timeout=RAY_HEALTH_EVERY_S)
+            if ready:
+                return ray.get(ref)
+            if gcs is None or _reachable(gcs):
+                unreachable_since = None
+                continue
+            now = time.monotonic()
+            unreachable_since = unreachable_since or now
+            if now - unreachable_since >= RAY_HEAD_GRACE_S:
+                self._lost_head = True
+                raise ClusterLost(
+                    f"the Ray head node at {gcs} stopped answering for "
+                    f"{RAY_HEAD_GRACE_S:.0f} s while {item.source} was in flight; the build "
+                    "stops here, keeps its finished shards, and a rerun with the same command "
+                    "(on a working cluster, or --engine local) resumes from them"
+                )
+
     def map(self, fn: ItemFn, items: Iterable[SourceItem], params: Any) -> Iterator[Any]:
         ray = self.ray
+        self._lost_head = False
         started_here = not ray.is_initialized()
         if started_here:
             ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
         try:
             window = self.window or 4 * max(1, int(ray.cluster_resources().get("CPU", 1)))
-            task = ray.remote(num_cpus=1, max_retries=1)(_in_clean_child)
+            # Ray's own retries are off: a lost task is resubmitted below, counted and reported
+            task = ray.remote(num_cpus=1, max_retries=0)(_in_clean_child)
             params_ref = ray.put(params)
+            lost = (
+                ray.exceptions.WorkerCrashedError,
+                ray.exceptions.NodeDiedError,
+                ray.exceptions.ObjectLostError,  # ObjectReconstructionFailedError among them
+            )
+            gone = (ray.exceptions.LocalRayletDiedError, ray.exceptions.RaySystemError)
             pending: deque[tuple[SourceItem, Any]] = deque()
             it = iter(items)
             while True:
@@ -183,13 +271,46 @@ class RayEngine:
                     pending.append((item, task.remote(fn, item, params_ref)))
                 if not pending:
                     return
-                item, ref = pending.popleft()
-                try:
-                    yield ray.get(ref)
-                except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as e:
-                    yield _crash_reject(item, f"Ray worker died: {type(e).__name__}")
+                item, ref = pending[0]
+                for attempt in range(RAY_RESUBMITS + 1):
+                    try:
+                        result = self._get(ref, item)
+                        break
+                    except lost as e:
+                        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                        if attempt == RAY_RESUBMITS:
+                            raise ClusterLost(
+                                f"the Ray cluster lost the task for {item.source} "
+                                f"{RAY_RESUBMITS + 1} times (last: {why}); the build stops "
+                                "here, keeps its finished shards, and a rerun resumes from them"
+                            ) from e
+                        print(
+                            f"ssl-cli: a Ray worker or node was lost while processing "
+                            f"{item.source} ({type(e).__name__}); resubmitting "
+                            f"({attempt + 1} of {RAY_RESUBMITS})",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                        ref = task.remote(fn, item, params_ref)
+                    except gone as e:
+                        raise ClusterLost(
+                            f"the driver lost the Ray cluster while processing {item.source} "
+                            f"({type(e).__name__}: {e}); the build stops here, keeps its "
+                            "finished shards, and a rerun resumes from them"
+                        ) from e
+                pending.popleft()
+                if isinstance(result, _NotVisible):
+                    if os.path.exists(item.path):
+                        raise ClusterLost(
+                            f"a Ray worker on host {result.host} cannot see {item.path}, which "
+                            "this process reads: every node needs the source at the same path "
+                            "(a shared filesystem or the same mounted bucket); the build stops "
+                            "here and a rerun resumes from its finished shards"
+                        )
+                    result = fn(item, params)  # gone for everyone: the usual reject
+                yield result
         finally:
-            if started_here:
+            if started_here and not self._lost_head:  # shutting down waits on the lost head
                 ray.shutdown()
 
 

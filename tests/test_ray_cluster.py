@@ -1,0 +1,253 @@
+"""``shards build --engine ray`` on a two-node Ray cluster that loses a node mid-build.
+
+The engine's handling of lost tasks is first tested against a stand-in for Ray's API (no
+cluster). The cluster tests run in a keeper process of its own session (head and worker node, one CPU each,
+both on 127.0.0.1), so that every Ray process it starts, orphaned agents included, is killed
+with its process group at the end. The test drives it through stdin: ``kill worker`` or
+``kill head`` SIGKILLs that node's processes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from shards.engines import RAY_RESUBMITS, ClusterLost, RayEngine, _NotVisible
+from shards.process import Reject
+from shards.sources import SourceItem
+from shards.verify import verify_shards
+from tests.conftest import encode, photo
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Ray resolves "127.0.0.1" in a cluster address to the machine's network address unless Ray
+# clusters are switched off for the loopback case; with it, every byte stays on loopback.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+KEEPER = textwrap.dedent(
+    """
+    import sys
+    from ray.cluster_utils import Cluster
+
+    node = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
+    cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+    worker = cluster.add_node(**node)
+    print(cluster.address, flush=True)
+    for line in sys.stdin:
+        which = line.split()[-1]
+        cluster.remove_node(worker if which == "worker" else cluster.head_node, False)
+        print("killed", which, flush=True)
+    """
+)
+
+NAMES = ["astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "page"]
+
+
+class _Lost(Exception):
+    pass
+
+
+class _StandInRay:
+    """Ray's calls the engine makes; ``script[key]`` lists what each try of that item gives
+    (an exception to raise, or ``"invisible"``: a node without the file), then the result."""
+
+    exceptions = SimpleNamespace(
+        WorkerCrashedError=_Lost,
+        NodeDiedError=_Lost,
+        ObjectLostError=_Lost,
+        LocalRayletDiedError=type("LocalRayletDied", (Exception,), {}),
+        RaySystemError=type("RaySystem", (Exception,), {}),
+    )
+
+    def __init__(self, script):
+        self.script = script
+        self.submitted: list[str] = []
+
+    def is_initialized(self):
+        return True
+
+    def cluster_resources(self):
+        return {"CPU": 2}
+
+    def put(self, value):
+        return value
+
+    def remote(self, **_):
+        def wrap(_task):
+            return SimpleNamespace(remote=self._submit)
+
+        return wrap
+
+    def _submit(self, fn, item, params):
+        self.submitted.append(item.key)
+        plan = self.script.get(item.key, [])
+        return (fn, item, params, plan.pop(0) if plan else None)
+
+    def wait(self, refs, timeout):
+        return refs, []
+
+    def get(self, ref):
+        fn, item, params, outcome = ref
+        if outcome == "invisible":
+            return _NotVisible("node-b")
+        if outcome is not None:
+            raise outcome
+        return fn(item, params)
+
+
+def _items(tmp_path, n=6):
+    items = []
+    for i in range(n):
+        path = tmp_path / f"{i}.png"
+        path.write_bytes(b"x")
+        items.append(SourceItem(key=f"k{i}", source=str(path), path=str(path)))
+    return items
+
+
+def _echo(item, params):
+    return (item.key, params)
+
+
+def test_a_lost_task_is_resubmitted_and_every_item_comes_back_once(tmp_path, capsys):
+    engine = RayEngine()
+    engine.ray = _StandInRay({"k2": [_Lost("node died"), _Lost("object lost")]})
+    got = list(engine.map(_echo, _items(tmp_path), "p"))
+    assert got == [(f"k{i}", "p") for i in range(6)]  # in order, none twice, none missing
+    assert engine.ray.submitted.count("k2") == 3
+    err = capsys.readouterr().err
+    assert err.count("resubmitting") == 2 and str(tmp_path / "2.png") in err
+
+
+def test_a_task_lost_past_the_limit_stops_the_build(tmp_path):
+    engine = RayEngine()
+    engine.ray = _StandInRay({"k1": [_Lost("node died")] * (RAY_RESUBMITS + 1)})
+    got = []
+    with pytest.raises(ClusterLost, match=r"lost the task for .*1\.png .* a rerun resumes"):
+        for result in engine.map(_echo, _items(tmp_path), "p"):
+            got.append(result)
+    assert got == [("k0", "p")]  # what came before is kept
+
+
+def test_a_node_without_the_source_stops_the_build_instead_of_rejecting(tmp_path):
+    items = _items(tmp_path)
+    engine = RayEngine()
+    engine.ray = _StandInRay({"k3": ["invisible"]})
+    with pytest.raises(ClusterLost, match=r"host node-b cannot see .*3\.png.*same path"):
+        list(engine.map(_echo, items, "p"))
+    # a file that is gone for this process too is the build's usual reject, not a cluster error
+    Path(items[3].path).unlink()
+    engine.ray = _StandInRay({"k3": ["invisible"]})
+
+    def process(item, params):
+        if not Path(item.path).exists():
+            return Reject(item.key, item.source, "unreadable", "no such file")
+        return _echo(item, params)
+
+    got = list(engine.map(process, items, "p"))
+    assert isinstance(got[3], Reject) and got[3].reason == "unreadable"
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    pytest.importorskip("ray")
+    tmp = tmp_path_factory.mktemp("raysrc")
+    root = tmp / "src"
+    root.mkdir()
+    for i in range(24):
+        arr = photo(NAMES[i % len(NAMES)], (200 + i, 160))
+        (root / f"{i:02d}.png").write_bytes(encode(arr, "PNG"))
+    reference = tmp / "reference"
+    r = _cli(["shards", "build", root, reference, "--workers", "1"], timeout=600)
+    assert r.returncode == 0, r.stderr
+    return root, reference
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(REPO), **LOOPBACK_ENV)
+
+
+def _cli(args, **kw) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "cli.main", *map(str, args), "--max-side", "160"]
+    cmd += ["--shard-size", "4", "--no-progress"]
+    return subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, **kw)
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+def _build_and_kill(root: Path, out: Path, which: str) -> subprocess.CompletedProcess:
+    keeper = subprocess.Popen(
+        [sys.executable, "-c", KEEPER],
+        env=_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        address = keeper.stdout.readline().strip()
+        assert address.startswith("127.0.0.1:"), f"the cluster did not start: {address!r}"
+        cmd = [sys.executable, "-m", "cli.main", "shards", "build", str(root), str(out)]
+        cmd += ["--engine", "ray", "--ray-address", address, "--max-side", "160"]
+        cmd += ["--shard-size", "4", "--no-progress"]
+        build = subprocess.Popen(
+            cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        parts = out / ".ssl-cli" / "parts"
+        deadline = time.monotonic() + 300
+        while not list(parts.glob("shard-000000.tar.json")) if parts.exists() else True:
+            assert build.poll() is None, build.communicate()
+            assert time.monotonic() < deadline, "the build made no progress"
+            time.sleep(0.05)
+        keeper.stdin.write(f"kill {which}\n")
+        keeper.stdin.flush()
+        assert keeper.stdout.readline().strip() == f"killed {which}"
+        stdout, stderr = build.communicate(timeout=300)
+        return subprocess.CompletedProcess(cmd, build.returncode, stdout, stderr)
+    finally:
+        os.killpg(keeper.pid, signal.SIGKILL)  # every process the cluster started
+        keeper.wait()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_build_survives_losing_a_worker_node(tmp_path, source):
+    root, reference = source
+    out = tmp_path / "out"
+    r = _build_and_kill(root, out, "worker")
+    assert r.returncode == 0, r.stderr
+    # the worker node had tasks in flight (window 4 per CPU): they were resubmitted, not dropped
+    assert "was lost while processing" in r.stderr and "resubmitting" in r.stderr
+    assert "24 samples in 6 shards, 0 rejected" in r.stdout
+    assert _files(out) == _files(reference)  # byte-identical to a local build
+    assert verify_shards(out) == []
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_losing_the_head_stops_clearly_and_a_rerun_resumes(tmp_path, source):
+    root, reference = source
+    out = tmp_path / "out"
+    r = _build_and_kill(root, out, "head")
+    assert r.returncode == 1
+    assert "the Ray head node at 127.0.0.1:" in r.stderr and "a rerun" in r.stderr
+    assert not (out / "manifest.json").exists()
+    done = {p.name: p.stat().st_ino for p in out.glob("shard-*.tar")}
+    assert "shard-000000.tar" in done
+
+    r = _cli(["shards", "build", root, out, "--workers", "1"], timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stdout
+    for name, inode in done.items():  # finished shards were kept, not rewritten
+        assert (out / name).stat().st_ino == inode
+    assert _files(out) == _files(reference)
