@@ -170,7 +170,8 @@ def _run(fn, **kwargs) -> dict:
         click.echo(
             f"warning: --train and --val are the same shards ({train}): every query is in the "
             "bank or the probe's training set, so the score measures memory, not features; "
-            "--val-fraction 0.1 (instead of --val) cuts them into two parts that share nothing",
+            "--val-fraction 0.1 (instead of --val) cuts them into two parts that share nothing, "
+            "and `ssl-cli shards split` writes such parts as two shard folders",
             err=True,
         )
     return library_errors(fn, usage=("ConfigError", "FileNotFoundError"))(**kwargs)

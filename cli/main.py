@@ -437,6 +437,47 @@ def shards_verify(out, decode, annotations) -> None:
     click.echo(f"{out}: OK")
 
 
+@shards.command("split")
+@click.argument("src", type=click.Path(file_okay=False))
+@click.argument("train_out", type=click.Path(file_okay=False))
+@click.argument("val_out", type=click.Path(file_okay=False))
+@click.option(
+    "--val-fraction",
+    type=float,
+    required=True,
+    help="Share of the samples on the val side, in (0, 1); rounded to whole samples.",
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed of the permutation that draws it."
+)
+@click.option(
+    "--shard-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Samples per output shard (default: the source build's).",
+)
+@library_errors(usage=("ConfigError", "SplitOptionError"))
+def shards_split(src, train_out, val_out, val_fraction, seed, shard_size) -> None:
+    """Cut one shard folder into a train and a val folder that share no sample.
+
+    The val side holds round(val_fraction x N) samples drawn by a fixed permutation (--seed),
+    the same samples `eval knn --val-fraction` uses as queries. Both outputs are complete shard
+    folders: every sample byte for byte (image, boxes, label, ground truth), proposals.parquet,
+    and a manifest that records the source, fraction, seed and side. A killed split leaves no
+    half-written folder; rerunning it finishes the side that is missing.
+
+    \b
+    Examples:
+      ssl-cli shards split data/shards/mine data/mine-train data/mine-val --val-fraction 0.1
+      ssl-cli eval knn runs/mine --train data/mine-train --val data/mine-val
+    """
+    from shards.split import split_shards
+
+    split_shards(
+        src, train_out, val_out, val_fraction, seed=seed, shard_size=shard_size, log=click.echo
+    )
+
+
 @shards.command("inspect")
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--examples", type=click.IntRange(min=0), default=5, help="Samples to print.")

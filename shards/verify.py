@@ -404,9 +404,15 @@ def inspect_shards(out: str | Path, examples: int = 5) -> str:
     lines = [
         f"{title}",
         f"  source      {manifest['build']['source']} (layout {manifest['build']['layout']})",
-        f"  inputs      {c['inputs']}: {c['samples']} samples, {c['rejects']} rejected, "
-        f"{c['transcoded']} re-encoded to JPEG",
+        f"  inputs      {c['inputs']}: {c['samples']} samples, {c['rejects']} rejected"
+        + (f", {c['transcoded']} re-encoded to JPEG" if c["transcoded"] is not None else ""),
     ]
+    subset = manifest["build"].get("subset")
+    if subset:
+        lines.append(
+            f"  subset      the {subset['side']} side of {subset['of']} (val fraction "
+            f"{subset['val_fraction']}, seed {subset['seed']}; ssl-cli shards split)"
+        )
     for reason, n in manifest["rejects_by_reason"].items():
         lines.append(f"    rejected  {reason}: {n}")
     for reason, n in manifest.get("ignored_by_reason", {}).items():

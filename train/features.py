@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from shards.split import split_rows
 from train.checkpoint import BRANCHES, backbone_state_dict, load_checkpoint, resolve_checkpoint
 from train.distributed import gather_rows
 from train.probes import Accuracy, knn_accuracy
@@ -68,15 +69,10 @@ def split_features(
 ) -> tuple[Features, Features]:
     """One shard set's features cut in two that share no sample: ``round(val_fraction * N)``
     rows, drawn by a fixed permutation of the row indices (``seed``), are the queries, the rest
-    the bank. The same shards, fraction and seed give the same split."""
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"--val-fraction must be in (0, 1), got {val_fraction}")
-    n = len(features)
-    n_val = round(val_fraction * n)
-    if not 0 < n_val < n:
-        raise ValueError(f"--val-fraction {val_fraction} of {n} samples leaves an empty side")
-    order = torch.from_numpy(np.random.default_rng(seed).permutation(n))
-    val_idx, bank_idx = order[:n_val].sort().values, order[n_val:].sort().values
+    the bank. The same shards, fraction and seed give the same split, and the same samples as
+    ``ssl-cli shards split`` (:func:`shards.split.split_rows`)."""
+    bank_rows, val_rows = split_rows(len(features), val_fraction, seed)
+    bank_idx, val_idx = torch.from_numpy(bank_rows), torch.from_numpy(val_rows)
 
     def take(idx: Tensor) -> Features:
         idx = idx.to(features.features.device)
