@@ -106,6 +106,9 @@ def test_detectron2_vit_is_vitdets_layout(runs, tmp_path):
     out = tmp_path / "vit.pkl"
     result = _cli(runs["vit"], "--format", "detectron2", "--out", out)
     assert "train.init_checkpoint" in result.output and "pretrain_img_size = 32" in result.output
+    assert "model.backbone.net.embed_dim = 192" in result.output
+    assert "model.backbone.net.num_heads = 3" in result.output
+    assert "model.backbone.net.mlp_ratio = 4.0" in result.output
     data = pickle.loads(out.read_bytes())
     assert set(data["model"]) == vitdet_keys(depth=2)
     ours = _backbone(runs["vit"], "target")
@@ -113,10 +116,40 @@ def test_detectron2_vit_is_vitdets_layout(runs, tmp_path):
     assert torch.equal(torch.as_tensor(qkv), ours["blocks.1.attn.qkv.weight"])
 
 
-def test_mmdet_vit_is_refused_with_the_formats_that_work(runs, tmp_path):
-    result = _cli(runs["vit"], "--format", "mmdet", "--out", tmp_path / "v.pth", code=1)
-    assert "--format detectron2" in result.output
-    assert not list(tmp_path.iterdir())
+def mmpretrain_vit_keys(depth: int) -> set[str]:
+    """mmpretrain's ``VisionTransformer`` (the backbone of mmdetection's ViT configs):
+    ``patch_embed.projection``, ``layers.N`` of ``ln1``, ``attn.qkv``, ``attn.proj``, ``ln2``,
+    ``ffn.layers.0.0`` (first linear, inside a Sequential with its activation) and
+    ``ffn.layers.1`` (second linear), the final norm as ``ln1``."""
+    keys = {"pos_embed", "cls_token", "patch_embed.projection.weight"}
+    keys |= {"patch_embed.projection.bias", "ln1.weight", "ln1.bias"}
+    for i in range(depth):
+        for part in ("ln1", "attn.qkv", "attn.proj", "ln2", "ffn.layers.0.0", "ffn.layers.1"):
+            keys |= {f"layers.{i}.{part}.weight", f"layers.{i}.{part}.bias"}
+    return keys
+
+
+def test_mmdet_vit_is_mmpretrains_layout(runs, tmp_path):
+    out = tmp_path / "vit_mmdet.pth"
+    result = _cli(runs["vit"], "--format", "mmdet", "--out", out)
+    saved = torch.load(out, weights_only=True)
+    assert set(saved["state_dict"]) == mmpretrain_vit_keys(depth=2)
+    ours = _backbone(runs["vit"], "target")
+    pairs = {
+        "layers.1.ffn.layers.0.0.weight": "blocks.1.mlp.fc1.weight",
+        "layers.1.ffn.layers.1.bias": "blocks.1.mlp.fc2.bias",
+        "layers.0.ln2.weight": "blocks.0.norm2.weight",
+        "ln1.bias": "norm.bias",
+        "patch_embed.projection.weight": "patch_embed.proj.weight",
+        "layers.1.attn.qkv.weight": "blocks.1.attn.qkv.weight",
+    }
+    for theirs, mine in pairs.items():
+        assert torch.equal(saved["state_dict"][theirs], ours[mine])
+    # the printed config repeats the backbone's sizes (vit_tiny: 192 wide, 3 heads, MLP 768)
+    assert "type='mmpretrain.VisionTransformer'" in result.output
+    assert "embed_dims=192, num_layers=2, num_heads=3" in result.output
+    assert "feedforward_channels=768" in result.output and "patch_size=8" in result.output
+    assert f"checkpoint='{out.resolve()}'" in result.output
 
 
 def test_a_conversion_that_loses_a_tensor_writes_nothing(runs, tmp_path, monkeypatch):

@@ -39,6 +39,8 @@ __all__ = [
     "d2_resnet_key",
     "detection_snippet",
     "is_vit_state",
+    "mmpretrain_vit_key",
+    "vit_shape",
 ]
 
 DETECTION_FORMATS = ("detectron2", "mmdet")
@@ -70,6 +72,28 @@ def d2_resnet_key(key: str) -> str:
     return key.replace("downsample.1", "shortcut.norm")
 
 
+def mmpretrain_vit_key(key: str) -> str:
+    """A timm ViT key in mmpretrain's ``VisionTransformer`` layout, the backbone mmdetection's
+    ViT configs build (the rules of mmpretrain's timm/DeiT-3 converters): ``patch_embed.proj``
+    -> ``patch_embed.projection``, ``blocks.N`` -> ``layers.N`` with ``norm1/norm2`` ->
+    ``ln1/ln2``, ``mlp.fc1`` -> ``ffn.layers.0.0``, ``mlp.fc2`` -> ``ffn.layers.1``; the final
+    ``norm`` -> ``ln1``; ``attn.qkv``, ``attn.proj``, ``cls_token``, ``pos_embed`` as they are."""
+    if key.startswith("patch_embed.proj."):
+        return key.replace("patch_embed.proj.", "patch_embed.projection.", 1)
+    if key.startswith("norm."):
+        return "ln1." + key[len("norm.") :]
+    if key.startswith("blocks."):
+        key = "layers." + key[len("blocks.") :]
+        for ours, theirs in (
+            (".norm1.", ".ln1."),
+            (".norm2.", ".ln2."),
+            (".mlp.fc1.", ".ffn.layers.0.0."),
+            (".mlp.fc2.", ".ffn.layers.1."),
+        ):
+            key = key.replace(ours, theirs)
+    return key
+
+
 def is_vit_state(state: dict) -> bool:
     """Whether every key of ``state`` is one of timm's plain ViT keys (no layer scale, no
     register tokens, no qk-norm: the blocks ViTDet has)."""
@@ -87,11 +111,7 @@ def convert_for(fmt: str, arch: str, state: dict, torchvision_layout: bool) -> d
     if is_vit_state(state):
         if fmt == "detectron2":
             return {k: "backbone.net." + k for k in state}
-        raise ValueError(
-            f"--format mmdet: {arch} is a ViT, and mmdetection's ViT backbones (mmpretrain's "
-            "VisionTransformer, the ViTDet project's) each name their keys their own way; export "
-            "--format detectron2 for ViTDet, or --format hf / timm for a timm-based backbone"
-        )
+        return {k: mmpretrain_vit_key(k) for k in state}
     raise ValueError(
         f"--format {fmt}: {arch} has neither torchvision's ResNet layout nor timm's plain ViT "
         "layout, the two backbones the detection formats map; export --format timm or hf"
@@ -120,8 +140,24 @@ def check_conversion(state: dict, converted: dict, mapping: dict[str, str]) -> N
             raise ValueError(f"{key} -> {new}: values changed")
 
 
-def detection_snippet(fmt: str, arch: str, kwargs: dict, path: str, vit: bool) -> str:
-    """The config lines that load the export at ``path`` in ``fmt``'s framework."""
+def vit_shape(model) -> dict[str, int]:
+    """A timm ViT's sizes that a detection config must repeat: ``embed_dim``, ``depth``,
+    ``num_heads``, ``mlp_dim`` (the MLP's hidden width)."""
+    block = model.blocks[0]
+    return {
+        "embed_dim": int(model.embed_dim),
+        "depth": len(model.blocks),
+        "num_heads": int(block.attn.num_heads),
+        "mlp_dim": int(block.mlp.fc1.out_features),
+    }
+
+
+def detection_snippet(
+    fmt: str, arch: str, kwargs: dict, path: str, vit: bool, shape: dict | None = None
+) -> str:
+    """The config lines that load the export at ``path`` in ``fmt``'s framework; ``shape``: a
+    ViT's sizes (:func:`vit_shape`)."""
+    shape = shape or {}
     if fmt == "detectron2" and not vit:
         depth = _RESNET_DEPTHS.get(arch, "DEPTH")
         small = depth in (18, 34)
@@ -149,10 +185,33 @@ def detection_snippet(fmt: str, arch: str, kwargs: dict, path: str, vit: bool) -
             f'train.init_checkpoint = "{path}"\n'
             f"model.backbone.net.patch_size = {patch}\n"
             f"model.backbone.net.pretrain_img_size = {size}\n"
-            "# embed_dim, depth, num_heads as the backbone: see the export's description\n"
+            f"model.backbone.net.embed_dim = {shape.get('embed_dim', 'EMBED_DIM')}\n"
+            f"model.backbone.net.depth = {shape.get('depth', 'DEPTH')}\n"
+            f"model.backbone.net.num_heads = {shape.get('num_heads', 'NUM_HEADS')}\n"
+            f"model.backbone.net.mlp_ratio = "
+            f"{shape['mlp_dim'] / shape['embed_dim'] if shape else 'MLP_RATIO'}\n"
             f"model.pixel_mean = {PIXEL_MEAN}\n"
             f"model.pixel_std = {PIXEL_STD}\n"
             'model.input_format = "RGB"\n'
+        )
+    if vit:
+        size = kwargs.get("img_size", 224)
+        patch = kwargs.get("patch_size", 16)
+        return (
+            "# mmdetection 3 (Python config): mmpretrain's VisionTransformer as the backbone, as\n"
+            "# mmdetection's ViTDet project configs build it\n"
+            "custom_imports = dict(imports=['mmpretrain.models'], allow_failed_imports=False)\n"
+            "model = dict(\n"
+            f"    data_preprocessor=dict(mean={PIXEL_MEAN}, std={PIXEL_STD}, bgr_to_rgb=True),\n"
+            "    backbone=dict(\n"
+            "        _delete_=True, type='mmpretrain.VisionTransformer',\n"
+            f"        arch=dict(embed_dims={shape.get('embed_dim', 'EMBED_DIM')}, "
+            f"num_layers={shape.get('depth', 'DEPTH')}, "
+            f"num_heads={shape.get('num_heads', 'NUM_HEADS')},\n"
+            f"                  feedforward_channels={shape.get('mlp_dim', 'MLP_DIM')}),\n"
+            f"        img_size={size}, patch_size={patch}, qkv_bias=True,\n"
+            "        norm_cfg=dict(type='LN', eps=1e-6), with_cls_token=True,\n"
+            f"        init_cfg=dict(type='Pretrained', checkpoint='{path}')))\n"
         )
     depth = _RESNET_DEPTHS.get(arch, "DEPTH")
     return (

@@ -57,7 +57,13 @@ from .checkpoint import (
     read_checkpoint_config,
     resolve_checkpoint,
 )
-from .detection import DETECTION_FORMATS, check_conversion, convert_for, detection_snippet
+from .detection import (
+    DETECTION_FORMATS,
+    check_conversion,
+    convert_for,
+    detection_snippet,
+    vit_shape,
+)
 from .features import resolve_branches
 
 FORMATS = ("timm", "safetensors", "hf", *DETECTION_FORMATS)
@@ -441,7 +447,14 @@ def export_backbone(
         "load": (
             load_snippet(fmt, arch, kwargs, out)
             if mapping is None
-            else detection_snippet(fmt, arch, kwargs, str(out.resolve()), not torchvision_layout)
+            else detection_snippet(
+                fmt,
+                arch,
+                kwargs,
+                str(out.resolve()),
+                not torchvision_layout,
+                None if torchvision_layout else vit_shape(reference),
+            )
         ),
     }
 
