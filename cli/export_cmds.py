@@ -46,7 +46,7 @@ _FORMAT_NAMES = {
     help="timm: a torch state dict; safetensors: the same tensors as .safetensors; "
     "hf: a folder with config.json and model.safetensors that "
     'timm.create_model("local-dir:OUT", pretrained=True) loads; detectron2: a .pkl in '
-    "detectron2's ResNet (or ViTDet) layout; mmdet: a .pth that mmdet's ResNet loads.",
+    "detectron2's ResNet (or ViTDet) layout; mmdet: a .pth that mmdet's ResNet (or mmpretrain's ViT) loads.",
 )
 @library_errors
 def export_cmd(run, out, branch, fmt) -> None:
