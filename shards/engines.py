@@ -249,7 +249,10 @@ class RayEngine:
         self._lost_head = False
         started_here = not ray.is_initialized()
         if started_here:
-            ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
+            # no address: RAY_ADDRESS when set (a job on a cluster), else a new instance on this
+            # machine, never a cluster some other `ray start` left running here
+            address = self.address or os.environ.get("RAY_ADDRESS") or "local"
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
         try:
             window = self.window or 4 * max(1, int(ray.cluster_resources().get("CPU", 1)))
             # Ray's own retries are off: a lost task is resubmitted below, counted and reported
