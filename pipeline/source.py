@@ -40,13 +40,13 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from shards.atomic import atomic_write_json
 from shards.remote import RemoteShardError, ShardCache, is_url
 from shards.verify import load_manifest
 from shards.writer import read_index, sha256_file
@@ -195,10 +195,8 @@ def _check_local(
             )
         fresh[key] = stamp
     if sha256 and cache is not None and write_cache and stats["hashed"]:
-        tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"files": {**known, **fresh}}, indent=1) + "\n")
-        os.replace(tmp, cache)
+        atomic_write_json(cache, {"files": {**known, **fresh}})
     return stats
 
 

@@ -459,7 +459,7 @@ def plot_bench(report: dict, out: str | os.PathLike, title: str | None = None) -
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    from .writer import atomic_write_bytes
+    from .atomic import atomic_write_bytes
 
     rows = [r for r in report["rows"] if "gt" in r and r["gt"]["AR@100"] is not None]
     if not rows:

@@ -39,28 +39,30 @@ from tqdm import tqdm
 
 from . import sysinfo
 from .annotations import AnnotationError, Annotations, ImageTruth, load_annotations
+from .atomic import atomic_write_bytes, stale_temporaries
+from .dicts import flatten
 from .engines import make_engine
 from .process import BuildParams, Reject, Sample, process_item
 from .proposals import load_cv2
 from .recall import proposal_recall
 from .sources import SAMPLE_SOURCE, Source, SourceError, SourceItem, open_source, printable
-from .writer import ShardWriter, atomic_write_bytes, sha256_file
+from .writer import ShardWriter, sha256_file
 
 FORMAT = "ssl-cli-shards/1"
 WORK = ".ssl-cli"
 LEGACY_PARTS = ".parts"  # the work folder of builds before .ssl-cli/
 # Rejects that a second attempt may turn into samples (--retry-rejects).
 TRANSIENT_REASONS = ("worker_crashed", "unreadable")
-# Every file name the build writes into OUT (and the temporary names it renames from).
+# Every file name the build writes into OUT (written through shards.atomic).
 _OUR_FILES = re.compile(
     r"^(shard-\d{6}\.(tar|idx)|proposals\.parquet|rejects\.jsonl|ignored\.jsonl|classes\.json"
-    r"|manifest\.json)(\.tmp)?$"
+    r"|manifest\.json)$"
 )
 # Progress when stderr is not a terminal (a log file, CI): a plain line every LOG_EVERY_S seconds
 # or every LOG_EVERY_PERCENT of the inputs, whichever comes first.
 LOG_EVERY_S = 30.0
 LOG_EVERY_PERCENT = 10
-_OUR_PARTS = re.compile(r"^(build\.json|shard-\d{6}\.tar\.(json|parquet|rejects\.jsonl))(\.tmp)?$")
+_OUR_PARTS = re.compile(r"^(build\.json|shard-\d{6}\.tar\.(json|parquet|rejects\.jsonl))$")
 PROPOSALS_SCHEMA = pa.schema(
     [
         pa.field("key", pa.string(), nullable=False),
@@ -545,10 +547,8 @@ def _clean_stale(out: Path, parts: Path, finished: bool) -> None:
     """Remove what a killed run left: our temporary files, and after a finished build the
     per-chunk rows and a legacy ``.parts/``. Nothing of another name is touched."""
     for folder, pattern in ((out, _OUR_FILES), (parts, _OUR_PARTS)):
-        if folder.is_dir():
-            for p in folder.iterdir():
-                if p.name.endswith(".tmp") and pattern.match(p.name):
-                    p.unlink()
+        for p in stale_temporaries(folder, pattern):
+            p.unlink()
     legacy = out / LEGACY_PARTS
     if legacy.is_dir() and all(_OUR_PARTS.match(p.name) for p in legacy.iterdir()):
         for p in legacy.iterdir():
@@ -559,15 +559,6 @@ def _clean_stale(out: Path, parts: Path, finished: bool) -> None:
 
 
 # ------------------------------------------------------------------------- what has changed
-
-
-def _flatten(d, prefix: str = "") -> dict:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
 
 
 def _read_inputs(path: Path) -> dict[str, dict] | None:
@@ -616,7 +607,7 @@ def _input_changes(work: Path, source: Source, limit: int = 5) -> list[str]:
 
 
 def _differences(old: dict, new: dict, work: Path, source: Source) -> str:
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten(old), flatten(new)
     lines = []
     for k in sorted(set(a) | set(b)):
         if k in ("fingerprint", "inputs"):

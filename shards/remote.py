@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from .atomic import atomic_write_bytes, atomic_write_json
 from .manifest import read_manifest_file
 from .writer import sha256_file
 
@@ -581,9 +582,7 @@ class ShardCache:
             pass
 
     def _atomic_write(self, path: Path, data: bytes) -> None:
-        tmp = self._state / "tmp" / f"{path.name}.{os.getpid()}.{threading.get_ident()}"
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        atomic_write_bytes(path, data)
 
     # --------------------------------------------------------------------------- pins
 
@@ -976,9 +975,7 @@ class ShardUploader:
         local folder, rewritten atomically)."""
         records = self._records()
         records[self._key(name)] = {"stamp": stamp, "sha256": sha256}
-        tmp = self.local / f".{UPLOAD_RECORD}.tmp"
-        tmp.write_text(json.dumps(records, indent=0))
-        os.replace(tmp, self.local / UPLOAD_RECORD)
+        atomic_write_json(self.local / UPLOAD_RECORD, records)
 
     def shard_finished(self, tar: str | os.PathLike, sha256: str | None = None) -> None:
         """A build finished the shard ``tar`` (its index is written): upload both."""

@@ -53,6 +53,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .atomic import atomic_write_bytes, stale_temporaries
 from .images import ImageParams, RejectedImage, _to_rgb
 from .proposals import box_iou
 from .sources import (
@@ -65,7 +66,7 @@ from .sources import (
     printable,
     sample_files,
 )
-from .writer import atomic_write_bytes, sha256_file
+from .writer import sha256_file
 
 __all__ = [
     "GENERATOR",
@@ -765,9 +766,8 @@ def make_scenes(
         if not (out / "params.json").is_file():  # first: it makes OUT ours
             atomic_write_bytes(out / "params.json", _json_bytes(info))
         images_dir.mkdir(exist_ok=True)
-        for p in images_dir.iterdir():  # what a killed run left half-written
-            if p.name.endswith(".jpg.tmp") and _IMAGE_NAME.match(p.name[: -len(".tmp")]):
-                p.unlink()
+        for p in stale_temporaries(images_dir, _IMAGE_NAME):  # what a killed run left
+            p.unlink()
         names = [f"{split}_{i:06d}.jpg" for i in range(count)]
         done = _read_json(out / "instances.json")
         if done is not None and done.get("info") == info:

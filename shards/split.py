@@ -28,10 +28,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .atomic import atomic_write_bytes
 from .build import FORMAT, library_versions, proposals_schema, shard_name, write_parquet_atomic
 from .manifest import read_manifest_file
 from .recall import proposal_recall
-from .writer import ShardWriter, atomic_write_bytes, sha256_file
+from .writer import ShardWriter, sha256_file
 
 SIDES = ("train", "val")
 

@@ -13,6 +13,8 @@ import os
 import tarfile
 from pathlib import Path
 
+from .atomic import atomic_file, atomic_write_bytes
+
 DALI_INDEX_VERSION = "v1.2"
 
 
@@ -20,30 +22,6 @@ def index_path_for(tar_path: str | os.PathLike) -> Path:
     """``shard-000000.tar`` -> ``shard-000000.idx`` (DALI's ``wds2idx`` naming)."""
     p = Path(tar_path)
     return p.with_suffix(".idx")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = True) -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync and rename. ``fsync=False``: no
-    fsync (a killed process still leaves the old file or the whole new one; for many small
-    files whose writer makes them durable at once at the end)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if fsync:
-        _fsync_dir(path.parent)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -64,7 +42,7 @@ class ShardWriter:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.index_path = index_path_for(self.path)
-        self._tmp = self.path.with_name(self.path.name + ".tmp")
+        self._file = None  # the atomic_file context of the tar
         self._tar: tarfile.TarFile | None = None
         self._index_lines: list[str] = []
         self.count = 0
@@ -73,7 +51,10 @@ class ShardWriter:
         self._discard = False
 
     def __enter__(self) -> ShardWriter:
-        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+        self._file = atomic_file(self.path)
+        f = self._file.__enter__()
+        self._tar = tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT)
+        self._fileobj = f
         return self
 
     def write(self, sample: dict[str, bytes | str]) -> None:
@@ -107,21 +88,25 @@ class ShardWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         tar, self._tar = self._tar, None
+        file, self._file = self._file, None
+        tar.close()  # the tar's end blocks; the file stays open for atomic_file
         if exc_type is not None or self._discard:
-            tar.close()
-            self._tmp.unlink(missing_ok=True)
+            drop = exc if exc is not None else _Discarded()
+            file.__exit__(type(drop), drop, tb)  # removes the temporary file
             return
-        tar.close()
-        with open(self._tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        self._fileobj.flush()
+        tmp = Path(self._fileobj.name)
+        self.sha256 = sha256_file(tmp)
+        self.nbytes = tmp.stat().st_size
         index = f"{DALI_INDEX_VERSION} {self.count}\n" + "".join(
             line + "\n" for line in self._index_lines
         )
         atomic_write_bytes(self.index_path, index.encode("ascii"))
-        self.sha256 = sha256_file(self._tmp)
-        self.nbytes = self._tmp.stat().st_size
-        os.replace(self._tmp, self.path)
-        _fsync_dir(self.path.parent)
+        file.__exit__(None, None, None)  # fsync, rename onto the shard's name, fsync the folder
+
+
+class _Discarded(Exception):
+    """Thrown into a shard's atomic_file to drop it."""
 
 
 def read_index(index_path: str | os.PathLike, names: bool = False) -> list[dict[str, tuple]]:

@@ -17,7 +17,8 @@ from tests.conftest import encode
 from tests.test_eval_cli import STEPS, common, invoke, tiny_run
 from tests.test_eval_loader import _build, labelled_shards
 from tests.test_pipeline_shards import _tmpdir
-from train.evaluation import PaperProbeConfig, cosine_schedule, linear_eval
+from train.evaluation import PaperProbeConfig, linear_eval
+from train.schedules import cosine_schedule
 
 
 def _images(loader, epoch=None) -> dict[int, torch.Tensor]:
@@ -107,7 +108,7 @@ def test_paper_protocol_end_to_end(tmp_path):
 
 
 def test_cosine_schedule_and_config_checks():
-    lrs = cosine_schedule(1.0, 4)
+    lrs = cosine_schedule(1.0, 0.0, 4)  # the probe's: peak to 0, no warm-up
     assert lrs == pytest.approx([1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5, 0.5 - 0.5**0.5 / 2])
     for bad in ({"epochs": 0}, {"batch_size": 1}, {"lr": 0.0}, {"momentum": 1.5}):
         with pytest.raises(ValueError):

@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 import train.export as export_mod
 from cli.export_cmds import export_cmd
+from shards.atomic import atomic_file
 from tests.test_train_loop import quiet, tiny
 from train.checkpoint import latest_checkpoint, load_checkpoint
 from train.export import export_backbone
@@ -63,7 +64,7 @@ def _printed_snippet(output: str) -> str:
 
 
 def _no_temporaries(folder):
-    return [p.name for p in folder.iterdir() if p.name.endswith(".tmp")] == []
+    return [p.name for p in folder.iterdir() if ".tmp" in p.name] == []
 
 
 FILES = {"timm": "backbone.pth", "safetensors": "backbone.safetensors", "hf": "backbone_hf"}
@@ -233,11 +234,12 @@ def test_an_interrupted_file_export_leaves_the_previous_file(runs, tmp_path, mon
     export_backbone(runs["vit"], out, fmt="safetensors")
     before = out.read_bytes()
 
-    def killed(state, path, metadata):
-        path.write_bytes(b"half")
-        raise KeyboardInterrupt
+    def killed(path, data, fsync=True):  # interrupted halfway through writing the file
+        with atomic_file(path) as f:
+            f.write(data[: len(data) // 2])
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(export_mod, "_save_safetensors", killed)
+    monkeypatch.setattr(export_mod, "atomic_write_bytes", killed)
     with pytest.raises(KeyboardInterrupt):
         export_backbone(runs["vit"], out, fmt="safetensors", branch="target")
     assert out.read_bytes() == before

@@ -333,7 +333,7 @@ def test_out_is_refused_unless_made_by_the_same_command(tmp_path):
     # a killed run: an image missing, one cut short, no instances.json -> finished, same bytes
     (out / "images" / "train_000002.jpg").unlink()
     (out / "images" / "train_000004.jpg").write_bytes(before["train_000004.jpg"][:100])
-    (out / "images" / "train_000001.jpg.tmp").write_bytes(b"partial")
+    (out / "images" / ".train_000001.jpg.tmp-4194305-1").write_bytes(b"partial")  # dead pid
     (out / "instances.json").unlink()
     assert "2 written now" in _run(*base).output
     assert {p.name: p.read_bytes() for p in (out / "images").iterdir()} == before

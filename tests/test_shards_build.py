@@ -325,7 +325,8 @@ def test_resume_after_kill_9(tmp_path):
     for name in first_two:
         assert (out / name).stat().st_ino == done_before[name]
     assert _all_files(out) == _all_files(reference)
-    assert not list(out.glob("*.tmp")) and not (out / ".parts").exists()
+    assert not list(out.glob("*.tmp*")) and not list(out.glob(".*.tmp-*"))
+    assert not (out / ".parts").exists()
     assert verify_shards(out) == []
 
 

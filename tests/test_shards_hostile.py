@@ -116,11 +116,13 @@ def test_2_foreign_out_refused_and_only_our_files_deleted(tmp_path):
     _build(src, out)
     assert (out / ".ssl-cli" / "build.json").is_file()
     (out / "user.tmp").write_text("keep")  # not of our naming: never deleted
-    (out / "shard-000007.tar.tmp").write_text("ours, left by a kill")
+    (out / ".shard-000007.tar.tmp-4194305-1").write_text("ours, left by a kill (dead pid)")
+    (out / ".notes.txt.tmp-4194305-1").write_text("of our naming, not our file: kept")
     (out / ".ssl-cli" / "parts" / "shard-000000.tar.parquet").write_text("stale")
     assert _build(src, out).up_to_date
     assert (out / "user.tmp").read_text() == "keep"
-    assert not (out / "shard-000007.tar.tmp").exists()
+    assert not (out / ".shard-000007.tar.tmp-4194305-1").exists()
+    assert (out / ".notes.txt.tmp-4194305-1").exists()
     assert not list((out / ".ssl-cli" / "parts").glob("*.parquet"))
 
 

@@ -477,8 +477,8 @@ def test_temporaries_of_an_interrupted_save_are_removed_and_said(tmp_path):
     pid = dead_pid()
     (tmp_path / "checkpoints").mkdir(parents=True)
     stale = [
-        tmp_path / "checkpoints" / f".step-00000001.pt.tmp-{pid}",
-        tmp_path / f".metrics.jsonl.tmp-{pid}",
+        tmp_path / "checkpoints" / f".step-00000001.pt.tmp-{pid}-1",
+        tmp_path / f".metrics.jsonl.tmp-{pid}-1",
     ]
     for p in stale:
         p.write_bytes(b"half a file")
@@ -488,5 +488,5 @@ def test_temporaries_of_an_interrupted_save_are_removed_and_said(tmp_path):
     pretrain(cfg, log=lines.append)
     assert not any(p.exists() for p in stale) and foreign.exists()
     said = [line for line in lines if line.startswith("removed 2 temporary file(s)")]
-    assert said and f".step-00000001.pt.tmp-{pid}" in said[0]
+    assert said and f".step-00000001.pt.tmp-{pid}-1" in said[0]
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001.pt", "step-00000002.pt"]

@@ -13,8 +13,8 @@ A checkpoint is ``RUN/checkpoints/step-NNNNNNNN.pt`` holding only tensors and pr
 
 Schedules are not stored: they are a pure function of the config and the step.
 
-Writes go to a temporary file in the same directory (``.step-NNNNNNNN.pt.tmp-PID``), are
-flushed to disk, then renamed over the final name (``os.replace`` is atomic on POSIX), so a
+Writes go through :func:`shards.atomic.atomic_file`: a temporary file in the same directory
+(``.step-NNNNNNNN.pt.tmp-PID-TID``), flushed to disk, then renamed over the final name, so a
 crash leaves the previous checkpoints intact and never a truncated one under a final name. A
 failed write (disk full, quota, I/O error) removes its temporary file, keeps every previous
 checkpoint and raises :class:`CheckpointWriteError` naming the directory ("no space left on
@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from shards.atomic import atomic_file, is_temporary, stale_temporaries
 
 __all__ = [
     "BRANCHES",
@@ -56,9 +58,9 @@ CHECKPOINT_FORMAT = 1
 # The two encoders of every ssl-cli model by the prefix of their backbone's keys in a checkpoint
 BRANCHES = {"online": "online.backbone.", "target": "target.backbone."}
 _NAME = re.compile(r"^step-(\d{8,})\.pt$")
-# ``.NAME.tmp-PID``: the temporary files of the atomic writes of a run directory (checkpoints
-# here; metrics.jsonl, run.json and the shard check cache in train/loop.py)
-_TEMPORARY = re.compile(r"^\.(step-\d{8,}\.pt|metrics\.jsonl|run\.json|[\w.-]+\.json)\.tmp-(\d+)$")
+# the files of a run directory written atomically (checkpoints here; metrics.jsonl, run.json
+# and the shard check cache in train/loop.py): their temporary files are ours to clean
+_ATOMIC_TARGETS = re.compile(r"^(step-\d{8,}\.pt|metrics\.jsonl|run\.json|[\w.-]+\.json)$")
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -115,9 +117,8 @@ def save_checkpoint(
     d.mkdir(parents=True, exist_ok=True)
     final = d / f"step-{step:08d}.pt"
     check_free_space(d, state, final)
-    tmp = d / f".{final.name}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
+        with atomic_file(final) as f:
             writer = _RecordingWriter(f)
             try:
                 torch.save(state, writer)
@@ -125,15 +126,8 @@ def save_checkpoint(
                 if writer.error is None:
                     raise
                 raise writer.error from e
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
     except OSError as e:
         raise _write_error(e, d, final) from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(d)
     prune_checkpoints(run_dir, keep_last, keep_every)
     return final
 
@@ -194,50 +188,25 @@ def _write_error(e: OSError, d: Path, final: Path) -> CheckpointWriteError:
 
 
 def remove_stale_temporaries(run_dir: str | Path) -> tuple[list[Path], list[Path]]:
-    """Remove the temporary files (``.NAME.tmp-PID``) that a process killed during an atomic
-    write left in ``run_dir`` and its ``checkpoints/``. Returns (removed, kept): a file whose
-    PID is a running process other than this one is kept (another writer may own it)."""
+    """Remove the temporary files of atomic writes (:mod:`shards.atomic`) that a killed
+    process left in ``run_dir`` and its ``checkpoints/``. Returns (removed, kept): a file whose
+    writer is a running process other than this one is kept (another writer may own it)."""
     removed, kept = [], []
     run_dir = Path(run_dir)
     for folder in (run_dir, checkpoint_dir(run_dir)):
         if not folder.is_dir():
             continue
+        stale = stale_temporaries(folder, _ATOMIC_TARGETS)
         for path in sorted(folder.iterdir()):
-            m = _TEMPORARY.match(path.name)
-            if m is None or not path.is_file():
+            found = is_temporary(path.name)
+            if found is None or not _ATOMIC_TARGETS.match(found[0]) or not path.is_file():
                 continue
-            pid = int(m.group(2))
-            if pid != os.getpid() and _alive(pid):
+            if path in stale or found[1] == os.getpid():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+            else:
                 kept.append(path)
-                continue
-            path.unlink(missing_ok=True)
-            removed.append(path)
     return removed, kept
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        return True
-    except OverflowError:
-        return False
-    return True
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int, keep_every: int = 0) -> None:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import configs
+from shards.atomic import atomic_write_bytes
 from train.config import load_yaml
 from train.loop import pretrain
 from train.resolve import resolve_config
@@ -126,10 +127,7 @@ def write_digits_idx(folder: str | Path) -> Path:
         for kind, arr in (("images", big[part]), ("labels", labels[part])):
             ndim = 3 if kind == "images" else 1
             path = folder / f"digits-{split}-{kind}-idx{ndim}-ubyte.gz"
-            tmp = path.with_name(f".{path.name}.tmp")
-            with gzip.GzipFile(tmp, "wb", mtime=0) as f:
-                f.write(_idx_bytes(arr))
-            tmp.replace(path)
+            atomic_write_bytes(path, gzip.compress(_idx_bytes(arr), mtime=0))
     return folder
 
 

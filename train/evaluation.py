@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from shards.atomic import atomic_write_json
 from train.features import extract_features, fit_input_size, load_backbones
 from train.probes import (  # noqa: F401  (names of train.evaluation, re-exported)
     Accuracy,
@@ -30,7 +31,6 @@ from train.probes import (  # noqa: F401  (names of train.evaluation, re-exporte
     PaperProbeConfig,
     _epoch_timing,
     _topk_accuracy,
-    cosine_schedule,
     knn_accuracy,
     knn_classify,
     probe_accuracy,
@@ -228,7 +228,6 @@ def _evaluate(kind: str, checkpoint, options: dict, compute, out) -> dict:
     """Shared frame of :func:`knn_eval` and :func:`linear_eval`: process group, backbones of
     the branch(es), ``compute(backbone, setup) -> fields`` per branch, the report written by
     rank 0 (:func:`report_path` of the resolved branch, or ``out``)."""
-    import json
 
     from train.distributed import barrier, cleanup_distributed, init_distributed
 
@@ -266,9 +265,7 @@ def _evaluate(kind: str, checkpoint, options: dict, compute, out) -> dict:
         report["path"] = str(path)
         if info.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(json.dumps(report, indent=1) + "\n")
-            tmp.replace(path)
+            atomic_write_json(path, report)
         barrier()
         return report
     finally:

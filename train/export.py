@@ -31,25 +31,25 @@ target inside the run's ``checkpoints/`` folder, over an existing pretraining ch
 anywhere, an ``OUT`` whose suffix belongs to another format, and for ``hf`` an existing file or
 a non-empty folder that is not a previous ``hf`` export (a previous export is replaced whole).
 
-Every file is written under a temporary name in its target folder (``.NAME.*.tmp``) and renamed
-into place when complete; an ``hf`` folder is assembled as a temporary folder, checked by loading
-it back with timm, then renamed. An interrupted export leaves no partial file under a target
-name (at most a ``.*.tmp`` entry). The description is written last.
+Every file is written through :func:`shards.atomic.atomic_file` (a temporary name in its target
+folder, renamed into place when complete); an ``hf`` folder is assembled as a temporary folder,
+checked by loading it back with timm, then renamed. An interrupted export leaves no partial file
+under a target name (at most a ``.NAME.tmp-*`` entry). The description is written last.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+from shards.atomic import atomic_file, atomic_write_bytes, atomic_write_json, atomic_write_text
+from shards.writer import sha256_file
 
 from .checkpoint import (
     backbone_state_dict,
@@ -231,38 +231,10 @@ def _umask() -> int:
     return mask
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+def _safetensors_bytes(state: dict, metadata: dict[str, str]) -> bytes:
+    from safetensors.torch import save
 
-
-def _atomic_file(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` to a temporary file next to ``path``, then rename it to ``path``."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        _fsync(tmp)
-        tmp.chmod(0o666 & ~_umask())  # as a plain open() would create it, not mkstemp's 0600
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _save_safetensors(state: dict, path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+    return save({k: v.contiguous() for k, v in state.items()}, metadata=metadata)
 
 
 def _check_torchvision_layout(arch: str, state: dict) -> bool:
@@ -337,13 +309,10 @@ def _write_hf(out: Path, state: dict, config: dict, info: dict, metadata: dict[s
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     old = None
     try:
-        _save_safetensors(state, tmp / "model.safetensors", metadata)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        info["sha256"] = _sha256(tmp / "model.safetensors")
-        (tmp / HF_INFO).write_text(json.dumps(info, indent=1) + "\n")
-        for name in HF_FILES:
-            _fsync(tmp / name)
-            (tmp / name).chmod(0o666 & ~_umask())
+        atomic_write_bytes(tmp / "model.safetensors", _safetensors_bytes(state, metadata))
+        atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
+        info["sha256"] = sha256_file(tmp / "model.safetensors")
+        atomic_write_json(tmp / HF_INFO, info)
         tmp.chmod(0o777 & ~_umask())  # as mkdir would create it, not mkdtemp's 0700
         check(tmp)
         if out.exists():  # a previous hf export (check_export_out): replaced whole
@@ -368,13 +337,14 @@ def _write_detection(out: Path, fmt: str, state: dict, mapping: dict, info: dict
     if fmt == "detectron2":
         model = {mapping[k]: v.detach().cpu().numpy() for k, v in state.items()}
         payload = {"model": model, "__author__": "ssl-cli", "matching_heuristics": True}
-        _atomic_file(out, lambda tmp: tmp.write_bytes(pickle.dumps(payload, protocol=4)))
+        atomic_write_bytes(out, pickle.dumps(payload, protocol=4))
         with open(out, "rb") as f:
             written = pickle.load(f, encoding="latin1")["model"]
     else:
         meta = {k: info[k] for k in ("arch", "branch", "method", "step")}
         payload = {"state_dict": {mapping[k]: v for k, v in state.items()}, "meta": meta}
-        _atomic_file(out, lambda tmp: torch.save(payload, tmp))
+        with atomic_file(out) as f:
+            torch.save(payload, f)
         written = torch.load(out, map_location="cpu", weights_only=True)["state_dict"]
     try:
         check_conversion(state, written, mapping)
@@ -475,20 +445,21 @@ def export_backbone(
         _write_detection(out, fmt, state, mapping, info)
         info["files"] = {fmt: out.name}
         info["keys"] = mapping
-        info["sha256"] = _sha256(out)
-        _atomic_file(json_path, lambda tmp: tmp.write_text(json.dumps(info, indent=1) + "\n"))
+        info["sha256"] = sha256_file(out)
+        atomic_write_json(json_path, info)
         return info
 
     def save(path: Path) -> None:
         if fmt == "safetensors":
-            _atomic_file(path, lambda tmp: _save_safetensors(state, tmp, metadata))
+            atomic_write_bytes(path, _safetensors_bytes(state, metadata))
         else:
-            _atomic_file(path, lambda tmp: torch.save(state, tmp))
+            with atomic_file(path) as f:
+                torch.save(state, f)
 
     save(out)
     if torchvision_layout:
         save(tv_path)
         info["files"]["torchvision"] = tv_path.name
-    info["sha256"] = _sha256(out)
-    _atomic_file(json_path, lambda tmp: tmp.write_text(json.dumps(info, indent=1) + "\n"))
+    info["sha256"] = sha256_file(out)
+    atomic_write_json(json_path, info)
     return info

@@ -44,6 +44,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from shards.atomic import atomic_write_json
+from shards.dicts import flatten
 from shards.remote import is_url
 from train.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -71,7 +73,7 @@ from train.models import SSLModel, has_local_batchnorm, has_sync_batchnorm, upda
 from train.optim import build_optimizer, clip_gradients, set_hyperparameters
 from train.resolve import resolve_config
 from train.runinfo import run_info
-from train.runlog import RunLog, require_wandb, write_json_atomic
+from train.runlog import RunLog, require_wandb
 from train.runlog import trim_metrics as _trim_metrics  # noqa: F401  (train.loop._trim_metrics)
 from train.schedules import Schedules, build_schedules, peak_lr, warmup_steps
 
@@ -557,21 +559,15 @@ def resolve_resume(
     return resolve_config(read_checkpoint_config(ckpt), *layers), ckpt
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v and k not in ("views", "backbone_kwargs"):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _resumable(key: str) -> bool:
     """``key`` or a section holding it (``run.wandb`` for ``run.wandb.project``) is in
     :data:`RESUMABLE_KEYS`."""
     parts = key.split(".")
     return any(".".join(parts[:i]) in RESUMABLE_KEYS for i in range(1, len(parts) + 1))
+
+
+# free-form sections a resume compares whole (a changed view set or timm kwarg is one change)
+_COMPARED_WHOLE = ("views", "backbone_kwargs")
 
 
 def check_resume_config(
@@ -585,8 +581,8 @@ def check_resume_config(
     changes of :data:`AFTER_NON_FINITE` (a lower ``optim.base_lr``, a new or lower
     ``optim.clip_grad``) are allowed too. Returns those allowed changes, one line each.
     """
-    old = _flatten(to_dict(resolve_config(saved)))
-    new = _flatten(to_dict(cfg))
+    old = flatten(to_dict(resolve_config(saved)), leaves=_COMPARED_WHOLE)
+    new = flatten(to_dict(cfg), leaves=_COMPARED_WHOLE)
     after_stop = (
         non_finite is not None
         and step is not None
@@ -1119,7 +1115,7 @@ def _write_run_files(run: _Run, resumed: _Resumed) -> None:
     )
     if resumed.relaxed:
         session["changed_after_non_finite"] = resumed.relaxed
-    write_json_atomic(info_path, {"method": cfg.method, "sessions": [*sessions, session]})
+    atomic_write_json(info_path, {"method": cfg.method, "sessions": [*sessions, session]})
 
 
 def _open_run(
@@ -1300,7 +1296,7 @@ class _Run:
         """Rank 0 writes ``RUN/non-finite.json``: what lets the resume change the lr or the
         clipping (:func:`check_resume_config`)."""
         if self.main:
-            write_json_atomic(
+            atomic_write_json(
                 self.run_dir / NON_FINITE_FILE,
                 {
                     "step": e.step if e.step is not None else self.done,

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from torch import Tensor, nn
 
+from pipeline.layout import MOS_GRID_CHOICES, MOS_SCALE_CHOICES
 from train.config import TrainConfig
 from train.losses.byol import BYOLLoss, BYOLLossConfig
 from train.losses.dino import DINOConfig, DINOLoss, teacher_temp_schedule
@@ -198,9 +199,9 @@ register(
                 "size": 224,  # section 4.1: ImageNet images at 224 x 224
                 "views": {
                     # appendix D: "both r and s are randomly sampled from" a set lost in our
-                    # copy; {1, 2} is our reading of table 5 (pipeline/layout.py)
-                    "grid_choices": [1, 2],
-                    "scale_choices": [1, 2],
+                    # copy; {1, 2} is our reading of table 5, declared once in pipeline/layout.py
+                    "grid_choices": list(MOS_GRID_CHOICES),
+                    "scale_choices": list(MOS_SCALE_CHOICES),
                 },
             },
             "model": {

@@ -639,7 +639,7 @@ def objects_eval(
     :func:`evaluate_objects` plus ``eval`` ("objects"), checkpoint, step, method, backbone,
     resolved ``branch``, ``branch_requested``, ``precision``, ``elapsed_s``, ``run``, ``path``
     (and ``input_size_change`` when a ViT's position embedding was resampled). One process."""
-    from shards.writer import atomic_write_bytes
+    from shards.atomic import atomic_write_bytes
     from train.distributed import resolve_device
     from train.evaluation import report_path
     from train.features import fit_input_size, load_backbones

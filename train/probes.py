@@ -29,12 +29,12 @@ from pipeline.bench import eta_seconds, format_duration
 from pipeline.eval import PROBE_SCALE
 from pipeline.views import RATIO
 from train.distributed import all_reduce_sum, is_distributed
+from train.schedules import cosine_schedule
 
 __all__ = [
     "Accuracy",
     "LinearProbeConfig",
     "PaperProbeConfig",
-    "cosine_schedule",
     "knn_accuracy",
     "knn_classify",
     "probe_accuracy",
@@ -295,11 +295,6 @@ class PaperProbeConfig:
             )
 
 
-def cosine_schedule(peak: float, total: int) -> list[float]:
-    """Per-step learning rates: ``peak * (1 + cos(pi t / total)) / 2`` for ``t < total``."""
-    return [peak * 0.5 * (1 + math.cos(math.pi * t / total)) for t in range(total)]
-
-
 def train_paper_probe(
     backbone: nn.Module,
     loader: Any,
@@ -341,7 +336,7 @@ def train_paper_probe(
     opt = torch.optim.SGD(
         probe.parameters(), lr=peak, momentum=config.momentum, weight_decay=config.weight_decay
     )
-    lrs = cosine_schedule(peak, config.epochs * len(loader))
+    lrs = cosine_schedule(peak, 0.0, config.epochs * len(loader))
     step, history = 0, []
     began = time.perf_counter()
     try:
@@ -350,7 +345,7 @@ def train_paper_probe(
             loader.set_epoch(epoch)
             probe.train()
             sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, hits, samples
-            epoch_lr = lrs[step]
+            epoch_lr = float(lrs[step])
             for batch in tqdm(loader, desc=f"epoch {epoch + 1}", disable=not progress, leave=False):
                 x = batch["image"]
                 if channels_last:
@@ -367,7 +362,7 @@ def train_paper_probe(
                     for p in probe.parameters():
                         all_reduce_sum(p.grad).div_(world)
                 for group in opt.param_groups:
-                    group["lr"] = lrs[step]
+                    group["lr"] = float(lrs[step])
                 opt.step()
                 step += 1
                 n = y.shape[0]

@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+from shards.atomic import atomic_write_json
 from train.config import ConfigError, TrainConfig, deep_merge, parse_assignment, to_dict
 from train.methods import forward_equivalents
 from train.schedules import warmup_steps
@@ -315,9 +316,7 @@ class QualityPlan:
         out = Path(self.out)
         out.mkdir(parents=True, exist_ok=True)
         data = {"identity": self._identity(), "steps": self.steps, "calibration": self.calibration}
-        tmp = out / "plan.json.tmp"
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        tmp.replace(out / "plan.json")
+        atomic_write_json(out / "plan.json", data)
 
     def run_dir(self, method: str, seed: int) -> Path:
         return Path(self.out) / "runs" / f"{method}-seed{seed}"
@@ -620,9 +619,7 @@ def _one_run(plan: QualityPlan, method: str, seed: int, log: Callable[[str], Non
         "knn_curve": curve,
         "final_step": out["step"],
     }
-    tmp = result_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(result_path)
+    atomic_write_json(result_path, result)
     t, o = results["target"], results["online"]
     log(
         f"  kNN target {t['knn_top1']:.2f} online {o['knn_top1']:.2f}, linear target "

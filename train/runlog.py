@@ -23,12 +23,13 @@ sent again (they are in ``metrics.jsonl`` and TensorBoard).
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from shards.atomic import atomic_write_json, atomic_write_text
+from shards.dicts import flatten
 from train.config import TrainConfig, WandbConfig, dump_yaml, to_dict
 
 __all__ = [
@@ -39,7 +40,6 @@ __all__ = [
     "require_wandb",
     "trim_metrics",
     "wandb_enabled",
-    "write_json_atomic",
 ]
 
 METRICS_FILE = "metrics.jsonl"  # RUN/metrics.jsonl: one JSON object a line
@@ -49,17 +49,6 @@ _INSTALL = "pip install -e '.[wandb]'"
 
 
 # ----------------------------------------------------------------------------------- files
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """``data`` as JSON at ``path``: a new file renamed over the old one (a kill leaves one of
-    the two, never half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def trim_metrics(path: Path, last_step: int) -> None:
@@ -79,15 +68,7 @@ def trim_metrics(path: Path, last_step: int) -> None:
     if kept == lines:
         return
     # a new file renamed over the old one: a kill at any moment leaves the old or the new
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write("".join(f"{line}\n" for line in kept))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 # ---------------------------------------------------------------------------------- config
@@ -96,19 +77,10 @@ def trim_metrics(path: Path, last_step: int) -> None:
 def flatten_config(cfg: TrainConfig) -> dict[str, bool | int | float | str]:
     """The resolved config as dotted keys (``optim.base_lr``) -> a number, a bool or a string;
     lists, empty mappings and ``None`` become their JSON text (TensorBoard's hparams)."""
-    out: dict[str, bool | int | float | str] = {}
-
-    def walk(value: Any, prefix: str) -> None:
-        if isinstance(value, dict) and value:
-            for k, v in value.items():
-                walk(v, f"{prefix}{k}.")
-        elif isinstance(value, (bool, int, float, str)):
-            out[prefix[:-1]] = value
-        else:
-            out[prefix[:-1]] = json.dumps(value)
-
-    walk(to_dict(cfg), "")
-    return out
+    return {
+        k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
+        for k, v in flatten(to_dict(cfg)).items()
+    }
 
 
 def _scalar_name(key: str) -> str:
@@ -180,7 +152,7 @@ class _WandbRun:
         self._save_state()
 
     def _save_state(self) -> None:
-        write_json_atomic(self.state_path, {"id": self.id, "last_step": self.last_step})
+        atomic_write_json(self.state_path, {"id": self.id, "last_step": self.last_step})
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if step <= self.floor:
