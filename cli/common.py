@@ -1,4 +1,4 @@
-"""What every ``ssl-cli`` command shares: the version string, deprecated spellings of options,
+"""What every ``ssl-cli`` command shares: the version string, the shared options,
 config overrides given as bare ``KEY=VALUE`` arguments, and the world size of a launch."""
 
 from __future__ import annotations
@@ -14,15 +14,12 @@ import click
 __all__ = [
     "COMPLETION",
     "RECIPE_DEFAULT",
-    "HiddenArgument",
     "ShardFolder",
-    "alias",
     "fail",
     "git_describe",
     "library_errors",
     "overrides_argument",
     "parse_size",
-    "positional_alias",
     "recipe",
     "require",
     "split_overrides",
@@ -113,65 +110,6 @@ version_option = click.option(
     callback=_print_version,
     help="Print the version (and the git SHA of a checkout) and exit.",
 )
-
-
-# --------------------------------------------------------------------------- deprecated names
-
-
-def _merged(old: str, hidden: str, dest: str, new: str):
-    """Wrap a command callback so that the value of the hidden parameter ``hidden`` (the old
-    spelling ``old``) lands in ``dest`` (the parameter of the new spelling ``new``)."""
-
-    def decorator(f):
-        @functools.wraps(f)
-        def callback(*args, **kwargs):
-            value = kwargs.pop(hidden, None)
-            if value is not None:
-                click.echo(f"note: {old} is deprecated, use {new}", err=True)
-                if kwargs.get(dest) is not None:
-                    raise click.UsageError(f"{old} and {new} are the same: give one of them")
-                kwargs[dest] = value
-            return f(*args, **kwargs)
-
-        return callback
-
-    return decorator
-
-
-def alias(old: str, dest: str, new: str, **kwargs):
-    """A hidden option ``old`` that fills the parameter ``dest`` of ``new`` (a rename).
-
-    Kept for one release; using it prints a one-line note on stderr, giving both is a usage
-    error. Declare it with the type of ``new``; ``dest`` defaults to None when not given.
-    """
-    hidden = f"{dest}__{old.lstrip('-').replace('-', '_')}"
-
-    def decorator(f):
-        f = _merged(old, hidden, dest, new)(f)
-        return click.option(old, hidden, hidden=True, default=None, **kwargs)(f)
-
-    return decorator
-
-
-class HiddenArgument(click.Argument):
-    """A positional argument left out of the usage line (a deprecated spelling)."""
-
-    def get_usage_pieces(self, ctx: click.Context) -> list[str]:
-        return []
-
-
-def positional_alias(metavar: str, dest: str, new: str, **kwargs):
-    """A hidden, optional positional argument that fills ``dest`` (the old spelling of the
-    option ``new``)."""
-    hidden = f"{dest}__positional"
-
-    def decorator(f):
-        f = _merged(f"the argument {metavar}", hidden, dest, f"{new} {metavar}")(f)
-        return click.argument(
-            hidden, metavar=metavar, required=False, cls=HiddenArgument, **kwargs
-        )(f)
-
-    return decorator
 
 
 def require(value, name: str):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import ShardFolder, alias, library_errors, require, storage_options, world_size
+from cli.common import ShardFolder, library_errors, require, storage_options, world_size
 
 __all__ = ["eval_group"]
 
@@ -57,7 +57,6 @@ def _options(f=None, *, train_help=_TRAIN_HELP, val_help=_VAL_HELP, size_help=_S
         return lambda g: _options(g, train_help=train_help, val_help=val_help, size_help=size_help)
     options = [
         click.argument("ckpt", metavar="RUN", required=False, type=click.Path(exists=True)),
-        alias("--ckpt", "ckpt", "the argument RUN", type=click.Path(exists=True)),
         click.option("--train", "train_shards", required=True, type=ShardFolder(), help=train_help),
         click.option("--val", "val_shards", default=None, type=ShardFolder(), help=val_help),
         click.option(
@@ -319,7 +318,8 @@ def linear(
       ssl-cli eval linear runs/mos_fmnist --train data/shards/fmnist_train --val data/shards/fmnist_test --epochs 20 --lr 0.3
       ssl-cli eval linear runs/mos_coco --train data/shards/imagenet_train --val data/shards/imagenet_val --protocol paper --device cuda
     """
-    from train.evaluation import LinearProbeConfig, PaperProbeConfig, linear_eval
+    from train.evaluation import linear_eval
+    from train.probes import LinearProbeConfig, PaperProbeConfig
 
     require(ckpt, "ckpt")
     _check(device, precision)

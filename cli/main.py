@@ -285,7 +285,8 @@ def shards_build(
       ssl-cli shards build ~/imagenet/train data/shards/imagenet --layout imagenet --engine ray
       ssl-cli shards build ~/coco/train2017 data/shards/coco --annotations ~/coco/annotations/instances_train2017.json
     """
-    from shards.build import BuildParams, build_shards
+    from shards.build import build_shards
+    from shards.process import BuildParams
 
     if strict and annotations is None:
         raise click.UsageError("--strict applies to --annotations; give the annotation file")
@@ -650,8 +651,8 @@ def bench_shards(
       ssl-cli bench shards data/scenes/test/images --annotations data/scenes/test/instances.json --min-box-side 8 --rank search --rank agreement --plot runs/ar.png
       ssl-cli bench shards @sample --max-side 224 --max-side 320 --rounds 3 --json runs/bench-shards.json
     """
+    from shards.atomic import atomic_write_bytes
     from shards.bench import bench_search, parse_sweep, plot_bench, sweep
-    from shards.writer import atomic_write_bytes
 
     if plot and annotations is None:
         raise click.UsageError("--plot draws recall against ground truth; give --annotations")
@@ -707,7 +708,8 @@ def demo(out, workers) -> None:
       ssl-cli demo
       ssl-cli demo --out runs/demo --workers 2
     """
-    from shards.build import BuildParams, build_shards
+    from shards.build import build_shards
+    from shards.process import BuildParams
     from shards.verify import inspect_shards, verify_shards
 
     shards_dir = Path(out) / "shards"

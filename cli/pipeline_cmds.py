@@ -13,9 +13,7 @@ import click
 
 from cli.common import (
     ShardFolder,
-    alias,
     library_errors,
-    positional_alias,
     require,
     storage_options,
 )
@@ -32,9 +30,8 @@ def _device(device: str) -> str:
 
 
 def _data(f):
-    """``--data SHARDS``, and the positional SHARDS of earlier releases (hidden)."""
+    """``--data SHARDS`` and the storage options."""
     f = storage_options(f)
-    f = positional_alias("SHARDS", "shards", "--data", type=ShardFolder())(f)
     return click.option(
         "--data",
         "shards",
@@ -150,7 +147,6 @@ def preview(shards, method, out, samples, seed, augment, device) -> None:
     default=None,
     help="DALI threads [default: all cores on CPU, min(8, cores/2) with a GPU].",
 )
-@alias("--threads", "threads", "--num-threads", type=click.IntRange(min=1))
 @click.option(
     "--loader-workers",
     "workers",
@@ -158,7 +154,6 @@ def preview(shards, method, out, samples, seed, augment, device) -> None:
     default=None,
     help="Our loader's view-source processes [default: 0 on CPU, min(8, cores/2) with a GPU].",
 )
-@alias("--workers", "workers", "--loader-workers", type=click.IntRange(min=0))
 @click.option(
     "--baseline-workers",
     type=click.IntRange(min=0),

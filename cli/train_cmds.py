@@ -20,7 +20,6 @@ import click
 
 from cli.common import (
     ShardFolder,
-    alias,
     library_errors,
     overrides_argument,
     recipe,
@@ -175,7 +174,6 @@ def _common(f):
                 "loader's choice)."
             ),
         ),
-        alias("--workers", "workers", "--loader-workers", type=click.IntRange(min=0)),
         click.option(
             "--seed",
             type=int,

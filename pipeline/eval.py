@@ -58,7 +58,7 @@ from .augment import IMAGENET_MEAN, IMAGENET_STD, NO_AUGMENT, Augment
 from .loader import ViewLoader, _dali_reason, _device, _to_torch, first_undecodable
 from .source import ShardIndex, _parse_index
 from .univip import random_resized_crop_boxes
-from .views import RATIO, Bank, SamplePlan, _bank, _check_range, _check_size, _Group, _plan
+from .views.banks import RATIO, Bank, SamplePlan, _bank, _check_range, _check_size, _Group, _plan
 
 __all__ = [
     "DEFAULT_CROP_PCT",

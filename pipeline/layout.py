@@ -1,6 +1,6 @@
 """Geometry of MOS stitched images (no torch: the view planners in worker processes use it).
 
-:mod:`pipeline.stitching` re-exports everything here next to the tensor operations.
+The tensor operations that use these layouts are in :mod:`pipeline.stitching`.
 """
 
 from __future__ import annotations

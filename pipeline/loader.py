@@ -2,7 +2,8 @@
 
 ::
 
-    from pipeline.loader import ViewLoader, MOSViews
+    from pipeline.loader import ViewLoader
+    from pipeline.views import MOSViews
     with ViewLoader(shards_dir, views=MOSViews(), batch_size=256, rank=rank,
                     world_size=world, seed=0, device="cuda") as loader:
         loader.load_state_dict(ckpt["loader"])        # optional: resume exactly there
@@ -44,20 +45,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .source import EpochPlan, ShardError, ShardIndex, ViewSource
-from .views import DecodeCropViews, MOSViews, MultiCropViews, UniVIPViews, ViewSet, view_set
+from .views import ViewSet
 
 if TYPE_CHECKING:
     from shards.remote import ShardCache
 
-__all__ = [
-    "DecodeCropViews",
-    "MOSViews",
-    "MultiCropViews",
-    "UniVIPViews",
-    "ViewLoader",
-    "default_parallelism",
-    "view_set",
-]
+__all__ = ["ViewLoader", "default_parallelism"]
 
 
 def _device(device: str | torch.device) -> torch.device:

@@ -34,26 +34,11 @@ from collections.abc import Sequence
 import torch
 
 from .layout import (
-    MOS_GRID_CHOICES,
-    MOS_SCALE_CHOICES,
     StitchLayout,
     _check_positive_int,
-    sample_layout,
-    stitch_layout,
 )
 
-__all__ = [
-    "MOS_GRID_CHOICES",
-    "MOS_SCALE_CHOICES",
-    "StitchLayout",
-    "sample_layout",
-    "stitch",
-    "stitch_indices",
-    "stitch_layout",
-    "stitch_mosaic",
-    "stitch_multiscale",
-    "tile",
-]
+__all__ = ["stitch", "stitch_indices", "stitch_mosaic", "stitch_multiscale", "tile"]
 
 
 def _check_crops(crops: object, name: str = "crops") -> torch.Tensor:

@@ -34,7 +34,6 @@ __all__ = [
     "SCENE_SCALE",
     "TRIES",
     "boxes_inside",
-    "box_iou",
     "clean_boxes",
     "random_resized_crop_boxes",
     "sample_scene_pair",

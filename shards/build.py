@@ -50,7 +50,6 @@ from .writer import ShardWriter, sha256_file
 
 FORMAT = "ssl-cli-shards/1"
 WORK = ".ssl-cli"
-LEGACY_PARTS = ".parts"  # the work folder of builds before .ssl-cli/
 # Rejects that a second attempt may turn into samples (--retry-rejects).
 TRANSIENT_REASONS = ("worker_crashed", "unreadable")
 # Every file name the build writes into OUT (written through shards.atomic).
@@ -500,7 +499,7 @@ def check_paths(src: str, out: Path) -> None:
 
 
 def _is_our_build(out: Path) -> bool:
-    if (out / WORK).is_dir() or (out / LEGACY_PARTS / "build.json").is_file():
+    if (out / WORK).is_dir():
         return True
     with contextlib.suppress(OSError, ValueError, AttributeError):
         return json.loads((out / "manifest.json").read_text()).get("format") == FORMAT
@@ -545,15 +544,10 @@ def _locked(out: Path) -> Iterator[None]:
 
 def _clean_stale(out: Path, parts: Path, finished: bool) -> None:
     """Remove what a killed run left: our temporary files, and after a finished build the
-    per-chunk rows and a legacy ``.parts/``. Nothing of another name is touched."""
+    per-chunk rows. Nothing of another name is touched."""
     for folder, pattern in ((out, _OUR_FILES), (parts, _OUR_PARTS)):
         for p in stale_temporaries(folder, pattern):
             p.unlink()
-    legacy = out / LEGACY_PARTS
-    if legacy.is_dir() and all(_OUR_PARTS.match(p.name) for p in legacy.iterdir()):
-        for p in legacy.iterdir():
-            p.unlink()
-        legacy.rmdir()
     if finished and parts.is_dir():
         _drop_parquet_parts(parts)
 

@@ -34,7 +34,7 @@ def read_manifest_file(out: str | Path) -> dict:
     """The checked ``manifest.json`` of the local shard folder ``out``."""
     path = Path(out) / "manifest.json"
     if not path.exists():
-        if (Path(out) / WORK / "build.json").exists() or (Path(out) / ".parts").exists():
+        if (Path(out) / WORK / "build.json").exists():
             hint = " (an unfinished build: run the same build command again)"
         elif _holds_images(Path(out)):
             hint = (

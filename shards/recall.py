@@ -25,7 +25,7 @@ import numpy as np
 
 from .proposals import box_iou
 
-__all__ = ["AREA_RANGES", "IOU_THRESHOLDS", "box_iou", "matched_ious", "proposal_recall"]
+__all__ = ["AREA_RANGES", "IOU_THRESHOLDS", "matched_ious", "proposal_recall"]
 
 IOU_THRESHOLDS = np.round(np.arange(0.5, 0.95 + 1e-9, 0.05), 2)  # COCO's 0.50:0.05:0.95
 AREA_RANGES = {  # COCO's object sizes, in pixels of area

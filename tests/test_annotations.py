@@ -16,9 +16,10 @@ from PIL import Image
 from cli.main import main
 from shards import read_gt
 from shards.annotations import AnnotationError, load_annotations
-from shards.build import BuildParams, build_shards
-from shards.proposals import FilterParams
-from shards.recall import box_iou, matched_ious, proposal_recall
+from shards.build import build_shards
+from shards.process import BuildParams
+from shards.proposals import FilterParams, box_iou
+from shards.recall import matched_ious, proposal_recall
 from shards.verify import verify_shards
 from tests.conftest import exif_rotated_jpeg, photo
 

@@ -204,7 +204,7 @@ def test_the_batch_options_say_which_batch():
     assert "per batch" in help_of(main.commands["bench"].commands["pipeline"], "--batch-size")
 
 
-# --------------------------------------------------------------------------- hidden aliases
+# ------------------------------------------------------------ spellings removed in 0.1 (CHANGELOG)
 
 
 def print_config(*args, cmd=("pretrain",)):
@@ -215,16 +215,12 @@ def print_config(*args, cmd=("pretrain",)):
 
 
 @pytest.mark.parametrize("cmd", [("pretrain",), ("bench", "train")])
-def test_workers_is_a_hidden_alias_of_loader_workers(cmd):
-    new, new_err = print_config("--loader-workers", "3", cmd=cmd)
-    old, old_err = print_config("--workers", "3", cmd=cmd)
-    assert new["data"]["workers"] == old["data"]["workers"] == 3
-    assert "deprecated" not in new_err
-    assert old_err.strip() == "note: --workers is deprecated, use --loader-workers"
-    help_text = invoke(*cmd, "--help").output
-    assert not re.search(r"(?<![\w-])--workers\b", help_text)
-    both = invoke(*cmd, "--synthetic", "--workers", "1", "--loader-workers", "2")
-    assert both.exit_code == 2 and "give one of them" in both.output
+def test_loader_workers_is_the_only_spelling(cmd):
+    new, _ = print_config("--loader-workers", "3", cmd=cmd)
+    assert new["data"]["workers"] == 3
+    old = invoke(*cmd, "--synthetic", "--workers", "3", "--print-config")
+    assert old.exit_code == 2
+    assert "No such option '--workers'. Did you mean '--loader-workers'?" in old.output
 
 
 def fake_pipeline_report(monkeypatch):
@@ -243,40 +239,37 @@ def fake_pipeline_report(monkeypatch):
     "old, new, key",
     [("--threads", "--num-threads", "num_threads"), ("--workers", "--loader-workers", "workers")],
 )
-def test_bench_pipeline_old_spellings_still_work(monkeypatch, tmp_path, old, new, key):
+def test_bench_pipeline_takes_the_current_spellings_only(monkeypatch, tmp_path, old, new, key):
     seen = fake_pipeline_report(monkeypatch)
     base = ["bench", "pipeline", "--device", "cpu", "--no-baseline"]
     result = invoke(*base, "--data", tmp_path, new, "2")
     assert result.exit_code == 0, result.output
     assert seen["shards"] == str(tmp_path) and seen[key] == 2
-    seen.clear()
-    result = invoke(*base, tmp_path, old, "3")  # the positional SHARDS is the old spelling too
-    assert result.exit_code == 0, result.output
-    assert seen["shards"] == str(tmp_path) and seen[key] == 3
-    assert f"note: {old} is deprecated, use {new}" in result.stderr
-    assert "note: the argument SHARDS is deprecated, use --data SHARDS" in result.stderr
-    help_text = invoke("bench", "pipeline", "--help").output
-    assert not re.search(rf"(?<![\w-]){old}\b", help_text)
-    assert "Usage: ssl-cli bench pipeline [OPTIONS]\n" in help_text
+    result = invoke(*base, "--data", tmp_path, old, "3")
+    assert result.exit_code == 2 and f"No such option '{old}'" in result.output
+    result = invoke(*base, tmp_path, new, "3")  # SHARDS as a positional argument: removed
+    assert result.exit_code == 2 and "unexpected extra argument" in result.output
+    assert (
+        "Usage: ssl-cli bench pipeline [OPTIONS]\n" in invoke("bench", "pipeline", "--help").output
+    )
 
 
-def test_preview_takes_data_and_the_old_positional(monkeypatch, tmp_path):
+def test_preview_takes_data(monkeypatch, tmp_path):
     seen = []
     monkeypatch.setattr(
         "pipeline.preview.render_preview", lambda shards, *a, **kw: seen.append(shards) or "p.png"
     )
-    for args in (["--data", tmp_path], [tmp_path]):
-        result = invoke("preview", *args, "--device", "cpu")
-        assert result.exit_code == 0, result.output
-    assert seen == [str(tmp_path)] * 2
+    result = invoke("preview", "--data", tmp_path, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert seen == [str(tmp_path)]
     missing = invoke("preview", "--device", "cpu")
     assert missing.exit_code == 2 and "Missing option '--data'" in missing.output
-    both = invoke("preview", tmp_path, "--data", tmp_path)
-    assert both.exit_code == 2 and "give one of them" in both.output
+    positional = invoke("preview", tmp_path, "--device", "cpu")
+    assert positional.exit_code == 2 and "unexpected extra argument" in positional.output
     assert "Usage: ssl-cli preview [OPTIONS]\n" in invoke("preview", "--help").output
 
 
-def test_eval_takes_the_run_as_argument_and_ckpt_still_works(monkeypatch, tmp_path):
+def test_eval_takes_the_run_as_argument(monkeypatch, tmp_path):
     seen = []
 
     def fake_knn(checkpoint, **kwargs):
@@ -289,17 +282,13 @@ def test_eval_takes_the_run_as_argument_and_ckpt_still_works(monkeypatch, tmp_pa
     shards = ["--train", tmp_path, "--val", tmp_path, "--device", "cpu"]
     result = invoke("eval", "knn", tmp_path, *shards)
     assert result.exit_code == 0, result.output
-    assert "deprecated" not in result.stderr
+    assert seen == [str(tmp_path)]
     result = invoke("eval", "knn", "--ckpt", tmp_path, *shards)
-    assert result.exit_code == 0, result.output
-    notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
-    assert notes == ["note: --ckpt is deprecated, use the argument RUN"]
-    assert seen == [str(tmp_path)] * 2
+    assert result.exit_code == 2 and "No such option '--ckpt'" in result.output
     missing = invoke("eval", "knn", *shards)
     assert missing.exit_code == 2 and "Missing argument 'RUN'" in missing.output
     help_text = invoke("eval", "knn", "--help").output
     assert "Usage: ssl-cli eval knn [OPTIONS] RUN\n" in help_text
-    assert not re.search(r"--ckpt(?![\w-])", help_text)
 
 
 # ------------------------------------------------------------------------- batch per GPU

@@ -18,15 +18,10 @@ from tests.test_eval_loader import labelled_shards, unlabelled_shards
 from tests.test_pipeline_shards import _tmpdir
 from tests.test_train_loop import quiet, tiny
 from train.checkpoint import latest_checkpoint, load_checkpoint
-from train.evaluation import (
-    LinearProbeConfig,
-    knn_accuracy,
-    probe_accuracy,
-    report_path,
-    train_linear_probe,
-)
+from train.evaluation import report_path
 from train.loop import pretrain
 from train.methods import build_model
+from train.probes import LinearProbeConfig, knn_accuracy, probe_accuracy, train_linear_probe
 from train.resolve import resolve_config
 
 warnings.filterwarnings("ignore", message=".*external source.*not used.*")
@@ -162,7 +157,7 @@ def test_unlabelled_shards_fail_with_the_folder_named():
 
 
 def test_usage_errors(tmp_path):
-    result = invoke("knn", "--ckpt", tiny_run(), "--train", labelled_shards("train"))
+    result = invoke("knn", tiny_run(), "--train", labelled_shards("train"))
     assert result.exit_code == 2 and "--val" in result.output
     (tmp_path / "empty").mkdir()
     args = common(tmp_path / "empty")

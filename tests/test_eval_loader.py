@@ -19,7 +19,8 @@ from PIL import Image, ImageOps
 
 from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.eval import EvalLoader, UnlabelledShardsError, rank_rows, resize_side
-from shards.build import BuildParams, build_shards
+from shards.build import build_shards
+from shards.process import BuildParams
 from shards.proposals import SearchParams
 from tests.conftest import encode, photo
 from tests.test_pipeline_shards import _tmpdir

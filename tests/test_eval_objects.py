@@ -22,7 +22,8 @@ from torch import nn
 from cli.eval_cmds import eval_group
 from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.eval_objects import NoGroundTruthError, ObjectLoader, read_ground_truth
-from shards.build import BuildParams, build_shards
+from shards.build import build_shards
+from shards.process import BuildParams
 from shards.proposals import SearchParams
 from tests.conftest import photo
 from tests.test_eval_cli import tiny_run

@@ -101,7 +101,7 @@ def test_the_knn_line_is_the_knn_of_the_checkpoint(tmp_path):
     for split in ("train", "val"):
         with EvalLoader(labelled_shards(split), size=32, batch_size=3, num_threads=1) as loader:
             feats.append(extract_features(backbone, loader))
-    from train.evaluation import knn_accuracy
+    from train.probes import knn_accuracy
 
     bank, queries = feats
     acc = knn_accuracy(bank.features, bank.labels, queries.features, queries.labels, 4, k=3)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from train.evaluation import (
+from train.probes import (
     LinearProbeConfig,
     knn_accuracy,
     knn_classify,

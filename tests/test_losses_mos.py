@@ -9,13 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from train.losses.mos import (
-    MOSLoss,
-    global_members,
-    global_single_members,
-    soft_contrastive,
-    soft_targets,
-)
+from train.losses.contrastive import soft_contrastive
+from train.losses.mos import MOSLoss, global_members, global_single_members, soft_targets
 
 
 def single(batch_size):

@@ -22,6 +22,7 @@ def test_preview_writes_a_png(tmp_path, method, cols):
     result = CliRunner().invoke(
         preview,
         [
+            "--data",
             str(photo_shards()),
             "--method",
             method,
@@ -39,7 +40,9 @@ def test_preview_writes_a_png(tmp_path, method, cols):
 
 
 def test_preview_reports_bad_input(tmp_path):
-    result = CliRunner().invoke(preview, [str(tmp_path), "--out", str(tmp_path / "p.png")])
+    result = CliRunner().invoke(
+        preview, ["--data", str(tmp_path), "--out", str(tmp_path / "p.png")]
+    )
     assert result.exit_code != 0 and "manifest.json" in result.output
 
 
@@ -48,6 +51,7 @@ def test_bench_runs_and_reports(tmp_path):
     result = CliRunner().invoke(
         bench_pipeline,
         [
+            "--data",
             str(photo_shards()),
             "--method",
             "univip",

@@ -11,8 +11,9 @@ import torch
 from PIL import Image, ImageOps
 
 from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, NO_AUGMENT, Augment
-from pipeline.loader import DecodeCropViews, MOSViews, MultiCropViews, UniVIPViews, ViewLoader
+from pipeline.loader import ViewLoader
 from pipeline.source import EpochPlan
+from pipeline.views import DecodeCropViews, MOSViews, MultiCropViews, UniVIPViews
 from tests.test_pipeline_shards import GREYS, constant_shards, grey_of_row, photo_shards
 
 warnings.filterwarnings("ignore", message=".*external source.*not used.*")

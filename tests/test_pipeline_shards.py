@@ -17,7 +17,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from shards.build import BuildParams, build_shards
+from shards.build import build_shards
+from shards.process import BuildParams
 from shards.proposals import SearchParams
 from tests.conftest import encode, photo
 

@@ -7,17 +7,18 @@ import pytest
 import torch
 
 from pipeline.augment import BYOL_VIEW1, BYOL_VIEW2, NO_AUGMENT, Augment, draw_photometric
+from pipeline.layout import sample_layout, stitch_layout
 from pipeline.source import EpochPlan
-from pipeline.stitching import sample_layout, stitch_layout, stitch_mosaic, stitch_multiscale
+from pipeline.stitching import stitch_mosaic, stitch_multiscale
 from pipeline.views import (
     MOSViews,
     MultiCropViews,
     UniVIPViews,
-    _mosaic_frames,
     crop_windows,
     frame_windows,
     view_set,
 )
+from pipeline.views.mos import _mosaic_frames
 
 # ------------------------------------------------------------------------------ augmentation
 

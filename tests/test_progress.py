@@ -12,12 +12,7 @@ from pipeline.bench import Progress, bench_pipeline, eta_seconds, format_duratio
 from tests.test_pipeline_shards import photo_shards
 from tests.test_train_loop import quiet, tiny
 from train.bench import bench_train
-from train.evaluation import (
-    LinearProbeConfig,
-    PaperProbeConfig,
-    train_linear_probe,
-    train_paper_probe,
-)
+from train.probes import LinearProbeConfig, PaperProbeConfig, train_linear_probe, train_paper_probe
 from train.resolve import resolve_config
 
 warnings.filterwarnings("ignore", message=".*external source.*not used.*")

@@ -10,7 +10,8 @@ import webdataset as wds
 from webdataset.autodecode import DecodingError
 
 import shards
-from shards.build import BuildParams, build_shards
+from shards.build import build_shards
+from shards.process import BuildParams
 from shards.proposals import SearchParams
 from tests.conftest import encode, photo
 

@@ -344,7 +344,8 @@ def test_watcher_uploads_shards_while_a_build_writes_them(s3_server, tmp_path):
 
 
 def test_a_build_uploads_each_shard_as_it_is_done(s3_server, tmp_path):
-    from shards.build import BuildParams, build_shards
+    from shards.build import build_shards
+    from shards.process import BuildParams
     from shards.proposals import SearchParams
 
     src = tmp_path / "images"

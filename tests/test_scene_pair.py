@@ -7,12 +7,12 @@ from pipeline.univip import (
     FILL_MAX_ASPECT,
     FILL_MAX_IOU,
     FILL_MIN_SIZE,
-    box_iou,
     boxes_inside,
     clean_boxes,
     random_resized_crop_boxes,
     sample_scene_pair,
 )
+from shards.proposals import box_iou
 
 
 def intersection(a, b):

@@ -22,8 +22,8 @@ from PIL import Image
 
 import shards.build as build_mod
 from cli.main import main as cli
-from shards.build import BuildError, BuildParams, build_shards
-from shards.process import Reject, process_item
+from shards.build import BuildError, build_shards
+from shards.process import BuildParams, Reject, process_item
 from shards.proposals import SearchParams
 from shards.sources import SourceError, open_source
 from shards.verify import verify_shards
@@ -477,17 +477,6 @@ def test_26_tar_links_and_devices_are_counted_as_ignored(tmp_path):
         "tar_hardlink": 1,
         "tar_symlink": 1,
     }
-
-
-def test_26_legacy_parts_left_by_a_kill_are_cleaned(tmp_path):
-    src = _folder(tmp_path, {"a.jpg": _img()})
-    out = tmp_path / "out"
-    _build(src, out)
-    legacy = out / ".parts"
-    legacy.mkdir()
-    (legacy / "build.json").write_text("{}")
-    (legacy / "shard-000000.tar.parquet").write_text("x")
-    assert _build(src, out).up_to_date and not legacy.exists()
 
 
 # ------------------------------------------------------------------------------ 16: labels

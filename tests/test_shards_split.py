@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cli.main import main as cli
-from shards.build import BuildParams, build_shards
+from shards.build import build_shards
+from shards.process import BuildParams
 from shards.proposals import SearchParams
 from shards.split import SplitError, split_rows, split_shards
 from shards.verify import verify_shards

@@ -5,16 +5,8 @@ import random
 import pytest
 import torch
 
-from pipeline.stitching import (
-    MOS_GRID_CHOICES,
-    MOS_SCALE_CHOICES,
-    sample_layout,
-    stitch,
-    stitch_indices,
-    stitch_layout,
-    stitch_multiscale,
-    tile,
-)
+from pipeline.layout import MOS_GRID_CHOICES, MOS_SCALE_CHOICES, sample_layout, stitch_layout
+from pipeline.stitching import stitch, stitch_indices, stitch_multiscale, tile
 
 
 def labelled_crops(b: int, n: int, c: int = 3, h: int = 4, w: int = 5, dtype=torch.float32):

@@ -285,7 +285,7 @@ def test_synthetic_pool_serves_cached_batches():
 
 
 def test_mos_counts_objects_not_views():
-    from pipeline.stitching import stitch_layout
+    from pipeline.layout import stitch_layout
     from train.losses.mos import object_members, soft_targets
 
     layout = stitch_layout(224, 2, (1, 2, 1, 1))  # cell 1 holds 4 small views of one sample

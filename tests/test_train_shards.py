@@ -19,7 +19,8 @@ NAMES = ("astronaut", "coffee", "chelsea", "rocket")
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from shards.build import BuildParams, build_shards
+    from shards.build import build_shards
+    from shards.process import BuildParams
     from shards.proposals import SearchParams
 
     tmp = tmp_path_factory.mktemp("train_shards")

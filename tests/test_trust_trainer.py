@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from train.config import ConfigError
 from train.loop import NonFiniteLossError, pretrain
 from train.methods import get_method
 from train.resolve import resolve_config
+from train.runlog import trim_metrics
 
 warnings.filterwarnings("ignore", message=".*external source.*not used.*")
 
@@ -59,14 +61,14 @@ def test_trim_metrics_replaces_the_file_and_a_crash_keeps_the_old_one(tmp_path, 
     def killed(src, dst):  # the process dies between writing the new file and the rename
         raise OSError(errno.EIO, "killed")
 
-    monkeypatch.setattr(loop_module.os, "replace", killed)
+    monkeypatch.setattr(os, "replace", killed)
     with pytest.raises(OSError, match="killed"):
-        loop_module._trim_metrics(path, 3)
+        trim_metrics(path, 3)
     assert path.read_text() == original  # the history is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temporary left
 
     monkeypatch.undo()
-    loop_module._trim_metrics(path, 3)
+    trim_metrics(path, 3)
     kept = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r.get("step") for r in kept] == [1, 2, None, 3]
 
@@ -114,8 +116,9 @@ def real_cfg(method, out, shards, steps=2, **run):
 
 
 def test_an_undecodable_jpeg_is_named_by_key_and_shard(tmp_path):
-    from pipeline.loader import MOSViews, ViewLoader
+    from pipeline.loader import ViewLoader
     from pipeline.source import ShardError
+    from pipeline.views import MOSViews
 
     shards = _copy_shards(tmp_path)
     _, key, tar, off, size = _where(shards)
@@ -227,8 +230,9 @@ def test_the_index_refuses_a_tar_shorter_than_its_entries(tmp_path):
 def test_boxes_outside_the_image_are_refused_when_read(tmp_path, workers):
     import pickle
 
-    from pipeline.loader import UniVIPViews, ViewLoader
+    from pipeline.loader import ViewLoader
     from pipeline.source import ShardError, ShardIndex
+    from pipeline.views import UniVIPViews
 
     shards = _copy_shards(tmp_path)
     row, key, tar, off, _ = _where(shards, "boxes", need_boxes=True)

@@ -141,7 +141,8 @@ def demo_evaluate(
 
     Builds ``OUT/digits/{bank,queries}`` once (resumable like any build) and returns
     ``{method: knn report}``."""
-    from shards.build import BuildParams, build_shards
+    from shards.build import build_shards
+    from shards.process import BuildParams
     from train.evaluation import knn_eval
 
     out_dir = Path(out_dir)

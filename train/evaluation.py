@@ -25,16 +25,11 @@ from torch import nn
 
 from shards.atomic import atomic_write_json
 from train.features import extract_features, fit_input_size, load_backbones
-from train.probes import (  # noqa: F401  (names of train.evaluation, re-exported)
-    Accuracy,
+from train.probes import (
     LinearProbeConfig,
     PaperProbeConfig,
-    _epoch_timing,
-    _topk_accuracy,
     knn_accuracy,
-    knn_classify,
     probe_accuracy,
-    probe_head,
     probe_loss,
     train_linear_probe,
     train_paper_probe,

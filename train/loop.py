@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os  # noqa: F401  (part of this module's namespace, as _trim_metrics below)
 import random
 import sys
 import time
@@ -74,7 +73,6 @@ from train.optim import build_optimizer, clip_gradients, set_hyperparameters
 from train.resolve import resolve_config
 from train.runinfo import run_info
 from train.runlog import RunLog, require_wandb
-from train.runlog import trim_metrics as _trim_metrics  # noqa: F401  (train.loop._trim_metrics)
 from train.schedules import Schedules, build_schedules, peak_lr, warmup_steps
 
 if TYPE_CHECKING:

@@ -455,13 +455,8 @@ def _evaluate_backbones(
 ) -> dict[str, dict]:
     """kNN and the fast linear probe of each backbone on the plan's train/val shards."""
     from pipeline.eval import EvalLoader
-    from train.evaluation import (
-        LinearProbeConfig,
-        knn_accuracy,
-        probe_accuracy,
-        train_linear_probe,
-    )
     from train.features import extract_features
+    from train.probes import LinearProbeConfig, knn_accuracy, probe_accuracy, train_linear_probe
 
     results = {}
     for name, backbone in backbones.items():
@@ -486,7 +481,7 @@ def _evaluate_backbones(
 def _pixel_knn(plan: QualityPlan, size: int, device: torch.device) -> dict:
     """kNN on raw pixels: the centre crops, flattened (cosine similarity, as every kNN here)."""
     from pipeline.eval import EvalLoader
-    from train.evaluation import knn_accuracy
+    from train.probes import knn_accuracy
 
     def pixels(split: str):
         xs, ys = [], []

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.stitching import MOS_GRID_CHOICES, MOS_SCALE_CHOICES, sample_layout, stitch_multiscale
+from pipeline.layout import MOS_GRID_CHOICES, MOS_SCALE_CHOICES, sample_layout
+from pipeline.stitching import stitch_multiscale
 
 __all__ = ["SyntheticLoader"]
 

@@ -25,16 +25,9 @@ set: :mod:`~pipeline.views.mos` (``MOSViews``), :mod:`~pipeline.views.univip`
 :mod:`pipeline.views`.
 """
 
-from .banks import RATIO as RATIO
-from .banks import Bank, SamplePlan, crop_windows, frame_windows
-from .banks import _bank as _bank
-from .banks import _check_range as _check_range
-from .banks import _check_size as _check_size
-from .banks import _Group as _Group
-from .banks import _plan as _plan
+from .banks import RATIO, Bank, SamplePlan, crop_windows, frame_windows
 from .decode import DecodeCropViews
 from .mos import MOS_VIEW1, MOS_VIEW2, MOSViews
-from .mos import _mosaic_frames as _mosaic_frames
 from .multicrop import MultiCropViews
 from .registry import VIEW_SETS, ViewSet, list_view_sets, register_view_set, view_set
 from .univip import UniVIPViews
@@ -43,6 +36,7 @@ __all__ = [
     "MOS_VIEW1",
     "MOS_VIEW2",
     "VIEW_SETS",
+    "RATIO",
     "Bank",
     "DecodeCropViews",
     "MOSViews",
