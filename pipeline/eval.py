@@ -29,7 +29,7 @@ Training inputs of the paper linear probe (``ssl-cli eval linear --protocol pape
 transform of MoCo v3 ``main_lincls.py`` and DINO ``eval_linear.py`` (torchvision
 ``RandomResizedCrop(224)`` + ``RandomHorizontalFlip()``). It is the trainer's
 :class:`~pipeline.loader.ViewLoader` with one more view set (:class:`ProbeViews`): boxes drawn
-on the host per ``(seed, epoch, row)`` (:func:`pipeline.univip.random_resized_crop_boxes`),
+on the host per ``(seed, epoch, row)`` (:func:`pipeline.scene_pairs.random_resized_crop_boxes`),
 the crop, flip and resize done by DALI's ``fn.resize`` (:func:`pipeline.graph.view_pipeline`),
 so every epoch decodes and crops the shards again and sees other crops; a seeded shuffle per
 epoch, full batches (the remainder opens the next epoch, :mod:`pipeline.source`).
@@ -57,7 +57,7 @@ from shards.verify import load_manifest
 from .augment import IMAGENET_MEAN, IMAGENET_STD, NO_AUGMENT, Augment
 from .loader import ViewLoader, _dali_reason, _device, _to_torch, first_undecodable
 from .source import ShardIndex, _parse_index
-from .univip import random_resized_crop_boxes
+from .scene_pairs import random_resized_crop_boxes
 from .views.banks import RATIO, Bank, SamplePlan, _bank, _check_range, _check_size, _Group, _plan
 
 __all__ = [

@@ -1,9 +1,9 @@
-"""UniVIP scene-pair sampling, Algorithm 1 (pipeline/univip.py)."""
+"""UniVIP scene-pair sampling, Algorithm 1 (pipeline/scene_pairs.py)."""
 
 import numpy as np
 import pytest
 
-from pipeline.univip import (
+from pipeline.scene_pairs import (
     FILL_MAX_ASPECT,
     FILL_MAX_IOU,
     FILL_MIN_SIZE,

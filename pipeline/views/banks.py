@@ -2,7 +2,7 @@
 
 Windows are ``(y0, x0, y1, x1)`` float32 pixels of the decoded image (``fn.resize``'s
 ``roi_start``/``roi_end`` order); ``x0 > x1`` is a horizontally flipped crop. Boxes handed to
-the trainer are int64 xyxy pixels, exclusive ``x1, y1`` (as in :mod:`pipeline.univip`).
+the trainer are int64 xyxy pixels, exclusive ``x1, y1`` (as in :mod:`pipeline.scene_pairs`).
 """
 
 from __future__ import annotations

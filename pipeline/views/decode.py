@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..augment import NO_AUGMENT
-from ..univip import random_resized_crop_boxes
+from ..scene_pairs import random_resized_crop_boxes
 from .banks import RATIO, Bank, SamplePlan, _bank, _check_range, _check_size, _Group, _plan
 from .registry import register_view_set
 

@@ -30,7 +30,7 @@ from ..layout import (
     sample_layout,
     stitch_layout,
 )
-from ..univip import random_resized_crop_boxes
+from ..scene_pairs import random_resized_crop_boxes
 from .banks import (
     RATIO,
     Bank,

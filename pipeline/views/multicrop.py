@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..augment import BYOL_VIEW1, BYOL_VIEW2, Augment
-from ..univip import random_resized_crop_boxes
+from ..scene_pairs import random_resized_crop_boxes
 from .banks import (
     RATIO,
     Bank,

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 from ..augment import BYOL_VIEW1, BYOL_VIEW2, Augment
-from ..univip import NUM_INSTANCES, SCENE_RATIO, SCENE_SCALE, TRIES
-from ..univip import sample_scene_pair as _sample_scene_pair
+from ..scene_pairs import NUM_INSTANCES, SCENE_RATIO, SCENE_SCALE, TRIES
+from ..scene_pairs import sample_scene_pair as _sample_scene_pair
 from .banks import (
     Bank,
     SamplePlan,
@@ -33,7 +33,7 @@ class UniVIPViews:
     the ``k`` instance crops cut from the original image.
 
     Scenes: ``size`` (224) px, random resized crops (area ``scale`` 0.08..1, aspect ``ratio``)
-    drawn by Algorithm 1 (:func:`pipeline.univip.sample_scene_pair`, ``tries`` = 20), BYOL's
+    drawn by Algorithm 1 (:func:`pipeline.scene_pairs.sample_scene_pair`, ``tries`` = 20), BYOL's
     two augmentations. Instances: ``instance_size`` (96) px; "the subsequent augmentations
     exactly follow the scene-level ones" (§4): ``instance_augment`` defaults to BYOL's first
     view for all ``k`` instances.
