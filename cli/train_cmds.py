@@ -351,8 +351,8 @@ def pretrain(
     """
     from train.config import dump_yaml, to_dict
     from train.loop import pretrain as run_pretrain
-    from train.loop import resolve_resume
     from train.resolve import resolve_config
+    from train.resume import resolve_resume
 
     _check_device(common["device"])
     flags = _common_flags(**common)

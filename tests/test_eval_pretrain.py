@@ -23,8 +23,9 @@ from tests.test_train_loop import Crash, _free_port, loader_for, quiet, tiny
 from train.checkpoint import list_checkpoints, load_checkpoint
 from train.config import ConfigError, to_dict
 from train.features import extract_features, load_backbone
-from train.loop import check_resume_config, pretrain
+from train.loop import pretrain
 from train.resolve import resolve_config
+from train.resume import check_resume_config
 
 warnings.filterwarnings("ignore", message=".*external source.*not used.*")
 

@@ -14,8 +14,9 @@ from click.testing import CliRunner
 
 from tests.test_train_loop import Crash, loader_for, quiet, tiny
 from train.config import ConfigError, to_dict
-from train.loop import _format_eta, check_resume_config, eta_seconds, pretrain
+from train.loop import _format_eta, eta_seconds, pretrain
 from train.resolve import resolve_config
+from train.resume import check_resume_config
 from train.runinfo import redact_command
 from train.runlog import WANDB_FILE, RunLog, flatten_config
 

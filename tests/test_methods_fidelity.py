@@ -13,7 +13,8 @@ from torch import nn
 from cli.train_cmds import pretrain
 from pipeline.views import MOSViews
 from tests.test_train_loop import RESNET, VIT  # the tiny models of the loop tests
-from train.loop import convert_sync_batchnorm, synthetic_loader
+from train.data import synthetic_loader
+from train.loop import convert_sync_batchnorm
 from train.methods import build_model
 from train.optim import build_optimizer
 from train.resolve import resolve_config

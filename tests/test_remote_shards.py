@@ -411,8 +411,9 @@ def test_pretraining_from_url_gives_the_losses_of_local_disk(s3_server, tmp_path
     import pipeline.loader
     from tests.test_train_loop import quiet
     from tests.test_train_shards import real
+    from train.data import build_loader
     from train.distributed import init_distributed
-    from train.loop import build_loader, pretrain
+    from train.loop import pretrain
 
     local = photo_shards()
     url = uploaded(s3_server, local, "photos")
@@ -439,8 +440,9 @@ def test_pretraining_from_url_gives_the_losses_of_local_disk(s3_server, tmp_path
 def test_killed_run_on_a_url_resumes_to_the_losses_of_local_disk(s3_server, tmp_path):
     from tests.test_train_loop import quiet
     from tests.test_train_shards import Crash, KilledAfter, real
+    from train.data import build_loader
     from train.distributed import init_distributed
-    from train.loop import build_loader, pretrain
+    from train.loop import pretrain
 
     local = photo_shards()
     url = uploaded(s3_server, local, "photos")

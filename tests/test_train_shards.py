@@ -8,8 +8,9 @@ import pytest
 
 from tests.conftest import encode, photo
 from tests.test_train_loop import quiet, tiny
+from train.data import build_loader
 from train.distributed import init_distributed
-from train.loop import build_loader, pretrain
+from train.loop import pretrain
 from train.resolve import resolve_config
 
 pytest.importorskip("nvidia.dali")

@@ -23,6 +23,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import shards.atomic as atomic_module
 import train.checkpoint as checkpoint_module
 import train.loop as loop_module
 from tests.test_train_loop import PoisonedLoader, quiet, tiny
@@ -439,7 +440,10 @@ def test_torch_s_hidden_write_error_is_reported_as_disk_full(tmp_path, monkeypat
         def __exit__(self, *exc):
             self.f.close()
 
-    monkeypatch.setattr(checkpoint_module, "open", lambda p, m: FullFile(open(p, m)), raising=False)
+    # checkpoints are written through shards.atomic: its open() gets the full disk
+    monkeypatch.setattr(
+        atomic_module, "open", lambda p, m, **kw: FullFile(open(p, m, **kw)), raising=False
+    )
     state = {"format": 1, "w": torch.zeros(10_000)}
     with pytest.raises(CheckpointWriteError, match="no space left on") as e:
         checkpoint_module.save_checkpoint(state, tmp_path, 3, keep_last=2)

@@ -29,8 +29,9 @@ import torch
 
 from pipeline.bench import Progress, to_stderr
 from train.config import TrainConfig, to_dict
+from train.data import build_loader, synthetic_loader
 from train.distributed import cleanup_distributed, init_distributed
-from train.loop import build_loader, build_parts, synthetic_loader, train_step
+from train.loop import build_parts, train_step
 from train.resolve import resolve_config
 from train.runinfo import describe_device, library_versions
 

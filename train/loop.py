@@ -11,13 +11,13 @@ evaluation (``eval.every``, :func:`knn_step`) and checkpoints (:func:`_save`), a
 Resume semantics (``docs/training.md``): a checkpoint restores the model (online, predictor,
 extras and EMA target), optimizer, grad scaler, step, RNG of every rank and the loader's data
 position; schedules are recomputed from the config, which must match the checkpoint's except
-for the keys in :data:`RESUMABLE_KEYS`. Metrics logged after the resumed step are dropped
+for the keys in :data:`train.resume.RESUMABLE_KEYS`. Metrics logged after the resumed step are dropped
 (``metrics.jsonl`` is cut, TensorBoard purged), so the curve continues as if never stopped;
 W&B, which cannot rewind, continues the same W&B run from the first step it does not have
 (:mod:`train.runlog`).
 One exception: after a non-finite stop (``RUN/non-finite.json``), resuming from a checkpoint
 before the bad step may lower ``optim.base_lr`` and set or lower ``optim.clip_grad``
-(:func:`check_resume_config`); the change is logged and recorded in ``run.json``.
+(:func:`train.resume.check_resume_config`); the change is logged and recorded in ``run.json``.
 
 Trust: before training, every shard is checked against its manifest (size, and sha256 unless
 ``verify_shards=False``; digests of unchanged files are cached in ``RUN/shards-checked.json``);
@@ -34,7 +34,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,21 +43,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from shards.atomic import atomic_write_json
-from shards.dicts import flatten
+from shards.atomic import atomic_write_json, atomic_write_text
 from shards.remote import is_url
 from train.checkpoint import (
     CHECKPOINT_FORMAT,
     capture_rng,
-    latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
-    read_checkpoint_config,
     remove_stale_temporaries,
     restore_rng,
     save_checkpoint,
 )
 from train.config import ConfigError, TrainConfig, dump_yaml, to_dict
+from train.data import build_loader, check_data, real_view_set, synthetic_loader
 from train.distributed import (
     DistInfo,
     all_gather_objects,
@@ -70,76 +68,33 @@ from train.distributed import (
 from train.methods import Method, build_model, forward_equivalents, get_method
 from train.models import SSLModel, has_local_batchnorm, has_sync_batchnorm, update_momentum
 from train.optim import build_optimizer, clip_gradients, set_hyperparameters
-from train.resolve import resolve_config
+from train.resume import (
+    NON_FINITE_FILE,
+    check_resume_config,
+    find_resume_checkpoint,
+    read_non_finite,
+)
 from train.runinfo import run_info
 from train.runlog import RunLog, require_wandb
 from train.schedules import Schedules, build_schedules, peak_lr, warmup_steps
 
 if TYPE_CHECKING:
-    from pipeline.views import ViewSet
+    pass
 
 __all__ = [
-    "NON_FINITE_FILE",
     "NonFiniteLossError",
     "Parts",
-    "RESUMABLE_KEYS",
-    "SHARD_CHECK_FILE",
     "COMPILED_MODULES",
-    "build_loader",
-    "check_resume_config",
     "build_monitor",
     "build_parts",
     "compile_modules",
     "distributed_model",
     "eta_seconds",
-    "find_resume_checkpoint",
     "knn_step",
     "pretrain",
-    "real_view_set",
     "resolve_precision",
-    "resolve_resume",
     "train_step",
 ]
-
-# Config keys that may differ between a checkpoint and the run that resumes it: they change
-# where and how the run is executed and logged, not what it computes. A section's name
-# ("run.wandb") stands for every key in it.
-RESUMABLE_KEYS = frozenset(
-    {
-        "run.out",
-        "run.device",
-        "run.precision",
-        "run.compile",
-        "run.channels_last",
-        "run.log_every",
-        "run.ckpt_every",
-        "run.keep_last",
-        "run.keep_every",
-        "run.tensorboard",
-        "run.wandb",
-        "run.progress",
-        "data.shards",
-        "data.num_threads",
-        "data.workers",
-        "eval.every",
-        "eval.train",
-        "eval.val",
-        "eval.k",
-        "eval.temperature",
-        "eval.batch_size",
-        "eval.branch",
-    }
-)
-
-
-# After a non-finite stop, a resume may change these keys only in this direction (the
-# stop's advice: a lower lr, gradient clipping).
-AFTER_NON_FINITE = {
-    "optim.base_lr": lambda old, new: 0 < new < old,
-    "optim.clip_grad": lambda old, new: new > 0 and (old == 0 or new < old),
-}
-NON_FINITE_FILE = "non-finite.json"  # RUN/non-finite.json: where and why the last run stopped
-SHARD_CHECK_FILE = "shards-checked.json"  # RUN/shards-checked.json: digests already verified
 
 
 class NonFiniteLossError(RuntimeError):
@@ -177,32 +132,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def real_view_set(views: str, cfg: TrainConfig) -> ViewSet:
-    """The loader's view set for ``views`` (a registered name, ``pipeline.views.view_set``)
-    with our sizes; ``data.views`` is passed on verbatim (it wins, and the view set rejects
-    keys it does not know).
-
-    - mos: ``MOSViews(size=data.size)``;
-    - univip: ``UniVIPViews(size=data.size, instance_size=data.instance_size,
-      k=data.num_instances)``;
-    - multicrop (BYOL, MoCo v3): two global crops of area 0.08..1 and no local crops
-      (``MultiCropViews.byol``).
-    """
-    from pipeline.views import VIEW_SETS, view_set
-
-    d = cfg.data
-    kwargs: dict[str, Any] = {
-        "mos": {"size": d.size},
-        "univip": {"size": d.size, "instance_size": d.instance_size, "k": d.num_instances},
-        "multicrop": {"global_size": d.size, "num_local": 0, "global_scale": (0.08, 1.0)},
-    }[views]
-    kwargs.update(d.views)
-    try:
-        return view_set(views, **kwargs)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"data.views: {VIEW_SETS[views].__name__}(**{kwargs}): {e}") from None
-
-
 def check_config(cfg: TrainConfig) -> None:
     """What only building reveals, checked before any work (``pretrain`` and ``--print-config``
     alike): the view set's options (``data.views``, sizes) and the model, built on the meta
@@ -219,92 +148,6 @@ def check_config(cfg: TrainConfig) -> None:
                   **cfg.model.backbone_kwargs}  # fmt: skip
         shown = ", ".join(f"{k}={v}" for k, v in kwargs.items() if v is not None)
         raise ConfigError(f"model: {cfg.model.backbone} ({shown}) cannot be built: {e}") from None
-
-
-def synthetic_loader(cfg: TrainConfig, info: DistInfo, **overrides: Any) -> Any:
-    """:class:`train.synthetic.SyntheticLoader` with the shapes of ``cfg``'s method and views,
-    this rank's share of the global batch; ``overrides``: more of its keyword arguments."""
-    from train.synthetic import SyntheticLoader
-
-    kwargs = {
-        "rank": info.rank,
-        "world_size": info.world_size,
-        "seed": cfg.run.seed,
-        "device": info.device,
-        "size": cfg.data.size,
-        "instance_size": cfg.data.instance_size,
-        "num_instances": cfg.data.num_instances,
-        "num_samples": cfg.data.synthetic_samples,
-    }
-    views = get_method(cfg.method).views
-    if views == "mos":  # the recipe's r and s sets, as MOSViews reads
-        for key in ("grid_choices", "scale_choices"):
-            if key in cfg.data.views:
-                kwargs[key] = tuple(cfg.data.views[key])
-    if views == "multicrop":  # global and local crops, as MultiCropViews reads
-        v = cfg.data.views
-        kwargs.update(
-            num_crops=v.get("num_global", 2),
-            num_local=v.get("num_local", 0),
-            local_size=v.get("local_size", 96),
-        )
-    kwargs.update(overrides)
-    return SyntheticLoader(
-        get_method(cfg.method).views, cfg.data.batch_size // info.world_size, **kwargs
-    )
-
-
-def build_loader(cfg: TrainConfig, info: DistInfo) -> Any:
-    """The real shard loader (``pipeline.loader.ViewLoader``, imported here, lazily) or, with
-    ``data.synthetic``, :class:`train.synthetic.SyntheticLoader`. Batch size per rank is
-    ``data.batch_size / world_size``."""
-    method = get_method(cfg.method)
-    if cfg.data.batch_size % info.world_size:
-        raise ConfigError(
-            f"data.batch_size={cfg.data.batch_size} (global) is not divisible by the world size "
-            f"{info.world_size}"
-        )
-    local = cfg.data.batch_size // info.world_size
-    if cfg.data.synthetic:
-        return synthetic_loader(cfg, info)
-    if not cfg.data.shards:
-        raise ConfigError("data.shards: no shard directory given (--data SHARDS)")
-    if not is_url(cfg.data.shards) and not Path(cfg.data.shards).is_dir():
-        raise ConfigError(f"data.shards: {cfg.data.shards} is not a directory")
-    try:
-        from pipeline import loader as shard_loader
-    except ImportError as e:
-        raise RuntimeError(
-            f"the shard loader pipeline.loader cannot be imported ({e}); "
-            "train on synthetic data with --synthetic, or install DALI"
-        ) from None
-    from pipeline.source import SmallDataError
-
-    try:
-        return shard_loader.ViewLoader(
-            cfg.data.shards,
-            views=real_view_set(method.views, cfg),
-            batch_size=local,
-            rank=info.rank,
-            world_size=info.world_size,
-            seed=cfg.run.seed,
-            device=str(info.device),
-            num_threads=cfg.data.num_threads,
-            workers=cfg.data.workers,
-        )
-    except SmallDataError as e:
-        # a power of two with at least two batches per epoch, a multiple of the processes
-        fit = max(info.world_size, 2 ** max(0, (e.samples // 2).bit_length() - 1))
-        fit -= fit % info.world_size
-        demos = sorted(p.name for p in Path(__file__).parent.parent.glob("configs/demo_*_cpu.yaml"))
-        raise ConfigError(
-            f"data.batch_size: {cfg.data.shards} holds {e.samples} samples, which do not fill "
-            f"one global batch of {e.global_batch}; lower the batch to fit the data, e.g. "
-            f"--batch-size {fit} (at most {e.samples}, a multiple of the {info.world_size} "
-            "process(es)), or start from a small-data config: --config configs/"
-            + (demos[0] if demos else "demo_mos_cpu.yaml")
-            + (f" (also {', '.join(demos[1:])})" if len(demos) > 1 else "")
-        ) from None
 
 
 @dataclass
@@ -518,113 +361,6 @@ def train_step(parts: Parts, batch: dict, step: int) -> Tensor:
     return torch.stack([out[t].detach().float() for t in parts.terms])
 
 
-# -------------------------------------------------------------------------- resume helpers
-
-
-def find_resume_checkpoint(run_dir: str | Path | None, resume: str | Path | None) -> Path | None:
-    """An explicit ``resume`` path, else the newest checkpoint in ``run_dir``, else ``None``."""
-    if resume:
-        path = Path(resume)
-        if path.is_dir():
-            found = latest_checkpoint(path)
-            if found is None:
-                raise FileNotFoundError(
-                    f"--resume {path}: no checkpoints in {path / 'checkpoints'}"
-                )
-            return found
-        if not path.is_file():
-            raise FileNotFoundError(f"--resume {path}: no such checkpoint")
-        return path
-    return latest_checkpoint(run_dir) if run_dir else None
-
-
-def resolve_resume(
-    cfg: TrainConfig, layers: Sequence[dict] = (), resume: str | Path | None = None
-) -> tuple[TrainConfig, Path | None]:
-    """The checkpoint a start of the run ``cfg.run.out`` resumes from, and that start's config:
-    the one place that decides both (``ssl-cli pretrain`` calls it, then :func:`pretrain`).
-
-    The checkpoint is ``resume`` (a checkpoint file, or a run directory's newest) or else the
-    newest in ``cfg.run.out`` (:func:`find_resume_checkpoint`); for a new run it is ``None``
-    and ``cfg`` is kept. A resumed run's config is the checkpoint's, under the same ``layers``
-    that made ``cfg`` (values given now override it; :func:`check_resume_config` refuses, when
-    the run starts, those that change what is computed). Pass the checkpoint on as
-    :func:`pretrain`'s ``resume``.
-    """
-    ckpt = find_resume_checkpoint(cfg.run.out, resume)
-    if ckpt is None:
-        return cfg, None
-    return resolve_config(read_checkpoint_config(ckpt), *layers), ckpt
-
-
-def _resumable(key: str) -> bool:
-    """``key`` or a section holding it (``run.wandb`` for ``run.wandb.project``) is in
-    :data:`RESUMABLE_KEYS`."""
-    parts = key.split(".")
-    return any(".".join(parts[:i]) in RESUMABLE_KEYS for i in range(1, len(parts) + 1))
-
-
-# free-form sections a resume compares whole (a changed view set or timm kwarg is one change)
-_COMPARED_WHOLE = ("views", "backbone_kwargs")
-
-
-def check_resume_config(
-    cfg: TrainConfig, saved: dict, non_finite: dict | None = None, step: int | None = None
-) -> list[str]:
-    """Raise :class:`ConfigError` when ``cfg`` differs from a checkpoint's config anywhere but
-    :data:`RESUMABLE_KEYS`.
-
-    ``non_finite``: the run's ``non-finite.json`` (``{"step", ...}``) and ``step`` the
-    checkpoint's step: when the run stopped on a non-finite value after that checkpoint, the
-    changes of :data:`AFTER_NON_FINITE` (a lower ``optim.base_lr``, a new or lower
-    ``optim.clip_grad``) are allowed too. Returns those allowed changes, one line each.
-    """
-    old = flatten(to_dict(resolve_config(saved)), leaves=_COMPARED_WHOLE)
-    new = flatten(to_dict(cfg), leaves=_COMPARED_WHOLE)
-    after_stop = (
-        non_finite is not None
-        and step is not None
-        and isinstance(non_finite.get("step"), int)
-        and non_finite["step"] > step
-    )
-    diffs, allowed = [], []
-    for k in sorted(set(old) | set(new)):
-        if _resumable(k) or old.get(k) == new.get(k):
-            continue
-        change = f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}"
-        rule = AFTER_NON_FINITE.get(k)
-        if after_stop and rule is not None and rule(old.get(k), new.get(k)):
-            allowed.append(change)
-        else:
-            diffs.append(change)
-    if diffs:
-        if non_finite is not None and not after_stop:
-            diffs.append(
-                f"(the non-finite stop at step {non_finite.get('step')} is not after this "
-                "checkpoint, so its exception does not apply)"
-            )
-        elif after_stop:
-            diffs.append(
-                "(after the non-finite stop only a lower optim.base_lr and a new or lower "
-                "optim.clip_grad may change)"
-            )
-        raise ConfigError(
-            "cannot resume: the config differs from the checkpoint's in keys that change what "
-            "is computed:\n  " + "\n  ".join(diffs) + "\nstart a new run directory instead"
-        )
-    return allowed
-
-
-def read_non_finite(ckpt_path: Path) -> dict | None:
-    """``non-finite.json`` of the run that wrote ``ckpt_path`` (``RUN/checkpoints/x.pt``)."""
-    path = ckpt_path.parent.parent / NON_FINITE_FILE
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
 # ------------------------------------------------------------------------- non-finite guard
 
 
@@ -831,52 +567,6 @@ def pretrain(
         return _pretrain(cfg, info, loader, resume, log, verify_shards)
     finally:
         cleanup_distributed(info)
-
-
-def check_data(cfg: TrainConfig, info: DistInfo, run_dir: Path, sha256: bool, log: Callable):
-    """Every shard of ``data.shards`` against its manifest (:func:`pipeline.source.check_shards`:
-    size, and sha256 when ``sha256``), before anything is built. The first process of every
-    node checks (nodes may hold their own copies); rank 0 keeps the digests it verified in
-    ``RUN/shards-checked.json``, so a resume or a restart does not hash unchanged files again.
-    Every rank raises the same :class:`~pipeline.source.ShardError` when one fails."""
-    shards = cfg.data.shards
-    if cfg.data.synthetic or not shards or not (is_url(shards) or Path(shards).is_dir()):
-        return  # build_loader names a missing directory
-    from pipeline.source import ShardError, check_shards
-
-    problem, stats = None, None
-    if info.local_rank == 0:
-        t0 = time.perf_counter()
-        try:
-            stats = check_shards(
-                cfg.data.shards,
-                sha256=sha256,
-                cache=run_dir / SHARD_CHECK_FILE,
-                write_cache=info.is_main,
-            )
-        except (ShardError, OSError) as e:
-            problem = str(e)
-        seconds = time.perf_counter() - t0
-    problems = [p for p in all_gather_objects(problem) if p]
-    if problems:
-        raise ShardError(problems[0])
-    if info.is_main and stats is not None:
-        how = (
-            f"sizes and sha256: {stats['hashed']} hashed ({stats['bytes_hashed'] / 2**20:.1f} "
-            f"MiB), {stats['cached']} unchanged since their last check"
-            if sha256
-            else "sizes only (--no-verify-shards)"
-        )
-        log(
-            f"checked {stats['shards']} shard(s) of {cfg.data.shards} against manifest.json: "
-            f"{how}, {seconds:.1f} s"
-        )
-        dropped = stats.get("dropped_cache_copies")
-        if dropped:
-            log(
-                f"the shard cache's copies of {', '.join(dropped)} failed their check (the "
-                "cache's fault, not the store's): they are downloaded again when needed"
-            )
 
 
 def _pretrain(
@@ -1097,7 +787,7 @@ def _write_run_files(run: _Run, resumed: _Resumed) -> None:
     """Rank 0: the resolved ``config.yaml`` and this start's session appended to ``run.json``."""
     cfg, run_dir = run.cfg, run.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_yaml(to_dict(cfg)))
+    atomic_write_text(run_dir / "config.yaml", dump_yaml(to_dict(cfg)))
     info_path = run_dir / "run.json"
     sessions = []
     if info_path.exists():

@@ -425,8 +425,9 @@ def _calibrate(plan: QualityPlan, method: str, log: Callable[[str], None]) -> in
     """Steps that fit ``budget_seconds`` for ``method``: its end-to-end step time measured on
     the real loader after a warm-up."""
     from train.bench import measure_steps
+    from train.data import build_loader
     from train.distributed import cleanup_distributed, init_distributed
-    from train.loop import build_loader, build_parts
+    from train.loop import build_parts
 
     if plan.budget_fe is not None:
         steps = plan._fe_steps(plan.config(method, plan.seeds[0], steps=1))
