@@ -56,8 +56,8 @@ from shards.verify import load_manifest
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, NO_AUGMENT, Augment
 from .loader import ViewLoader, _dali_reason, _device, _to_torch, first_undecodable
-from .source import ShardIndex, _parse_index
 from .scene_pairs import random_resized_crop_boxes
+from .source import ShardIndex, _parse_index
 from .views.banks import RATIO, Bank, SamplePlan, _bank, _check_range, _check_size, _Group, _plan
 
 __all__ = [

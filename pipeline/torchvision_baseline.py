@@ -21,9 +21,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, Augment
+from .scene_pairs import sample_scene_pair
 from .source import EpochPlan, ShardIndex, batch_rng
 from .stitching import stitch_multiscale
-from .scene_pairs import sample_scene_pair
 from .views import DecodeCropViews, MOSViews, MultiCropViews, UniVIPViews
 
 __all__ = ["baseline_loader"]
