@@ -12,6 +12,8 @@ from pathlib import Path
 import click
 
 __all__ = [
+    "DEVICES",
+    "device_option",
     "COMPLETION",
     "RECIPE_DEFAULT",
     "ShardFolder",
@@ -251,6 +253,15 @@ def storage_options_last(group: click.Group) -> None:
 def fail(e: Exception) -> click.ClickException:
     """A library error as the command's error message (exit status 1, no traceback)."""
     return click.ClickException(str(e))
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def device_option(help: str, default: str | None = "auto"):
+    """``--device auto|cpu|cuda``, declared once for every command (auto: CUDA when available);
+    ``default`` None where a config's ``run.device`` decides."""
+    return click.option("--device", type=click.Choice(DEVICES), default=default, help=help)
 
 
 LIBRARY_ERRORS = (ValueError, RuntimeError, OSError, KeyError)

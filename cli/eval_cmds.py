@@ -21,7 +21,14 @@ from pathlib import Path
 
 import click
 
-from cli.common import ShardFolder, library_errors, require, storage_options, world_size
+from cli.common import (
+    ShardFolder,
+    device_option,
+    library_errors,
+    require,
+    storage_options,
+    world_size,
+)
 
 __all__ = ["eval_group"]
 
@@ -79,12 +86,7 @@ def _options(f=None, *, train_help=_TRAIN_HELP, val_help=_VAL_HELP, size_help=_S
             help="Images per forward pass during feature extraction, per process (not the "
             "probe's SGD batch).",
         ),
-        click.option(
-            "--device",
-            type=click.Choice(["auto", "cpu", "cuda"]),
-            default="auto",
-            help="auto: CUDA when available (GPU decoding too).",
-        ),
+        device_option("auto: CUDA when available (GPU decoding too)."),
         click.option(
             "--precision",
             type=click.Choice(["fp32", "bf16"]),

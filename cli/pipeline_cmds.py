@@ -13,6 +13,7 @@ import click
 
 from cli.common import (
     ShardFolder,
+    device_option,
     library_errors,
     require,
     storage_options,
@@ -73,13 +74,7 @@ def _data(f):
     show_default=True,
     help="Photometric augmentation on, or crops only.",
 )
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="auto",
-    show_default=True,
-    help="Where DALI builds the views.",
-)
+@device_option("Where DALI builds the views (auto: CUDA when available).")
 @library_errors
 def preview(shards, method, out, samples, seed, augment, device) -> None:
     """Write a PNG of the views a method trains on, for a few samples of --data SHARDS.
@@ -119,13 +114,7 @@ def preview(shards, method, out, samples, seed, augment, device) -> None:
     default=None,
     help="Source images per batch, for every pipeline [default: 256 on a GPU, 32 on CPU].",
 )
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="auto",
-    show_default=True,
-    help="Where DALI builds our views (auto: CUDA when available).",
-)
+@device_option("Where DALI builds our views (auto: CUDA when available).")
 @click.option(
     "--seconds",
     type=click.FloatRange(min=0),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli.common import library_errors, overrides_argument, split_overrides
+from cli.common import device_option, library_errors, overrides_argument, split_overrides
 
 RECIPES = ("cpu", "gpu")
 RECIPE_DEFAULT = "[default: from --recipe; see --dry-run]"
@@ -119,12 +119,7 @@ def _csv(kind: type):
     default=None,
     help=f"Steps between kNN evaluations during each run {RECIPE_DEFAULT}",
 )
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="auto",
-    help="Where every run trains and evaluates (auto: CUDA when available).",
-)
+@device_option("Where every run trains and evaluates (auto: CUDA when available).")
 @click.option(
     "--set",
     "assignments",

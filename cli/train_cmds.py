@@ -20,6 +20,7 @@ import click
 
 from cli.common import (
     ShardFolder,
+    device_option,
     library_errors,
     overrides_argument,
     recipe,
@@ -140,12 +141,7 @@ def _common(f):
             default=None,
             help=recipe("timm model name, e.g. vit_small_patch16_224, resnet50."),
         ),
-        click.option(
-            "--device",
-            type=click.Choice(["auto", "cpu", "cuda"]),
-            default=None,
-            help=recipe("auto: CUDA when available."),
-        ),
+        device_option(recipe("auto: CUDA when available."), default=None),
         click.option(
             "--precision",
             type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
