@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from pipeline.torchvision_baseline import baseline_loader
 from shards.remote import ShardCache, cache_for, default_cache_root, filesystem, is_url, redact_url
 from shards.sysinfo import cpu_model, library_versions
 from shards.verify import load_manifest
@@ -319,7 +320,6 @@ def bench_pipeline(
             )
 
         def tv():
-            from .torchvision_baseline import baseline_loader
 
             return baseline_loader(
                 shards_dir, views, batch_size, baseline_workers, seed=seed, epochs=10**6

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from shards.remote import is_url
@@ -109,7 +110,6 @@ def read_labels(index: ShardIndex) -> np.ndarray:
     Raises :class:`UnlabelledShardsError` when a sample has no label, ``ValueError`` when a
     ``.cls`` disagrees with the Parquet ``label`` (a damaged shard set: ``ssl-cli shards verify``).
     """
-    import pyarrow.parquet as pq
 
     root = index.root
     manifest = load_manifest(root)

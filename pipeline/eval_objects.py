@@ -38,9 +38,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
 from shards.remote import is_url
+from shards.verify import load_manifest
 
 from .eval import _RowSource, eval_pipeline
 from .loader import _dali_reason, _device, _to_torch, first_undecodable
@@ -117,8 +121,6 @@ def _list_values(column, width: int | None = None) -> tuple[np.ndarray, np.ndarr
     """A pyarrow ``list<...>`` column as (per-row lengths ``[N]``, flat values): a null list
     counts as empty. ``width``: the values are fixed-size lists of that width, flattened to
     ``[n, width]``."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
 
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     lengths = pc.fill_null(pc.list_value_length(array), 0).to_numpy().astype(np.int64)
@@ -136,9 +138,6 @@ def read_ground_truth(shards_dir: str | Path | ShardIndex) -> GroundTruth:
     its cache). Raises :class:`NoGroundTruthError` naming the folder when it was built
     without ``--annotations``, ``ValueError`` naming the sample for a label outside the
     manifest's categories or a box outside its image (a damaged shard set)."""
-    import pyarrow.parquet as pq
-
-    from shards.verify import load_manifest
 
     root = shards_dir.root if isinstance(shards_dir, ShardIndex) else Path(shards_dir)
     manifest = load_manifest(root)

@@ -24,7 +24,10 @@ margin, colour, solarization), then ``fn.crop_mirror_normalize`` to float32 ``[F
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+from shards.verify import load_manifest
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, apply_photometric
 from .source import ViewSource
@@ -144,11 +147,8 @@ def webdataset_pipeline(
     what ``fn.readers.webdataset`` reads directly; kept as a check of that contract and as an
     alternative reading path.
     """
-    from pathlib import Path
 
     from nvidia.dali import fn, pipeline_def, types
-
-    from shards.verify import load_manifest
 
     root = Path(shards_dir)
     manifest = load_manifest(root)

@@ -44,6 +44,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from pipeline.graph import view_pipeline
+
 from .source import EpochPlan, ShardError, ShardIndex, ViewSource
 from .views import ViewSet
 
@@ -259,7 +261,6 @@ class ViewLoader:
     # ---------------------------------------------------------------------- pipeline
 
     def _build(self) -> None:
-        from .graph import view_pipeline
 
         self._release()
         self._source = ViewSource(

@@ -45,9 +45,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from shards.atomic import atomic_write_json
-from shards.remote import RemoteShardError, ShardCache, is_url
+from shards.remote import RemoteShardError, ShardCache, cache_for, is_url
 from shards.verify import load_manifest
 from shards.writer import read_index, sha256_file
 
@@ -208,7 +209,6 @@ def _check_remote(
     sha256 is checked when it is downloaded into the shard cache; with ``sha256`` the tars
     already in the cache are checked again like local ones (a file changed in the cache).
     ``stats["remote"]``: tars not in the cache yet."""
-    from shards.remote import cache_for
 
     store = shards if isinstance(shards, ShardCache) else cache_for(shards)
     try:
@@ -261,7 +261,6 @@ class ShardIndex:
     """
 
     def __init__(self, shards_dir: str | Path | ShardCache, cache: ShardCache | None = None):
-        import pyarrow.parquet as pq
 
         if isinstance(shards_dir, ShardCache):  # a URL read through this very cache
             shards_dir, cache = shards_dir.url, shards_dir

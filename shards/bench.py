@@ -24,6 +24,7 @@ Two measures of the boxes:
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
 import os
 import platform
@@ -32,6 +33,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
+
+from shards.atomic import atomic_write_bytes
 
 from .annotations import ImageTruth, load_annotations
 from .images import ImageParams, RejectedImage, decode_image
@@ -451,15 +454,12 @@ def plot_bench(report: dict, out: str | os.PathLike, title: str | None = None) -
     """A PNG of AR@100 against images/s per core (log scale), one numbered point per row of
     ``report`` (a :func:`bench_search` report with ground truth) and a key of the numbers,
     written atomically. ``title``: default, the images and the CPU."""
-    import io
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
-
-    from .atomic import atomic_write_bytes
 
     rows = [r for r in report["rows"] if "gt" in r and r["gt"]["AR@100"] is not None]
     if not rows:

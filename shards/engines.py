@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -65,10 +67,6 @@ def _exit_with_parent() -> None:
     clean-up in the parent): on Linux the kernel sends SIGTERM at once (``prctl
     PR_SET_PDEATHSIG``); everywhere a daemon thread sees the parent change and exits within
     :data:`_PARENT_POLL_S`."""
-    import signal
-    import sys
-    import threading
-    import time
 
     parent = os.getppid()
     if sys.platform.startswith("linux"):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -27,6 +28,8 @@ import tarfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from .images import IMAGE_EXTENSIONS, RejectedImage
 
@@ -565,7 +568,6 @@ def _is_cifar(root: Path) -> bool:
 
 
 def _encode_jpeg(rgb, quality: int) -> bytes:
-    import io
 
     from PIL import Image
 
@@ -589,7 +591,6 @@ def cifar_batches(root: Path, split: str) -> tuple[str, list[str], list[ArrayBat
     """CIFAR-10 (``cifar-10-batches-py``) or CIFAR-100 (``cifar-100-python``) python batches of
     ``split`` as arrays: (``cifar10`` or ``cifar100``, class names, batches). CIFAR-100's labels
     are its fine labels."""
-    import numpy as np
 
     if split not in SPLITS:
         raise SourceError(f"unknown split {split!r}; choose one of {SPLITS}")
@@ -693,7 +694,6 @@ def _is_idx(root: Path) -> bool:
 
 def read_idx(path: Path, max_bytes: int = 1 << 32):
     """An IDX file (gzipped or not) -> numpy array (``uint8`` data only: the MNIST family)."""
-    import numpy as np
 
     st = _regular(path, "IDX file")
     with open(path, "rb") as f:
@@ -766,7 +766,6 @@ def idx_batches(root: Path, split: str) -> tuple[str, list[str], list[ArrayBatch
 def _idx(root: Path, split: str, jpeg_quality: int) -> Source:
     """The IDX family (:func:`idx_batches`). Greyscale images become RGB JPEG at
     ``jpeg_quality``; labels are kept."""
-    import numpy as np
 
     prefix, classes, (batch,) = idx_batches(root, split)
     key_prefix = f"{_sanitize(prefix.strip('-_. '))}_" if prefix.strip("-_. ") else ""

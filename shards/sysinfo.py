@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import platform
+import sys
 from pathlib import Path
 
 
@@ -49,8 +51,6 @@ _LIBRARIES: dict[str, tuple[str | None, tuple[str, ...]]] = {
 def library_version(name: str) -> str | None:
     """The version of the library ``name`` (a key of ``_LIBRARIES``), ``None`` when it is not
     installed."""
-    import importlib.metadata
-    import sys
 
     module, dists = _LIBRARIES[name]
     loaded = sys.modules.get(module) if module else None

@@ -28,6 +28,7 @@ import errno
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +154,6 @@ def state_bytes(state: Any) -> int:
 def check_free_space(folder: Path, state: dict, final: Path) -> None:
     """:class:`CheckpointWriteError` (ENOSPC) when ``folder``'s file system has less room than
     ``state`` needs, before anything is written."""
-    import shutil
 
     need = int(state_bytes(state) * _FREE_SPACE_MARGIN) + _FREE_SPACE_EXTRA
     free = shutil.disk_usage(folder).free

@@ -13,10 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.source import ShardError, SmallDataError, check_shards
+from pipeline.views import VIEW_SETS, view_set
 from shards.remote import is_url
 from train.config import ConfigError, TrainConfig
 from train.distributed import DistInfo, all_gather_objects
 from train.methods import get_method
+from train.synthetic import SyntheticLoader
 
 if TYPE_CHECKING:
     from pipeline.views import ViewSet
@@ -37,7 +40,6 @@ def real_view_set(views: str, cfg: TrainConfig) -> ViewSet:
     - multicrop (BYOL, MoCo v3): two global crops of area 0.08..1 and no local crops
       (``MultiCropViews.byol``).
     """
-    from pipeline.views import VIEW_SETS, view_set
 
     d = cfg.data
     kwargs: dict[str, Any] = {
@@ -55,7 +57,6 @@ def real_view_set(views: str, cfg: TrainConfig) -> ViewSet:
 def synthetic_loader(cfg: TrainConfig, info: DistInfo, **overrides: Any) -> Any:
     """:class:`train.synthetic.SyntheticLoader` with the shapes of ``cfg``'s method and views,
     this rank's share of the global batch; ``overrides``: more of its keyword arguments."""
-    from train.synthetic import SyntheticLoader
 
     kwargs = {
         "rank": info.rank,
@@ -109,7 +110,6 @@ def build_loader(cfg: TrainConfig, info: DistInfo) -> Any:
             f"the shard loader pipeline.loader cannot be imported ({e}); "
             "train on synthetic data with --synthetic, or install DALI"
         ) from None
-    from pipeline.source import SmallDataError
 
     try:
         return shard_loader.ViewLoader(
@@ -147,7 +147,6 @@ def check_data(cfg: TrainConfig, info: DistInfo, run_dir: Path, sha256: bool, lo
     shards = cfg.data.shards
     if cfg.data.synthetic or not shards or not (is_url(shards) or Path(shards).is_dir()):
         return  # build_loader names a missing directory
-    from pipeline.source import ShardError, check_shards
 
     problem, stats = None, None
     if info.local_rank == 0:

@@ -20,9 +20,14 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
+
 import configs
 from shards.atomic import atomic_write_bytes
+from shards.build import build_shards
+from shards.process import BuildParams
 from train.config import load_yaml
+from train.evaluation import knn_eval
 from train.loop import pretrain
 from train.resolve import resolve_config
 
@@ -97,7 +102,6 @@ def write_digits_idx(folder: str | Path) -> Path:
 
     ``digits-train-*``: the first :data:`DIGITS_BANK` images, ``digits-test-*``: the rest;
     each 8x8 scan (0..16) is scaled to 0..255 and resized to 32x32 (bilinear)."""
-    import numpy as np
     from PIL import Image
 
     try:
@@ -141,9 +145,6 @@ def demo_evaluate(
 
     Builds ``OUT/digits/{bank,queries}`` once (resumable like any build) and returns
     ``{method: knn report}``."""
-    from shards.build import build_shards
-    from shards.process import BuildParams
-    from train.evaluation import knn_eval
 
     out_dir = Path(out_dir)
     idx = write_digits_idx(out_dir / "digits" / "idx")

@@ -14,6 +14,8 @@ The maths (:func:`knn_classify`, :func:`knn_accuracy`, :func:`train_linear_probe
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -23,8 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.eval import EvalLoader, ProbeTrainLoader
 from shards.atomic import atomic_write_json
-from train.features import extract_features, fit_input_size, load_backbones
+from train.distributed import barrier, cleanup_distributed, init_distributed
+from train.features import extract_features, fit_input_size, load_backbones, split_features
 from train.probes import (
     LinearProbeConfig,
     PaperProbeConfig,
@@ -34,6 +38,7 @@ from train.probes import (
     train_linear_probe,
     train_paper_probe,
 )
+from train.runinfo import run_info
 
 PROTOCOLS = ("fast", "paper")  # linear probe protocols (docs/evaluation.md)
 
@@ -92,7 +97,6 @@ class _Setup:
 
     def extract(self, backbone: nn.Module, shards: str | Path):
         """Centre-crop features of every sample of ``shards`` (every rank gets all, in order)."""
-        from pipeline.eval import EvalLoader
 
         with EvalLoader(
             shards,
@@ -125,7 +129,6 @@ def _check_split(train, val, val_fraction: float | None):
 
 def _bank_and_queries(setup, backbone, train, val, val_fraction):
     """The bank and the queries: two shard sets, or one cut by ``val_fraction``."""
-    from train.features import split_features
 
     if val_fraction is None:
         return setup.extract(backbone, train), setup.extract(backbone, val)
@@ -136,8 +139,6 @@ def _free_report_path(path: Path, report: dict) -> Path:
     """``path``, unless it holds the report of the same step on other data: then a name with
     the data in it (``KIND-...-step-N-on-VAL-HASH.json``), so that evaluations of one
     checkpoint on different shards do not overwrite each other."""
-    import hashlib
-    import json
 
     data = {k: report.get(k) for k in ("train", "val", "val_fraction")}
     try:
@@ -191,7 +192,6 @@ def _shared(bank, queries) -> dict:
 def _report(kind: str, meta: dict, results: dict[str, dict], setup: _Setup, seconds: float):
     """One branch: its fields at the top, ``branch`` its name. Both: ``branch`` "both",
     ``branches`` ``{name: {BRANCH_KEYS}}``, the shared fields at the top."""
-    from train.runinfo import run_info
 
     cfg = meta["config"]
     names = list(results)
@@ -223,8 +223,6 @@ def _evaluate(kind: str, checkpoint, options: dict, compute, out) -> dict:
     """Shared frame of :func:`knn_eval` and :func:`linear_eval`: process group, backbones of
     the branch(es), ``compute(backbone, setup) -> fields`` per branch, the report written by
     rank 0 (:func:`report_path` of the resolved branch, or ``out``)."""
-
-    from train.distributed import barrier, cleanup_distributed, init_distributed
 
     precision = options["precision"]
     if precision not in ("fp32", "bf16"):
@@ -387,7 +385,6 @@ def linear_eval(
         }
 
     def paper(backbone, setup):
-        from pipeline.eval import ProbeTrainLoader
 
         queries = setup.extract(backbone, val)
         with ProbeTrainLoader(

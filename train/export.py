@@ -41,13 +41,16 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
 
+import timm
 import torch
 
 from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.eval import DEFAULT_CROP_PCT
 from shards.atomic import atomic_file, atomic_write_bytes, atomic_write_json, atomic_write_text
 from shards.writer import sha256_file
 
@@ -259,10 +262,7 @@ def hf_config(model: torch.nn.Module, kwargs: dict, input_size: int) -> dict:
     """``config.json`` of the ``hf`` format for a timm ``model`` built with ``kwargs``: timm's
     ``save_config_for_hf`` with our preprocessing, ``pretrained_cfg`` cut to the keys that
     describe these weights."""
-    import timm
     from timm.models._hub import save_config_for_hf
-
-    from pipeline.eval import DEFAULT_CROP_PCT
 
     data_config = {
         "input_size": (3, input_size, input_size),
@@ -290,7 +290,6 @@ def hf_config(model: torch.nn.Module, kwargs: dict, input_size: int) -> dict:
 @torch.no_grad()
 def _check_hf_folder(folder: Path, reference: torch.nn.Module, input_size: int) -> None:
     """Load ``folder`` as timm does and compare its outputs with ``reference``'s."""
-    import timm
 
     try:
         loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
@@ -332,7 +331,6 @@ def _write_hf(out: Path, state: dict, config: dict, info: dict, metadata: dict[s
 def _write_detection(out: Path, fmt: str, state: dict, mapping: dict, info: dict) -> None:
     """The detectron2 pickle or the mmdet checkpoint, written atomically, then read back and
     checked against the backbone (:func:`train.detection.check_conversion`)."""
-    import pickle
 
     if fmt == "detectron2":
         model = {mapping[k]: v.detach().cpu().numpy() for k, v in state.items()}
@@ -360,7 +358,6 @@ def export_backbone(
     description, whose ``load`` is the snippet that loads it. ``branch`` ``auto`` is the branch
     ``ssl-cli eval`` reports by default (:func:`train.features.resolve_branches`: the momentum
     encoder of every ssl-cli run)."""
-    import timm
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")

@@ -28,11 +28,15 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
+from pipeline.eval import EvalLoader
 from shards.split import split_rows
 from train.checkpoint import BRANCHES, backbone_state_dict, load_checkpoint, resolve_checkpoint
 from train.distributed import gather_rows
+from train.models import build_backbone
 from train.probes import Accuracy, knn_accuracy
+from train.resolve import resolve_config
 
 __all__ = [
     "BRANCH_CHOICES",
@@ -120,8 +124,6 @@ def load_backbones(
     of a checkpoint file), loaded once: ``{branch name: backbone}`` on the CPU in eval mode,
     and ``{"checkpoint", "step", "method", "branches", "branch_requested", "config"}``
     (config: the resolved :class:`~train.config.TrainConfig`)."""
-    from train.models import build_backbone
-    from train.resolve import resolve_config
 
     path = resolve_checkpoint(run_or_ckpt)
     ckpt = load_checkpoint(path)
@@ -207,7 +209,6 @@ def extract_features(
     ``autocast``: a context factory for mixed precision (features are cast back to float32);
     ``channels_last``: NHWC inputs (CNNs on GPUs).
     """
-    from tqdm import tqdm
 
     was_training = backbone.training
     backbone.eval()
@@ -272,7 +273,6 @@ class KNNMonitor:
         device: str | torch.device = "cpu",
         num_threads: int | None = None,
     ) -> None:
-        from pipeline.eval import EvalLoader
 
         self.k, self.temperature = k, temperature
         common = {

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from shards.atomic import atomic_write_json, atomic_write_text
 from shards.remote import is_url
@@ -65,6 +66,7 @@ from train.distributed import (
     cleanup_distributed,
     init_distributed,
 )
+from train.features import KNNMonitor
 from train.methods import Method, build_model, forward_equivalents, get_method
 from train.models import SSLModel, has_local_batchnorm, has_sync_batchnorm, update_momentum
 from train.optim import build_optimizer, clip_gradients, set_hyperparameters
@@ -490,7 +492,6 @@ def build_monitor(cfg: TrainConfig, info: DistInfo) -> Any:
     opened now, so unlabelled shards fail before training), or ``None`` when it is off."""
     if cfg.eval.every <= 0:
         return None
-    from train.features import KNNMonitor
 
     e = cfg.eval
     for key, path in (("eval.train", e.train), ("eval.val", e.val)):
@@ -873,8 +874,6 @@ class _Run:
                 parts.loader.load_state_dict({**position, "epoch": epoch, "batch": index})
         self.batches = iter(parts.loader)
 
-        from tqdm import tqdm
-
         self.bar = tqdm(
             total=self.total,
             initial=self.start,
@@ -953,7 +952,6 @@ class _Run:
     def evaluate(self, done: int) -> None:
         """The kNN line after ``done`` steps (:func:`knn_step`), to the :class:`RunLog` and the
         log; its time is not training time (images/s, ETA)."""
-        from tqdm import tqdm
 
         t_eval = time.perf_counter()
         record = knn_step(self.parts, self.monitor, done)

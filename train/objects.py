@@ -48,7 +48,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
+from pipeline.eval_objects import ObjectLoader
+from shards.atomic import atomic_write_bytes
+from train.distributed import resolve_device
+from train.evaluation import report_path
+from train.features import fit_input_size, load_backbones
+from train.models import build_backbone
 from train.probes import (
     LinearProbeConfig,
     knn_accuracy,
@@ -57,6 +64,7 @@ from train.probes import (
     probe_threads,
     train_linear_probe,
 )
+from train.runinfo import run_info
 
 __all__ = [
     "BOX_FEATURES",
@@ -180,7 +188,7 @@ def roi_features(
     (j+1)*stride)`` and its value sits at its centre, so a box that covers cells ``a..b`` with
     half a cell to spare on each side samples only those cells.
     """
-    from torchvision.ops import roi_align
+    from torchvision.ops import roi_align  # torchvision: 2 s to import, needed here only
 
     h, w = fmap.shape[-2:]
     if h != w:
@@ -202,7 +210,7 @@ def crop_boxes(images: Tensor, boxes: Tensor, owner: Tensor, crop_size: int) -> 
     """Each box cut out of ``images [B, 3, S, S]`` and resampled to ``crop_size`` ->
     ``[K, 3, crop_size, crop_size]`` (RoIAlign with adaptive sampling: a bilinear resize with
     area averaging where the box is larger than the crop)."""
-    from torchvision.ops import roi_align
+    from torchvision.ops import roi_align  # torchvision: 2 s to import, needed here only
 
     if len(boxes) == 0:
         return images.new_zeros(0, images.shape[1], crop_size, crop_size)
@@ -222,7 +230,7 @@ def pixel_features(images: Tensor, boxes: Tensor, owner: Tensor) -> tuple[Tensor
     same size ``[B, 3*PIXEL_SIZE**2]``). RoIAlign with adaptive sampling (``sampling_ratio=0``:
     ``ceil(box side / PIXEL_SIZE)`` points per bin and side), so a bin is about the mean of its
     pixels."""
-    from torchvision.ops import roi_align
+    from torchvision.ops import roi_align  # torchvision: 2 s to import, needed here only
 
     images = images.float()
     whole = F.adaptive_avg_pool2d(images, PIXEL_SIZE).flatten(1)
@@ -254,8 +262,6 @@ def random_backbone(model_cfg: Any, size: int | None = None, seed: int = RANDOM_
     """The architecture of ``model_cfg`` (:class:`~train.config.ModelConfig`) at random init,
     seeded (the caller's random state is left as it was), in eval mode; ``size``: input side
     (:func:`train.features.fit_input_size`)."""
-    from train.features import fit_input_size
-    from train.models import build_backbone
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -284,7 +290,6 @@ def extract_object_features(
         raise ValueError(f"unknown box features {box_features!r}; choose one of {BOX_FEATURES}")
     if box_features == "crop" and not crop_size:
         raise ValueError("box features 'crop' need a crop size")
-    from tqdm import tqdm
 
     modes = {name: b.training for name, b in backbones.items() if b is not None}
     for b in backbones.values():
@@ -529,7 +534,6 @@ def evaluate_objects(
     truth (:class:`~pipeline.eval_objects.NoGroundTruthError`), different categories, or a set
     without objects.
     """
-    from pipeline.eval_objects import ObjectLoader
 
     if k < 1 or not temperature > 0:
         raise ValueError(f"k must be >= 1 and temperature > 0, got {k}, {temperature}")
@@ -639,11 +643,6 @@ def objects_eval(
     :func:`evaluate_objects` plus ``eval`` ("objects"), checkpoint, step, method, backbone,
     resolved ``branch``, ``branch_requested``, ``precision``, ``elapsed_s``, ``run``, ``path``
     (and ``input_size_change`` when a ViT's position embedding was resampled). One process."""
-    from shards.atomic import atomic_write_bytes
-    from train.distributed import resolve_device
-    from train.evaluation import report_path
-    from train.features import fit_input_size, load_backbones
-    from train.runinfo import run_info
 
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"unknown precision {precision!r}; choose fp32 or bf16")

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from pipeline.bench import eta_seconds, format_duration
 from pipeline.eval import PROBE_SCALE
@@ -322,7 +323,6 @@ def train_paper_probe(
     cross-entropy), ``train_top1`` (on the augmented crops), ``val_top1``, ``val_top5``,
     ``lr`` (at the epoch's first step), ``seconds``.
     """
-    from tqdm import tqdm
 
     world = torch.distributed.get_world_size() if is_distributed() else 1
     device = loader.device

@@ -49,9 +49,19 @@ from typing import Any
 
 import torch
 
+from pipeline.eval import EvalLoader
 from shards.atomic import atomic_write_json
+from train.bench import measure_steps
 from train.config import ConfigError, TrainConfig, deep_merge, parse_assignment, to_dict
-from train.methods import forward_equivalents
+from train.data import build_loader
+from train.distributed import cleanup_distributed, init_distributed, resolve_device
+from train.features import extract_features, fit_input_size, load_backbones
+from train.loop import build_parts, check_config, pretrain
+from train.methods import build_model, forward_equivalents, get_method
+from train.objects import evaluate_objects
+from train.probes import LinearProbeConfig, knn_accuracy, probe_accuracy, train_linear_probe
+from train.resolve import resolve_config
+from train.runinfo import describe_device, library_versions
 from train.schedules import warmup_steps
 
 __all__ = [
@@ -223,7 +233,6 @@ class QualityPlan:
 
     @classmethod
     def build(cls, **kwargs: Any) -> QualityPlan:
-        from train.methods import get_method
 
         plan = cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()})
         if plan.recipe not in RECIPES:
@@ -263,7 +272,6 @@ class QualityPlan:
             plan.budget_seconds = RECIPES[plan.recipe]["budget_seconds"]
         if plan.budget_fe is not None:
             plan.budget_seconds = None
-        from train.loop import check_config
 
         for m in plan.methods:  # every check of the run now (--dry-run too), not after an hour
             cfg = plan.config(m, plan.seeds[0], steps=1)
@@ -323,7 +331,6 @@ class QualityPlan:
 
     def config(self, method: str, seed: int, steps: int) -> TrainConfig:
         """The resolved config of one run of ``steps`` steps."""
-        from train.resolve import resolve_config
 
         r = RECIPES[self.recipe]
         family = "vit" if method in VIT_METHODS else "resnet"
@@ -424,10 +431,6 @@ class QualityPlan:
 def _calibrate(plan: QualityPlan, method: str, log: Callable[[str], None]) -> int:
     """Steps that fit ``budget_seconds`` for ``method``: its end-to-end step time measured on
     the real loader after a warm-up."""
-    from train.bench import measure_steps
-    from train.data import build_loader
-    from train.distributed import cleanup_distributed, init_distributed
-    from train.loop import build_parts
 
     if plan.budget_fe is not None:
         steps = plan._fe_steps(plan.config(method, plan.seeds[0], steps=1))
@@ -455,9 +458,6 @@ def _evaluate_backbones(
     backbones: dict[str, torch.nn.Module], plan: QualityPlan, size: int, device: torch.device
 ) -> dict[str, dict]:
     """kNN and the fast linear probe of each backbone on the plan's train/val shards."""
-    from pipeline.eval import EvalLoader
-    from train.features import extract_features
-    from train.probes import LinearProbeConfig, knn_accuracy, probe_accuracy, train_linear_probe
 
     results = {}
     for name, backbone in backbones.items():
@@ -481,8 +481,6 @@ def _evaluate_backbones(
 
 def _pixel_knn(plan: QualityPlan, size: int, device: torch.device) -> dict:
     """kNN on raw pixels: the centre crops, flattened (cosine similarity, as every kNN here)."""
-    from pipeline.eval import EvalLoader
-    from train.probes import knn_accuracy
 
     def pixels(split: str):
         xs, ys = [], []
@@ -501,8 +499,6 @@ def _pixel_knn(plan: QualityPlan, size: int, device: torch.device) -> dict:
 
 def _references(plan: QualityPlan, log: Callable[[str], None]) -> dict:
     """Random-init backbones (one per architecture, seed 0) and raw-pixel kNN, cached."""
-    from train.distributed import resolve_device
-    from train.methods import build_model
 
     path = Path(plan.out) / "references.json"
     if path.exists():
@@ -542,8 +538,6 @@ def _evaluate_objects(
 ) -> dict:
     """The object probes of ``backbones`` (and, with none given, of the references) on the
     plan's ``objects_train`` / ``objects_val`` shards, at ``objects_size``."""
-    from train.features import fit_input_size
-    from train.objects import evaluate_objects
 
     size = plan.objects_size or cfg.data.size
     crop = plan.objects_features == "crop"
@@ -566,9 +560,6 @@ def _evaluate_objects(
 
 
 def _one_run(plan: QualityPlan, method: str, seed: int, log: Callable[[str], None]) -> dict:
-    from train.distributed import resolve_device
-    from train.features import load_backbones
-    from train.loop import pretrain
 
     run_dir = plan.run_dir(method, seed)
     result_path = run_dir / "quality.json"
@@ -800,7 +791,6 @@ def _plot(runs: list[dict], refs: dict, path: Path) -> None:
 
 def run_quality(plan: QualityPlan, log: Callable[[str], None] = print) -> dict:
     """Calibrate, train and evaluate every run of ``plan`` (resuming), write the report."""
-    from train.runinfo import describe_device, library_versions
 
     out = Path(plan.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -815,7 +805,6 @@ def run_quality(plan: QualityPlan, log: Callable[[str], None] = print) -> dict:
     runs = [_one_run(plan, m, s, log) for s in plan.seeds for m in plan.methods]
     runs.sort(key=lambda r: (plan.methods.index(r["method"]), plan.seeds.index(r["seed"])))
     summary = summarise(runs, refs)
-    from train.distributed import resolve_device
 
     device = resolve_device(plan.config(plan.methods[0], 0, steps=1).run.device)
     report = {
