@@ -253,15 +253,13 @@ class RayEngine:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
         try:
             window = self.window or 4 * max(1, int(ray.cluster_resources().get("CPU", 1)))
-            # Ray's own retries are off: a lost task is resubmitted below, counted and reported
+            # Ray's own retries are off: a lost task is resubmitted by _result, counted and said
             task = ray.remote(num_cpus=1, max_retries=0)(_in_clean_child)
             params_ref = ray.put(params)
-            lost = (
-                ray.exceptions.WorkerCrashedError,
-                ray.exceptions.NodeDiedError,
-                ray.exceptions.ObjectLostError,  # ObjectReconstructionFailedError among them
-            )
-            gone = (ray.exceptions.LocalRayletDiedError, ray.exceptions.RaySystemError)
+
+            def submit(item: SourceItem) -> Any:
+                return task.remote(fn, item, params_ref)
+
             pending: deque[tuple[SourceItem, Any]] = deque()
             it = iter(items)
             while True:
@@ -269,37 +267,11 @@ class RayEngine:
                     item = next(it, None)
                     if item is None:
                         break
-                    pending.append((item, task.remote(fn, item, params_ref)))
+                    pending.append((item, submit(item)))
                 if not pending:
                     return
-                item, ref = pending[0]
-                for attempt in range(RAY_RESUBMITS + 1):
-                    try:
-                        result = self._get(ref, item)
-                        break
-                    except lost as e:
-                        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                        if attempt == RAY_RESUBMITS:
-                            raise ClusterLost(
-                                f"the Ray cluster lost the task for {item.source} "
-                                f"{RAY_RESUBMITS + 1} times (last: {why}); the build stops "
-                                "here, keeps its finished shards, and a rerun resumes from them"
-                            ) from e
-                        print(
-                            f"ssl-cli: a Ray worker or node was lost while processing "
-                            f"{item.source} ({type(e).__name__}); resubmitting "
-                            f"({attempt + 1} of {RAY_RESUBMITS})",
-                            file=sys.stderr,
-                            flush=True,
-                        )
-                        ref = task.remote(fn, item, params_ref)
-                    except gone as e:
-                        raise ClusterLost(
-                            f"the driver lost the Ray cluster while processing {item.source} "
-                            f"({type(e).__name__}: {e}); the build stops here, keeps its "
-                            "finished shards, and a rerun resumes from them"
-                        ) from e
-                pending.popleft()
+                item, ref = pending.popleft()
+                result = self._result(ref, item, submit)
                 if isinstance(result, _NotVisible):
                     if os.path.exists(item.path):
                         raise ClusterLost(
@@ -313,6 +285,42 @@ class RayEngine:
         finally:
             if started_here and not self._lost_head:  # shutting down waits on the lost head
                 ray.shutdown()
+
+    def _result(self, ref: Any, item: SourceItem, submit: Callable[[SourceItem], Any]) -> Any:
+        """The result of ``item``'s task; a task a lost worker or node held is submitted again,
+        up to :data:`RAY_RESUBMITS` times, each said on stderr."""
+        errors = self.ray.exceptions
+        lost = (
+            errors.WorkerCrashedError,
+            errors.NodeDiedError,
+            errors.ObjectLostError,  # ObjectReconstructionFailedError among them
+        )
+        gone = (errors.LocalRayletDiedError, errors.RaySystemError)
+        for attempt in range(RAY_RESUBMITS + 1):
+            try:
+                return self._get(ref, item)
+            except lost as e:
+                why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                if attempt == RAY_RESUBMITS:
+                    raise ClusterLost(
+                        f"the Ray cluster lost the task for {item.source} {RAY_RESUBMITS + 1} "
+                        f"times (last: {why}); the build stops here, keeps its finished "
+                        "shards, and a rerun resumes from them"
+                    ) from e
+                print(
+                    f"ssl-cli: a Ray worker or node was lost while processing {item.source} "
+                    f"({type(e).__name__}); resubmitting ({attempt + 1} of {RAY_RESUBMITS})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                ref = submit(item)
+            except gone as e:
+                raise ClusterLost(
+                    f"the driver lost the Ray cluster while processing {item.source} "
+                    f"({type(e).__name__}: {e}); the build stops here, keeps its finished "
+                    "shards, and a rerun resumes from them"
+                ) from e
+        raise AssertionError("unreachable")  # the last attempt returns or raises
 
 
 def make_engine(name: str, workers: int | None = None, address: str | None = None):

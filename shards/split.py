@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .atomic import atomic_write_bytes
+from .atomic import atomic_write_bytes, atomic_write_json, fsync_dir
 from .build import FORMAT, library_versions, proposals_schema, shard_name, write_parquet_atomic
 from .manifest import read_manifest_file
 from .recall import proposal_recall
@@ -140,28 +140,19 @@ def _samples(src: Path, manifest: dict):
         yield from members.items()
 
 
-def _write_side(
-    src: Path,
-    manifest: dict,
-    table: pa.Table,
-    rows: np.ndarray,
-    out: Path,
-    subset: dict,
-    shard_size: int,
-) -> dict:
-    tmp = _tmp_for(out)
-    if tmp.exists():
-        shutil.rmtree(tmp)  # what a killed split left
-    tmp.mkdir(parents=True)
-    keep = {table.column("key")[int(i)].as_py(): pos for pos, i in enumerate(rows)}
-    shard_of: list[str] = [""] * len(rows)
+def _write_shards(
+    src: Path, manifest: dict, keys: list[str], folder: Path, shard_size: int
+) -> tuple[list[dict], list[str]]:
+    """The samples ``keys`` of ``src``, in their order there, as shards of ``shard_size`` in
+    ``folder``; returns the shards' manifest entries and each key's shard name."""
+    keep = {key: pos for pos, key in enumerate(keys)}
+    shard_of: list[str] = [""] * len(keys)
     shards: list[dict] = []
-    counts = [len(b) for b in table.column("boxes").take(pa.array(rows)).to_pylist()]
     pending: list[tuple[int, dict]] = []
 
     def flush() -> None:
         name = shard_name(len(shards))
-        with ShardWriter(tmp / name) as writer:
+        with ShardWriter(folder / name) as writer:
             for pos, sample in pending:
                 writer.write(sample)
                 shard_of[pos] = name
@@ -182,25 +173,21 @@ def _write_side(
             f"{src}: {len(missing)} rows of proposals.parquet have no sample in any shard "
             f"(first: {missing[:3]}); run `ssl-cli shards verify {src}`"
         )
+    return shards, shard_of
 
-    side = table.take(pa.array(rows))
-    side = side.set_column(
-        side.schema.get_field_index("shard"), "shard", pa.array(shard_of, pa.string())
-    )
-    annotated = "annotations" in manifest
-    write_parquet_atomic(side.cast(proposals_schema(annotated)), tmp / "proposals.parquet")
-    atomic_write_bytes(tmp / "rejects.jsonl", b"")
-    atomic_write_bytes(tmp / "ignored.jsonl", b"")
+
+def _side_manifest(manifest: dict, side: pa.Table, shards: list[dict], subset: dict) -> dict:
+    """The manifest of one side: the source's build record with ``subset``, this side's counts,
+    shards and (with annotations) ground-truth counts and recall."""
+    counts = [len(b) for b in side.column("boxes").to_pylist()]
     classes = manifest.get("classes")
-    if classes is not None:
-        atomic_write_bytes(tmp / "classes.json", json.dumps(classes, indent=1).encode())
     labelled = side.column("label").null_count == 0 and len(side) > 0
-    out_manifest = {
+    out = {
         "format": FORMAT,
-        "build": {**manifest["build"], "inputs": len(rows), "subset": subset},
+        "build": {**manifest["build"], "inputs": len(side), "subset": subset},
         "counts": {
-            "inputs": len(rows),
-            "samples": len(rows),
+            "inputs": len(side),
+            "samples": len(side),
             "rejects": 0,
             "boxes": sum(counts),
             "zero_box_samples": sum(n == 0 for n in counts),
@@ -224,14 +211,44 @@ def _write_side(
         "boxes_format": manifest["boxes_format"],
         "versions": library_versions(),
     }
-    if annotated:
-        out_manifest["annotations"] = _annotation_section(manifest["annotations"], side)
-    text = json.dumps(out_manifest, indent=1) + "\n"
-    atomic_write_bytes(tmp / "manifest.json", text.encode())
+    if "annotations" in manifest:
+        out["annotations"] = _annotation_section(manifest["annotations"], side)
+    return out
+
+
+def _write_side(
+    src: Path,
+    manifest: dict,
+    table: pa.Table,
+    rows: np.ndarray,
+    out: Path,
+    subset: dict,
+    shard_size: int,
+) -> dict:
+    """One side, assembled in a temporary folder beside ``out`` and renamed to ``out`` whole."""
+    tmp = _tmp_for(out)
+    if tmp.exists():
+        shutil.rmtree(tmp)  # what a killed split left
+    tmp.mkdir(parents=True)
+    side = table.take(pa.array(rows))
+    shards, shard_of = _write_shards(src, manifest, side.column("key").to_pylist(), tmp, shard_size)
+    side = side.set_column(
+        side.schema.get_field_index("shard"), "shard", pa.array(shard_of, pa.string())
+    )
+    write_parquet_atomic(
+        side.cast(proposals_schema("annotations" in manifest)), tmp / "proposals.parquet"
+    )
+    atomic_write_bytes(tmp / "rejects.jsonl", b"")
+    atomic_write_bytes(tmp / "ignored.jsonl", b"")
+    if manifest.get("classes") is not None:
+        atomic_write_json(tmp / "classes.json", manifest["classes"])
+    side_manifest = _side_manifest(manifest, side, shards, subset)
+    atomic_write_json(tmp / "manifest.json", side_manifest)
     if out.exists():
         out.rmdir()  # checked empty by _check_out
     os.replace(tmp, out)
-    return out_manifest
+    fsync_dir(out.parent)
+    return side_manifest
 
 
 def _entry(writer: ShardWriter) -> dict:

@@ -144,7 +144,9 @@ def _verify(
     store: ShardCache | None,
     annotations: str | Path | None = None,
 ) -> list[str]:
-    classes = manifest.get("classes")
+    """Every check of a shard folder, by phase: the Parquet table, each shard (file, index,
+    samples against their rows, decoding), the rows left over, the counts and rejects, and the
+    ground truth against its annotation file."""
     decoder = None
     if decode:
         from .dali_decode import DaliDecoder
@@ -168,116 +170,165 @@ def _verify(
 
     pinned: str | None = None
     for shard in manifest["shards"]:
-        path = out / shard["name"]
-        if store is not None:
-            if pinned is not None:
-                store.unpin(pinned)  # checked: the cache may evict it
-                pinned = None
-            try:
-                path = store.fetch(shard["name"], pin=True)
-                pinned = shard["name"]
-            except RemoteShardError as e:
-                said = f"{store.remote(shard['name'])}: "
-                if not any(p.startswith(said) for p in problems):  # once per object
-                    problems.append(str(e))
-                continue
-        if not path.exists():
-            problems.append(f"{shard['name']}: missing")
+        if store is not None and pinned is not None:
+            store.unpin(pinned)  # checked: the cache may evict it
+            pinned = None
+        path, fetched = _shard_path(out, shard, store, problems)
+        if fetched:
+            pinned = shard["name"]
+        if path is None:
             continue
-        if path.stat().st_size != shard["bytes"]:
-            problems.append(
-                f"{shard['name']}: {path.stat().st_size} bytes, manifest says {shard['bytes']}"
-            )
-        digest = sha256_file(path)
-        if digest != shard["sha256"]:
-            problems.append(f"{shard['name']}: sha256 {digest[:12]}… differs from the manifest")
-        try:
-            samples, offsets, order = _read_tar_samples(path, problems)
-        except (tarfile.TarError, OSError) as e:
-            problems.append(f"{shard['name']}: unreadable tar: {e}")
+        read = _check_shard_file(path, shard, problems)
+        if read is None:
             continue
-        if len(order) != shard["samples"]:
-            problems.append(
-                f"{shard['name']}: {len(order)} samples, manifest says {shard['samples']}"
-            )
-        idx_path = index_path_for(path)
-        if shard.get("index_sha256") and idx_path.is_file():
-            if sha256_file(idx_path) != shard["index_sha256"]:
-                problems.append(f"{idx_path.name}: sha256 differs from the manifest")
-        try:
-            index = read_index(idx_path)
-        except (OSError, ValueError) as e:
-            problems.append(f"{idx_path.name}: {e}")
-            index = None
-        if index is not None:
-            if [offsets[k] for k in order] != index:
-                problems.append(f"{idx_path.name}: offsets or sizes do not match {shard['name']}")
-        to_decode: list[tuple[str, bytes, int, int]] = []
-        for key in order:
-            comps = samples[key]
-            where = f"{shard['name']}:{key}"
-            if key not in row_of:
-                problems.append(f"{where}: no row in proposals.parquet")
-                continue
-            seen_rows.add(key)
-            i = row_of[key]
-            if rows["shard"][i] != shard["name"]:
-                problems.append(f"{where}: proposals.parquet places it in {rows['shard'][i]}")
-            if "jpg" not in comps or "boxes" not in comps:
-                problems.append(f"{where}: missing component (has {sorted(comps)})")
-                continue
-            raw = comps["boxes"]
-            if len(raw) % 16:
-                problems.append(f"{where}: .boxes is {len(raw)} bytes, not a multiple of 16")
-                continue
-            boxes = np.frombuffer(raw, dtype="<i4").reshape(-1, 4)
-            expected = np.asarray(rows["boxes"][i], dtype=np.int32).reshape(-1, 4)
-            if not np.array_equal(boxes, expected):
-                problems.append(f"{where}: .boxes differ from proposals.parquet")
-            w, h = rows["width"][i], rows["height"][i]
-            if len(boxes) and (
-                (boxes[:, 0] < 0).any()
-                or (boxes[:, 1] < 0).any()
-                or (boxes[:, 2] > w).any()
-                or (boxes[:, 3] > h).any()
-                or (boxes[:, 2] <= boxes[:, 0]).any()
-                or (boxes[:, 3] <= boxes[:, 1]).any()
-            ):
-                problems.append(f"{where}: boxes outside the {w}x{h} image or empty")
-            label = rows["label"][i]
-            cls = comps.get("cls")
-            if cls is not None:
-                parsed, why = parse_label(cls, classes)
-                if why:
-                    problems.append(f"{where}: .cls {cls[:20]!r}: {why}")
-                elif parsed != label:
-                    problems.append(f"{where}: .cls {cls!r} disagrees with label {label!r}")
-            elif label is not None:
-                problems.append(f"{where}: no .cls, but label {label!r} in proposals.parquet")
-            if annotated:
-                _check_gt(comps.get("gt"), rows, i, where, problems)
-            elif "gt" in comps:
-                problems.append(f"{where}: a .gt member in a build without annotations")
-            if decoder is not None:
-                to_decode.append((where, comps["jpg"], w, h))
+        samples, order = read
+        to_decode = _check_samples(
+            shard["name"], samples, order, rows, row_of, manifest, problems, seen_rows
+        )
         if decoder is not None:
-            sizes = decoder.sizes([j for _, j, _, _ in to_decode])
-            for (where, _, w, h), size in zip(to_decode, sizes):
-                if isinstance(size, str):
-                    problems.append(f"{where}: image does not decode: {size}")
-                elif size != (w, h):
-                    problems.append(
-                        f"{where}: decodes to {size[0]}x{size[1]} (DALI), recorded {w}x{h}"
-                    )
-            to_decode = []
+            _check_decodes(decoder, to_decode, problems)
     for key in keys:
         if key not in seen_rows and key in row_of:
             problems.append(f"proposals.parquet: row {key!r} has no sample in any shard")
+    _check_counts(out, manifest, len(keys), problems)
+    if annotated:
+        problems += _verify_truth(manifest, rows, annotations)
+    return problems
 
-    counts = manifest["counts"]
-    if len(keys) != counts["samples"]:
+
+def _shard_path(out: Path, shard: dict, store: ShardCache | None, problems: list[str]):
+    """The local file of ``shard`` (in ``out``, or the store's cached copy, pinned) and whether
+    it was fetched and pinned; the path is ``None``, with the problem said, when there is none."""
+    fetched = False
+    if store is None:
+        path = out / shard["name"]
+    else:
+        try:
+            path = store.fetch(shard["name"], pin=True)
+            fetched = True
+        except RemoteShardError as e:
+            said = f"{store.remote(shard['name'])}: "
+            if not any(p.startswith(said) for p in problems):  # once per object
+                problems.append(str(e))
+            return None, False
+    if not path.exists():
+        problems.append(f"{shard['name']}: missing")
+        return None, fetched
+    return path, fetched
+
+
+def _check_shard_file(path: Path, shard: dict, problems: list[str]):
+    """Size, digest, members and DALI index of one shard file against its manifest entry;
+    returns its samples (``key -> {ext: bytes}``) and their order, or ``None`` when the tar
+    does not read."""
+    if path.stat().st_size != shard["bytes"]:
         problems.append(
-            f"proposals.parquet: {len(keys)} rows, manifest says {counts['samples']} samples"
+            f"{shard['name']}: {path.stat().st_size} bytes, manifest says {shard['bytes']}"
+        )
+    digest = sha256_file(path)
+    if digest != shard["sha256"]:
+        problems.append(f"{shard['name']}: sha256 {digest[:12]}… differs from the manifest")
+    try:
+        samples, offsets, order = _read_tar_samples(path, problems)
+    except (tarfile.TarError, OSError) as e:
+        problems.append(f"{shard['name']}: unreadable tar: {e}")
+        return None
+    if len(order) != shard["samples"]:
+        problems.append(f"{shard['name']}: {len(order)} samples, manifest says {shard['samples']}")
+    idx_path = index_path_for(path)
+    if shard.get("index_sha256") and idx_path.is_file():
+        if sha256_file(idx_path) != shard["index_sha256"]:
+            problems.append(f"{idx_path.name}: sha256 differs from the manifest")
+    try:
+        index = read_index(idx_path)
+    except (OSError, ValueError) as e:
+        problems.append(f"{idx_path.name}: {e}")
+        index = None
+    if index is not None and [offsets[k] for k in order] != index:
+        problems.append(f"{idx_path.name}: offsets or sizes do not match {shard['name']}")
+    return samples, order
+
+
+def _check_samples(
+    name: str,
+    samples: dict,
+    order: list[str],
+    rows: dict,
+    row_of: dict[str, int],
+    manifest: dict,
+    problems: list[str],
+    seen_rows: set[str],
+) -> list[tuple[str, bytes, int, int]]:
+    """Each sample of shard ``name`` against its Parquet row: placement, members, boxes in the
+    image, label, ground truth. Returns ``(where, jpeg, width, height)`` of each for decoding."""
+    classes = manifest.get("classes")
+    annotated = "annotations" in manifest
+    to_decode = []
+    for key in order:
+        comps = samples[key]
+        where = f"{name}:{key}"
+        if key not in row_of:
+            problems.append(f"{where}: no row in proposals.parquet")
+            continue
+        seen_rows.add(key)
+        i = row_of[key]
+        if rows["shard"][i] != name:
+            problems.append(f"{where}: proposals.parquet places it in {rows['shard'][i]}")
+        if "jpg" not in comps or "boxes" not in comps:
+            problems.append(f"{where}: missing component (has {sorted(comps)})")
+            continue
+        raw = comps["boxes"]
+        if len(raw) % 16:
+            problems.append(f"{where}: .boxes is {len(raw)} bytes, not a multiple of 16")
+            continue
+        boxes = np.frombuffer(raw, dtype="<i4").reshape(-1, 4)
+        expected = np.asarray(rows["boxes"][i], dtype=np.int32).reshape(-1, 4)
+        if not np.array_equal(boxes, expected):
+            problems.append(f"{where}: .boxes differ from proposals.parquet")
+        w, h = rows["width"][i], rows["height"][i]
+        if len(boxes) and (
+            (boxes[:, 0] < 0).any()
+            or (boxes[:, 1] < 0).any()
+            or (boxes[:, 2] > w).any()
+            or (boxes[:, 3] > h).any()
+            or (boxes[:, 2] <= boxes[:, 0]).any()
+            or (boxes[:, 3] <= boxes[:, 1]).any()
+        ):
+            problems.append(f"{where}: boxes outside the {w}x{h} image or empty")
+        label = rows["label"][i]
+        cls = comps.get("cls")
+        if cls is not None:
+            parsed, why = parse_label(cls, classes)
+            if why:
+                problems.append(f"{where}: .cls {cls[:20]!r}: {why}")
+            elif parsed != label:
+                problems.append(f"{where}: .cls {cls!r} disagrees with label {label!r}")
+        elif label is not None:
+            problems.append(f"{where}: no .cls, but label {label!r} in proposals.parquet")
+        if annotated:
+            _check_gt(comps.get("gt"), rows, i, where, problems)
+        elif "gt" in comps:
+            problems.append(f"{where}: a .gt member in a build without annotations")
+        to_decode.append((where, comps["jpg"], w, h))
+    return to_decode
+
+
+def _check_decodes(decoder, to_decode: list[tuple[str, bytes, int, int]], problems: list[str]):
+    """Every image decodes with DALI to the size its row records."""
+    sizes = decoder.sizes([j for _, j, _, _ in to_decode])
+    for (where, _, w, h), size in zip(to_decode, sizes):
+        if isinstance(size, str):
+            problems.append(f"{where}: image does not decode: {size}")
+        elif size != (w, h):
+            problems.append(f"{where}: decodes to {size[0]}x{size[1]} (DALI), recorded {w}x{h}")
+
+
+def _check_counts(out: Path, manifest: dict, n_rows: int, problems: list[str]) -> None:
+    """The manifest's counts against the rows and ``rejects.jsonl``."""
+    counts = manifest["counts"]
+    if n_rows != counts["samples"]:
+        problems.append(
+            f"proposals.parquet: {n_rows} rows, manifest says {counts['samples']} samples"
         )
     rejects_path = out / manifest["files"]["rejects"]
     n_rejects = None
@@ -302,9 +353,6 @@ def _verify(
         problems.append(
             f"manifest: {counts['samples']} samples + {counts['rejects']} rejects != {counts['inputs']} inputs"
         )
-    if annotated:
-        problems += _verify_truth(manifest, rows, annotations)
-    return problems
 
 
 def _gt_of_row(rows: dict, i: int) -> np.ndarray:
