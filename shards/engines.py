@@ -135,15 +135,6 @@ class LocalEngine:
                     pool = self._pool(self.workers)
                     continue
                 pending.popleft()
-                if isinstance(result, _NotVisible):
-                    if os.path.exists(item.path):
-                        raise ClusterLost(
-                            f"a Ray worker on host {result.host} cannot see {item.path}, which "
-                            "this process reads: every node needs the source at the same path "
-                            "(a shared filesystem or the same mounted bucket); the build stops "
-                            "here and a rerun resumes from its finished shards"
-                        )
-                    result = fn(item, params)  # gone for everyone: the usual reject
                 yield result
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
