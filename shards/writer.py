@@ -89,11 +89,15 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         tar, self._tar = self._tar, None
         file, self._file = self._file, None
-        tar.close()  # the tar's end blocks; the file stays open for atomic_file
         if exc_type is not None or self._discard:
             drop = exc if exc is not None else _Discarded()
             file.__exit__(type(drop), drop, tb)  # removes the temporary file
             return
+        try:
+            tar.close()  # the tar's end blocks; the file stays open for atomic_file
+        except BaseException as e:
+            file.__exit__(type(e), e, e.__traceback__)
+            raise
         self._fileobj.flush()
         tmp = Path(self._fileobj.name)
         self.sha256 = sha256_file(tmp)
