@@ -4,7 +4,9 @@ The engine's handling of lost tasks is first tested against a stand-in for Ray's
 cluster). The cluster tests run in a keeper process of its own session (head and worker node, one CPU each,
 both on 127.0.0.1), so that every Ray process it starts, orphaned agents included, is killed
 with its process group at the end. The test drives it through stdin: ``kill worker`` or
-``kill head`` SIGKILLs that node's processes.
+``kill head`` SIGKILLs that node's processes once the node is running a task (one of its Ray
+workers has started the clean child that runs the search), so the kill always takes work with
+it.
 """
 
 from __future__ import annotations
@@ -34,8 +36,21 @@ LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABL
 
 KEEPER = textwrap.dedent(
     """
-    import sys
+    import os, sys, time
     from ray.cluster_utils import Cluster
+
+    def busy(node):
+        # the node runs a task: one of its raylet's Ray workers has started its clean child
+        raylet = node.all_processes["raylet"][0].process.pid
+        parent = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+                except OSError:
+                    pass
+        return any(parent.get(parent.get(pid)) == raylet for pid in parent)
 
     node = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
     cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
@@ -45,7 +60,11 @@ KEEPER = textwrap.dedent(
         if line.strip() == "quit":
             break
         which = line.split()[-1]
-        cluster.remove_node(worker if which == "worker" else cluster.head_node, False)
+        target = worker if which == "worker" else cluster.head_node
+        deadline = time.monotonic() + 300
+        while not busy(target) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cluster.remove_node(target, False)
         print("killed", which, flush=True)
     # forget the cluster's address file (Ray's ray_current_cluster), which names a dead head
     from ray._common.utils import reset_ray_address
