@@ -28,6 +28,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "current_umask",
     "fsync_dir",
     "is_temporary",
     "stale_temporaries",
@@ -95,7 +96,8 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (read by setting and restoring it)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -116,7 +118,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", fsync: bool = True) -
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
-        tmp.chmod(0o666 & ~_umask())
+        tmp.chmod(0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

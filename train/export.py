@@ -51,7 +51,13 @@ import torch
 
 from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.eval import DEFAULT_CROP_PCT
-from shards.atomic import atomic_file, atomic_write_bytes, atomic_write_json, atomic_write_text
+from shards.atomic import (
+    atomic_file,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    current_umask,
+)
 from shards.writer import sha256_file
 
 from .checkpoint import (
@@ -228,12 +234,6 @@ def load_snippet(fmt: str, arch: str, kwargs: dict, path: Path) -> str:
     )
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _safetensors_bytes(state: dict, metadata: dict[str, str]) -> bytes:
     from safetensors.torch import save
 
@@ -312,7 +312,7 @@ def _write_hf(out: Path, state: dict, config: dict, info: dict, metadata: dict[s
         atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
         info["sha256"] = sha256_file(tmp / "model.safetensors")
         atomic_write_json(tmp / HF_INFO, info)
-        tmp.chmod(0o777 & ~_umask())  # as mkdir would create it, not mkdtemp's 0700
+        tmp.chmod(0o777 & ~current_umask())  # as mkdir would create it, not mkdtemp's 0700
         check(tmp)
         if out.exists():  # a previous hf export (check_export_out): replaced whole
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old.tmp"))

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,9 +79,6 @@ from train.resume import (
 from train.runinfo import run_info
 from train.runlog import RunLog, require_wandb
 from train.schedules import Schedules, build_schedules, peak_lr, warmup_steps
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "NonFiniteLossError",
