@@ -54,7 +54,7 @@ def demo(out, workers) -> None:
         raise click.ClickException("verification failed:\n" + "\n".join(problems))
     click.echo(inspect_shards(shards_dir))
     click.echo(f"verified: {shards_dir} (ssl-cli shards verify {shards_dir})")
-    from train.demo import demo_evaluate, demo_pretrain, next_steps
+    from train.tools.demo import demo_evaluate, demo_pretrain, next_steps
 
     runs = demo_pretrain(shards_dir, Path(out), log=click.echo, progress=sys.stderr.isatty())
     demo_evaluate(

@@ -5,8 +5,8 @@ A :class:`click.Group`, registered in ``cli/main.py``::
 
     main.add_command(eval_group, name="eval")
 
-The commands parse options and call :func:`train.evaluation.knn_eval` /
-:func:`train.evaluation.linear_eval` / :func:`train.objects.objects_eval`, which extract the
+The commands parse options and call :func:`train.eval.classify.knn_eval` /
+:func:`train.eval.classify.linear_eval` / :func:`train.eval.objects.objects_eval`, which extract the
 features, score them and write the JSON report into the run; nothing else here. Under
 ``torchrun`` every rank of knn and linear extracts its part; objects runs in one process.
 
@@ -235,7 +235,7 @@ def knn(
       ssl-cli eval knn runs/mos_coco --train data/shards/imagenet_train --val data/shards/imagenet_val --device cuda --precision bf16
       ssl-cli eval knn runs/mine --train data/shards/mine_labelled --val-fraction 0.1
     """
-    from train.evaluation import knn_eval
+    from train.eval.classify import knn_eval
 
     require(ckpt, "ckpt")
     _check(device, precision)
@@ -320,8 +320,8 @@ def linear(
       ssl-cli eval linear runs/mos_fmnist --train data/shards/fmnist_train --val data/shards/fmnist_test --epochs 20 --lr 0.3
       ssl-cli eval linear runs/mos_coco --train data/shards/imagenet_train --val data/shards/imagenet_val --protocol paper --device cuda
     """
-    from train.evaluation import linear_eval
-    from train.probes import LinearProbeConfig, PaperProbeConfig
+    from train.eval.classify import linear_eval
+    from train.eval.probes import LinearProbeConfig, PaperProbeConfig
 
     require(ckpt, "ckpt")
     _check(device, precision)
@@ -431,8 +431,8 @@ def objects(
       ssl-cli eval objects runs/univip_scenes --train data/shards/scenes_train --val data/shards/scenes_test --branch both --size 64
       ssl-cli eval objects runs/mos_coco --train data/shards/coco_train --val data/shards/coco_val --device cuda --precision bf16
     """
-    from train.objects import objects_eval
-    from train.probes import LinearProbeConfig
+    from train.eval.objects import objects_eval
+    from train.eval.probes import LinearProbeConfig
 
     require(ckpt, "ckpt")
     if world_size() > 1:

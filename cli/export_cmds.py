@@ -68,7 +68,7 @@ def export_cmd(run, out, branch, fmt) -> None:
       ssl-cli export runs/univip --branch target --format safetensors --out r50.safetensors
       ssl-cli export runs/univip --format detectron2 --out r50_d2.pkl
     """
-    from train.export import export_backbone
+    from train.outputs.export import export_backbone
 
     info = export_backbone(run, out, branch=branch, fmt=fmt)
     click.echo(

@@ -37,7 +37,7 @@ def plot_cmd(runs, out) -> None:
       ssl-cli plot runs/mos
       ssl-cli plot runs/mos runs/mocov3 --out compare.png
     """
-    from train.plots import plot_runs
+    from train.outputs.plots import plot_runs
 
     if out is None and len(runs) > 1:
         raise click.UsageError(

@@ -169,7 +169,7 @@ def bench_quality(
       ssl-cli bench quality --train data/shards/fmnist_train --val data/shards/fmnist_test --out runs/quality --dry-run optim.base_lr=1e-3
       ssl-cli bench quality --train data/shards/scenes_train --bank data/shards/fmnist_train --val data/shards/fmnist_test --objects-train data/shards/scenes_train --objects-val data/shards/scenes_test --out runs/quality-scenes --methods univip,byol --budget-fe 2000000
     """
-    from train.quality import QualityPlan, run_quality
+    from train.tools.quality import QualityPlan, run_quality
 
     plan = QualityPlan.build(
         train=train_shards,

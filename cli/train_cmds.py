@@ -6,7 +6,7 @@ Plain :class:`click.Command` objects, registered in ``cli/main.py``::
     bench.add_command(bench_train, name="train")
 
 They parse options into config layers (file, then flags, then ``--set`` and bare
-``KEY=VALUE`` arguments), and call ``train.loop.pretrain`` / ``train.bench.bench_train``; no
+``KEY=VALUE`` arguments), and call ``train.loop.pretrain`` / ``train.tools.bench.bench_train``; no
 logic of their own.
 """
 
@@ -435,9 +435,9 @@ def bench_train(
       ssl-cli bench train --method mos --data data/shards/coco --device cuda --batch-size-per-gpu 64
       ssl-cli bench train --method mos --baseline mocov3 --data data/shards/coco --json runs/bench-train.json
     """
-    from train.bench import bench_train as run_bench
     from train.config import dump_yaml, to_dict
     from train.resolve import resolve_config
+    from train.tools.bench import bench_train as run_bench
 
     _check_device(common["device"])
     flags = _common_flags(**common)

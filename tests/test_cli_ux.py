@@ -278,7 +278,7 @@ def test_eval_takes_the_run_as_argument(monkeypatch, tmp_path):
         return {"top1": 1.0, "top5": 1.0, "backbone": "b", "branch": "target", "step": 1,
                 "path": "r.json", **counts}  # fmt: skip
 
-    monkeypatch.setattr("train.evaluation.knn_eval", fake_knn)
+    monkeypatch.setattr("train.eval.classify.knn_eval", fake_knn)
     shards = ["--train", tmp_path, "--val", tmp_path, "--device", "cpu"]
     result = invoke("eval", "knn", tmp_path, *shards)
     assert result.exit_code == 0, result.output

@@ -12,9 +12,9 @@ import torch
 from tests.test_eval_cli import STEPS, common, invoke, reference_features, tiny_run
 from tests.test_eval_loader import labelled_shards
 from train.checkpoint import backbone_state_dict, latest_checkpoint, load_checkpoint
-from train.evaluation import knn_eval
-from train.features import load_backbone, load_backbones, resolve_branches
-from train.probes import knn_accuracy
+from train.eval.classify import knn_eval
+from train.eval.features import load_backbone, load_backbones, resolve_branches
+from train.eval.probes import knn_accuracy
 
 warnings.filterwarnings("ignore", message=".*external source.*not used.*")
 

@@ -18,10 +18,10 @@ from tests.test_eval_loader import labelled_shards, unlabelled_shards
 from tests.test_pipeline_shards import _tmpdir
 from tests.test_train_loop import quiet, tiny
 from train.checkpoint import latest_checkpoint, load_checkpoint
-from train.evaluation import report_path
+from train.eval.classify import report_path
+from train.eval.probes import LinearProbeConfig, knn_accuracy, probe_accuracy, train_linear_probe
 from train.loop import pretrain
 from train.methods import build_model
-from train.probes import LinearProbeConfig, knn_accuracy, probe_accuracy, train_linear_probe
 from train.resolve import resolve_config
 
 warnings.filterwarnings("ignore", message=".*external source.*not used.*")
@@ -200,7 +200,7 @@ def test_knn_on_the_gpu_matches_the_cpu(tmp_path):
 
 
 def test_val_fraction_scores_a_share_of_train_that_the_bank_does_not_hold(tmp_path):
-    from train.features import Features, split_features
+    from train.eval.features import Features, split_features
 
     feats = Features(torch.arange(20.0)[:, None], torch.arange(20) % 3, 3, "x")
     bank, queries = split_features(feats, 0.25)

@@ -1,4 +1,4 @@
-"""Object-level evaluation (``train.objects``, ``pipeline.eval_objects``, ``ssl-cli eval
+"""Object-level evaluation (``train.eval.objects``, ``pipeline.eval_objects``, ``ssl-cli eval
 objects``): RoIAlign on ViT patch grids and ResNet C5, average precision against hand cases and
 scikit-learn, the ground truth of a real ``shards build --annotations``, and the command end to
 end on scenes of solid-colour objects composed here (a known answer: raw pixels separate them
@@ -30,7 +30,7 @@ from tests.test_eval_cli import tiny_run
 from tests.test_eval_loader import unlabelled_shards
 from tests.test_pipeline_shards import _tmpdir
 from tests.test_train_loop import tiny
-from train.objects import (
+from train.eval.objects import (
     PIXEL_SIZE,
     average_precision,
     crop_boxes,
@@ -43,7 +43,7 @@ from train.objects import (
     train_multilabel_probe,
     vit_token_grid,
 )
-from train.probes import LinearProbeConfig
+from train.eval.probes import LinearProbeConfig
 from train.resolve import resolve_config
 
 warnings.filterwarnings("ignore", message=".*external source.*not used.*")

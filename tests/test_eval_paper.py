@@ -17,8 +17,8 @@ from tests.conftest import encode
 from tests.test_eval_cli import STEPS, common, invoke, tiny_run
 from tests.test_eval_loader import _build, labelled_shards
 from tests.test_pipeline_shards import _tmpdir
-from train.evaluation import linear_eval
-from train.probes import PaperProbeConfig
+from train.eval.classify import linear_eval
+from train.eval.probes import PaperProbeConfig
 from train.schedules import cosine_schedule
 
 

@@ -22,7 +22,7 @@ from tests.test_eval_loader import labelled_shards, unlabelled_shards
 from tests.test_train_loop import Crash, _free_port, loader_for, quiet, tiny
 from train.checkpoint import list_checkpoints, load_checkpoint
 from train.config import ConfigError, to_dict
-from train.features import extract_features, load_backbone
+from train.eval.features import extract_features, load_backbone
 from train.loop import pretrain
 from train.resolve import resolve_config
 from train.resume import check_resume_config
@@ -102,7 +102,7 @@ def test_the_knn_line_is_the_knn_of_the_checkpoint(tmp_path):
     for split in ("train", "val"):
         with EvalLoader(labelled_shards(split), size=32, batch_size=3, num_threads=1) as loader:
             feats.append(extract_features(backbone, loader))
-    from train.probes import knn_accuracy
+    from train.eval.probes import knn_accuracy
 
     bank, queries = feats
     acc = knn_accuracy(bank.features, bank.labels, queries.features, queries.labels, 4, k=3)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from train.probes import (
+from train.eval.probes import (
     LinearProbeConfig,
     knn_accuracy,
     knn_classify,
@@ -54,7 +54,7 @@ def test_linear_probe_learns_a_separable_set():
 
 
 def test_probe_runs_on_one_cpu_thread_and_restores_the_count():
-    from train.probes import probe_threads
+    from train.eval.probes import probe_threads
 
     seen = []
 

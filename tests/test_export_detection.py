@@ -10,7 +10,7 @@ import torch
 import torchvision
 from click.testing import CliRunner
 
-import train.export as export_mod
+import train.outputs.export as export_mod
 from cli.export_cmds import export_cmd
 from tests.test_train_loop import quiet, tiny
 from train.checkpoint import latest_checkpoint, load_checkpoint

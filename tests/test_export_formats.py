@@ -9,14 +9,14 @@ import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 
-import train.export as export_mod
+import train.outputs.export as export_mod
 from cli.export_cmds import export_cmd
 from shards.atomic import atomic_file
 from tests.test_train_loop import quiet, tiny
 from train.checkpoint import latest_checkpoint, load_checkpoint
-from train.export import export_backbone
 from train.loop import pretrain
 from train.methods import build_model
+from train.outputs.export import export_backbone
 from train.resolve import resolve_config
 
 SOURCE_KEYS = {"tag", "hf_hub_id", "hf_hub_filename", "url", "file", "source", "license"}

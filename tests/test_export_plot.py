@@ -10,9 +10,9 @@ import torchvision
 from PIL import Image
 
 from tests.test_train_loop import quiet, tiny
-from train.export import export_backbone
 from train.loop import pretrain
-from train.plots import plot_run
+from train.outputs.export import export_backbone
+from train.outputs.plots import plot_run
 from train.resolve import resolve_config
 
 

@@ -141,7 +141,7 @@ def test_the_printed_next_steps_run_as_printed_without_an_activated_venv(monkeyp
     import shutil
     import subprocess
 
-    from train.demo import cli_command, next_steps
+    from train.tools.demo import cli_command, next_steps
 
     monkeypatch.setattr(shutil, "which", lambda name: None)  # no ssl-cli on PATH
     command = cli_command()
@@ -237,8 +237,8 @@ def test_print_config_refuses_what_pretrain_refuses(assignment, message):
 def test_disjoint_labels_warn_and_reports_on_other_data_do_not_overwrite(tmp_path):
     import json
 
-    from train.evaluation import _free_report_path, _label_warning
-    from train.features import Features
+    from train.eval.classify import _free_report_path, _label_warning
+    from train.eval.features import Features
 
     def feats(labels):
         return Features(torch.zeros(len(labels), 2), torch.tensor(labels), 4, "x")

@@ -85,3 +85,38 @@ def test_the_import_graph_has_no_circles():
 
 def test_a_circle_is_found():
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+LAYERS = (  # package prefix -> rank; a module imports modules of its own rank or lower
+    ("shards", 0),
+    ("pipeline", 1),
+    ("train.eval", 3),
+    ("train.outputs", 4),
+    ("train.tools", 5),
+    ("train", 2),  # the training core: train's top level and train.losses
+    ("cli", 6),
+)
+# The one arrow up: the loop runs the periodic kNN of ``eval.every`` (docs/architecture.md).
+UPWARD = {("train.loop", "train.eval.features")}
+
+
+def layer(module: str) -> int:
+    return next(r for prefix, r in LAYERS if module == prefix or module.startswith(prefix + "."))
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    return sorted(
+        (a, b)
+        for a, targets in graph.items()
+        for b in targets
+        if layer(b) > layer(a) and (a, b) not in UPWARD
+    )
+
+
+def test_imports_only_go_down_the_layers():
+    assert upward_imports(import_graph()) == []
+
+
+def test_an_upward_import_is_found():
+    graph = {"train.eval.probes": {"train.tools.quality"}, "train.loop": {"train.eval.features"}}
+    assert upward_imports(graph) == [("train.eval.probes", "train.tools.quality")]

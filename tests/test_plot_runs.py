@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cli.plot_cmds import plot_cmd
-from train.plots import curves_figure, plot_run, plot_runs, run_names
+from train.outputs.plots import curves_figure, plot_run, plot_runs, run_names
 
 
 def _train_record(step, steps_per_epoch=10, base_lr=1e-3, scale=1.0):

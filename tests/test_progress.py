@@ -11,9 +11,14 @@ from torch import nn
 from pipeline.bench import Progress, bench_pipeline, eta_seconds, format_duration
 from tests.test_pipeline_shards import photo_shards
 from tests.test_train_loop import quiet, tiny
-from train.bench import bench_train
-from train.probes import LinearProbeConfig, PaperProbeConfig, train_linear_probe, train_paper_probe
+from train.eval.probes import (
+    LinearProbeConfig,
+    PaperProbeConfig,
+    train_linear_probe,
+    train_paper_probe,
+)
 from train.resolve import resolve_config
+from train.tools.bench import bench_train
 
 warnings.filterwarnings("ignore", message=".*external source.*not used.*")
 

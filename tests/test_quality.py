@@ -9,8 +9,8 @@ from PIL import Image
 
 from cli.main import main
 from train.methods import forward_equivalents
-from train.quality import QualityPlan
 from train.resolve import resolve_config
+from train.tools.quality import QualityPlan
 
 
 def stripes(root, per_class: int, seed: int) -> None:
@@ -161,7 +161,7 @@ def test_harness_end_to_end_resumes_and_learns(task, tmp_path):
         # init (docs/benchmarks.md: MoCo v3 gains 8-9 kNN points from it at a short budget)
         assignments=("data.batch_size=32", "ema.start=0", "ema.end=0"),
     )
-    from train.quality import run_quality
+    from train.tools.quality import run_quality
 
     report = run_quality(QualityPlan.build(**plan_args), log=lambda m: None)
     for name in ("report.json", "table.md", "curves.png", "plan.json", "references.json"):
@@ -198,7 +198,7 @@ def test_harness_end_to_end_resumes_and_learns(task, tmp_path):
 
 
 def test_spread_over_seeds():
-    from train.quality import _spread
+    from train.tools.quality import _spread
 
     assert _spread([60.0, 62.0, 64.0]) == {
         "mean": 62.0,
@@ -210,7 +210,7 @@ def test_spread_over_seeds():
 
 
 def test_table_states_the_spread_only_over_several_seeds():
-    from train.quality import QualityPlan, _markdown, _spread
+    from train.tools.quality import QualityPlan, _markdown, _spread
 
     def summary(values):
         cell = _spread(values)

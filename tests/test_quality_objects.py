@@ -9,7 +9,7 @@ from PIL import Image
 from cli.main import main
 from tests.test_quality import stripes
 from train.config import ConfigError
-from train.quality import QualityPlan, run_quality
+from train.tools.quality import QualityPlan, run_quality
 
 COLOURS = [(230, 30, 30), (30, 200, 40), (40, 60, 230), (240, 220, 30)]
 

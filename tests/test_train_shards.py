@@ -106,7 +106,7 @@ def test_resume_on_shards_matches_an_uninterrupted_run(method, shards, tmp_path)
 
 @pytest.mark.slow
 def test_demo_configs_train_on_shards(shards, tmp_path):
-    from train.demo import demo_pretrain
+    from train.tools.demo import demo_pretrain
 
     short = {"schedule": {"steps": 3}}
     results = demo_pretrain(shards, tmp_path, log=quiet, progress=False, overrides=short)
@@ -122,7 +122,7 @@ def test_demo_digits_idx_round_trip(tmp_path):
     """The demo's labelled set: scikit-learn's digits written as IDX, read back unchanged."""
     sklearn = pytest.importorskip("sklearn.datasets")
     from shards.sources import read_idx
-    from train.demo import DIGITS_BANK, write_digits_idx
+    from train.tools.demo import DIGITS_BANK, write_digits_idx
 
     folder = write_digits_idx(tmp_path / "idx")
     digits = sklearn.load_digits()
@@ -141,7 +141,7 @@ def test_demo_digits_idx_round_trip(tmp_path):
 @pytest.mark.slow
 def test_demo_knn_on_digits_beats_chance(shards, tmp_path):
     pytest.importorskip("sklearn.datasets")
-    from train.demo import demo_evaluate, demo_pretrain, next_steps
+    from train.tools.demo import demo_evaluate, demo_pretrain, next_steps
 
     results = demo_pretrain(
         shards, tmp_path, methods=("mos",), log=quiet, progress=False,

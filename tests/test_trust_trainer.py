@@ -341,7 +341,7 @@ def test_an_infinite_lr_is_refused(tmp_path):
 
 
 def test_plot_skips_and_counts_lines_without_a_numeric_step(tmp_path):
-    from train.plots import plot_run, read_metrics
+    from train.outputs.plots import plot_run, read_metrics
 
     run = tmp_path / "run"
     run.mkdir()
@@ -373,7 +373,7 @@ def test_plot_skips_and_counts_lines_without_a_numeric_step(tmp_path):
 
 
 def test_a_vit_is_evaluated_at_another_size_by_resampling_its_position_embedding(tmp_path):
-    from train.features import fit_input_size, load_backbone
+    from train.eval.features import fit_input_size, load_backbone
 
     cfg = resolve_config(short("mos", tmp_path, steps=1, model={"img_size": 64}, data={"size": 64}))
     pretrain(cfg, log=quiet)
@@ -387,7 +387,7 @@ def test_a_vit_is_evaluated_at_another_size_by_resampling_its_position_embedding
 
     pytest.importorskip("nvidia.dali")
     from tests.test_eval_loader import labelled_shards
-    from train.evaluation import knn_eval
+    from train.eval.classify import knn_eval
 
     shards = labelled_shards()
     report = knn_eval(tmp_path, shards, shards, k=2, size=32, batch_size=4, device="cpu")
@@ -457,7 +457,7 @@ def test_torch_s_hidden_write_error_is_reported_as_disk_full(tmp_path, monkeypat
 def test_export_refuses_to_overwrite_a_checkpoint(tmp_path):
     import hashlib
 
-    from train.export import export_backbone
+    from train.outputs.export import export_backbone
 
     run = tmp_path / "run"
     pretrain(resolve_config(short("byol", run, steps=2)), log=quiet)

@@ -66,7 +66,7 @@ from train.distributed import (
     cleanup_distributed,
     init_distributed,
 )
-from train.features import KNNMonitor
+from train.eval.features import KNNMonitor
 from train.methods import Method, build_model, forward_equivalents, get_method
 from train.models import SSLModel, has_local_batchnorm, has_sync_batchnorm, update_momentum
 from train.optim import build_optimizer, clip_gradients, set_hyperparameters
@@ -447,7 +447,7 @@ def schedule_warnings(cfg: TrainConfig, parts: Parts) -> list[str]:
 @torch.no_grad()
 def _cpu_step_estimate(cfg: TrainConfig, parts: Parts) -> float:
     """Seconds per step: one no-grad forward of the online backbone on 2 images, scaled by the
-    method's forward-equivalents per sample (train.quality) and this rank's batch."""
+    method's forward-equivalents per sample (train.tools.quality) and this rank's batch."""
     backbone = parts.model.online.backbone
     x = torch.zeros(2, 3, cfg.data.size, cfg.data.size)
     was_training = backbone.training
@@ -485,7 +485,7 @@ def _format_eta(seconds: float | None) -> str:
 
 
 def build_monitor(cfg: TrainConfig, info: DistInfo) -> Any:
-    """The periodic kNN of ``eval.every`` (``train.features.KNNMonitor``: both eval loaders
+    """The periodic kNN of ``eval.every`` (``train.eval.features.KNNMonitor``: both eval loaders
     opened now, so unlabelled shards fail before training), or ``None`` when it is off."""
     if cfg.eval.every <= 0:
         return None

@@ -34,8 +34,8 @@ from pipeline.eval import EvalLoader
 from shards.split import split_rows
 from train.checkpoint import BRANCHES, backbone_state_dict, load_checkpoint, resolve_checkpoint
 from train.distributed import gather_rows
+from train.eval.probes import Accuracy, knn_accuracy
 from train.models import build_backbone
-from train.probes import Accuracy, knn_accuracy
 from train.resolve import resolve_config
 
 __all__ = [

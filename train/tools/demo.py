@@ -27,7 +27,7 @@ from shards.atomic import atomic_write_bytes
 from shards.build import build_shards
 from shards.process import BuildParams
 from train.config import load_yaml
-from train.evaluation import knn_eval
+from train.eval.classify import knn_eval
 from train.loop import pretrain
 from train.resolve import resolve_config
 

@@ -59,21 +59,20 @@ from shards.atomic import (
     current_umask,
 )
 from shards.writer import sha256_file
-
-from .checkpoint import (
+from train.checkpoint import (
     backbone_state_dict,
     load_checkpoint,
     read_checkpoint_config,
     resolve_checkpoint,
 )
-from .detection import (
+from train.eval.features import resolve_branches
+from train.outputs.detection import (
     DETECTION_FORMATS,
     check_conversion,
     convert_for,
     detection_snippet,
     vit_shape,
 )
-from .features import resolve_branches
 
 FORMATS = ("timm", "safetensors", "hf", *DETECTION_FORMATS)
 SUFFIXES = {
@@ -330,7 +329,7 @@ def _write_hf(out: Path, state: dict, config: dict, info: dict, metadata: dict[s
 
 def _write_detection(out: Path, fmt: str, state: dict, mapping: dict, info: dict) -> None:
     """The detectron2 pickle or the mmdet checkpoint, written atomically, then read back and
-    checked against the backbone (:func:`train.detection.check_conversion`)."""
+    checked against the backbone (:func:`train.outputs.detection.check_conversion`)."""
 
     if fmt == "detectron2":
         model = {mapping[k]: v.detach().cpu().numpy() for k, v in state.items()}
@@ -356,7 +355,7 @@ def export_backbone(
 ) -> dict:
     """Write the backbone (and its description) in format ``fmt`` (:data:`FORMATS`); returns the
     description, whose ``load`` is the snippet that loads it. ``branch`` ``auto`` is the branch
-    ``ssl-cli eval`` reports by default (:func:`train.features.resolve_branches`: the momentum
+    ``ssl-cli eval`` reports by default (:func:`train.eval.features.resolve_branches`: the momentum
     encoder of every ssl-cli run)."""
 
     if fmt not in FORMATS:

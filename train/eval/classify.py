@@ -1,14 +1,14 @@
 """Frozen-backbone evaluation of a checkpoint: weighted kNN (DINO) and two linear probe protocols.
 
-:func:`knn_eval` and :func:`linear_eval` run the maths of :mod:`train.probes` on a checkpoint's
+:func:`knn_eval` and :func:`linear_eval` run the maths of :mod:`train.eval.probes` on a checkpoint's
 backbone(s) over labelled shards (centre-crop features from the DALI eval loader,
-:mod:`train.features`) and write a JSON report into the run (``ssl-cli eval``). The branch
+:mod:`train.eval.features`) and write a JSON report into the run (``ssl-cli eval``). The branch
 defaults to ``auto``: the momentum (target) encoder when the checkpoint has one
-(:func:`train.features.resolve_branches`); ``both`` evaluates the online and the target
+(:func:`train.eval.features.resolve_branches`); ``both`` evaluates the online and the target
 backbone and reports the two.
 
 The maths (:func:`knn_classify`, :func:`knn_accuracy`, :func:`train_linear_probe`,
-:func:`train_paper_probe`, ...) lives in :mod:`train.probes` and is importable from here too.
+:func:`train_paper_probe`, ...) lives in :mod:`train.eval.probes` and is importable from here too.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from torch import nn
 from pipeline.eval import EvalLoader, ProbeTrainLoader
 from shards.atomic import atomic_write_json
 from train.distributed import barrier, cleanup_distributed, init_distributed
-from train.features import extract_features, fit_input_size, load_backbones, split_features
-from train.probes import (
+from train.eval.features import extract_features, fit_input_size, load_backbones, split_features
+from train.eval.probes import (
     LinearProbeConfig,
     PaperProbeConfig,
     knn_accuracy,
@@ -51,7 +51,7 @@ def report_path(checkpoint: str | Path, kind: str, step: int, branch: str = "onl
     ``RUN/checkpoints/step-N.pt`` and the online branch, ``KIND-target-step-N.json`` for the
     momentum (target) branch, ``KIND-both-step-N.json`` for both in one report; beside the file
     in an ``eval/`` folder for a checkpoint outside a run directory. ``branch`` is a resolved
-    name (``auto`` is resolved before, :func:`train.features.resolve_branches`)."""
+    name (``auto`` is resolved before, :func:`train.eval.features.resolve_branches`)."""
     if branch == "auto":
         raise ValueError("report_path needs a resolved branch (online, target or both)")
     ckpt = Path(checkpoint)
@@ -284,7 +284,7 @@ def knn_eval(
     """Weighted kNN (DINO) of a checkpoint's backbone: ``train`` shards are the memory bank,
     ``val`` the queries, centre crops of ``size`` (default: the checkpoint's ``data.size``).
     ``val_fraction``: ``train`` alone, cut into bank and queries that share no sample
-    (:func:`train.features.split_features`); ``val`` is then ``None`` or the same shards.
+    (:func:`train.eval.features.split_features`); ``val`` is then ``None`` or the same shards.
     ``branch``: ``auto`` (the momentum encoder when the checkpoint has one), ``online``,
     ``target`` or ``both``. Writes the report (:func:`report_path`, or ``out``) and returns it
     (``top1``, ``top5`` in percent, counts, checkpoint, step, resolved ``branch``, ...; for

@@ -4,7 +4,7 @@ One plan (:class:`QualityPlan`) trains every ``(method, seed)`` on the same labe
 the same budget, then evaluates frozen features of the final checkpoint:
 
 - weighted kNN (k = 20, T = 0.07, DINO) on the **online** and the **momentum** branch;
-- the fast linear probe (:func:`train.evaluation.train_linear_probe`) on both branches;
+- the fast linear probe (:func:`train.eval.classify.train_linear_probe`) on both branches;
 - two references, measured once per backbone: the same backbone at random initialisation,
   and kNN on raw pixels (the centre crops, flattened).
 
@@ -22,7 +22,7 @@ each method got:
 
 With ``objects_train`` / ``objects_val`` (shard folders built with ``--annotations``, e.g. the
 scenes of ``ssl-cli data scenes``), every run and both references are also evaluated on objects
-(:func:`train.objects.evaluate_objects`): the object kNN and linear probe over ground-truth
+(:func:`train.eval.objects.evaluate_objects`): the object kNN and linear probe over ground-truth
 boxes (RoIAlign on the last feature map, at ``objects_size``) and the multi-label image probe's
 macro mAP. The pretraining set (``train``) may then be unlabelled scenes while ``bank`` / ``val``
 hold labelled single objects for the kNN.
@@ -51,18 +51,18 @@ import torch
 
 from pipeline.eval import EvalLoader
 from shards.atomic import atomic_write_json
-from train.bench import measure_steps
 from train.config import ConfigError, TrainConfig, deep_merge, parse_assignment, to_dict
 from train.data import build_loader
 from train.distributed import cleanup_distributed, init_distributed, resolve_device
-from train.features import extract_features, fit_input_size, load_backbones
+from train.eval.features import extract_features, fit_input_size, load_backbones
+from train.eval.objects import evaluate_objects
+from train.eval.probes import LinearProbeConfig, knn_accuracy, probe_accuracy, train_linear_probe
 from train.loop import build_parts, check_config, pretrain
 from train.methods import build_model, forward_equivalents, get_method
-from train.objects import evaluate_objects
-from train.probes import LinearProbeConfig, knn_accuracy, probe_accuracy, train_linear_probe
 from train.resolve import resolve_config
 from train.runinfo import describe_device, library_versions
 from train.schedules import warmup_steps
+from train.tools.bench import measure_steps
 
 __all__ = [
     "RECIPES",
@@ -187,7 +187,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 KNN_K, KNN_T = 20, 0.07  # DINO's weighted kNN
-# What the summary keeps of each object evaluation (train.objects.evaluate_objects's rows).
+# What the summary keeps of each object evaluation (train.eval.objects.evaluate_objects's rows).
 OBJECT_METRICS = ("object_knn_top1", "object_linear_top1", "image_map")
 _CALIBRATION_WARMUP, _CALIBRATION_STEPS = 3, 8
 
@@ -229,7 +229,7 @@ class QualityPlan:
     objects_train: str | None = None  # shards with ground truth: object probes' training set
     objects_val: str | None = None  # ... and their scored set
     objects_size: int | None = None  # input side of the object probes [default: data.size]
-    objects_features: str = "roi"  # how a box gets its feature (train.objects.BOX_FEATURES)
+    objects_features: str = "roi"  # how a box gets its feature (train.eval.objects.BOX_FEATURES)
 
     @classmethod
     def build(cls, **kwargs: Any) -> QualityPlan:

@@ -8,8 +8,8 @@
   crops of a loader it is given, every step (:class:`pipeline.eval.ProbeTrainLoader`): the
   protocol of MoCo v3 ``main_lincls.py`` and DINO ``eval_linear.py``.
 
-Nothing here opens a checkpoint or a shard folder: :mod:`train.features` extracts the features
-and :mod:`train.evaluation` runs these on a checkpoint over labelled shards (``ssl-cli eval``).
+Nothing here opens a checkpoint or a shard folder: :mod:`train.eval.features` extracts the features
+and :mod:`train.eval.classify` runs these on a checkpoint over labelled shards (``ssl-cli eval``).
 """
 
 from __future__ import annotations
@@ -315,7 +315,7 @@ def train_paper_probe(
     Under DDP every rank trains on its part of each epoch and the head's gradients are summed
     over ranks (the lr scales with the global batch), so the heads stay equal; the BatchNorm
     running statistics are averaged at the end. ``val``: centre-crop
-    :class:`~train.features.Features`, scored after every epoch (cheap: cached features of a
+    :class:`~train.eval.features.Features`, scored after every epoch (cheap: cached features of a
     frozen backbone). ``log``: one line per epoch (loss, accuracies, lr, its seconds, the
     elapsed time and the ETA at the cumulative rate of the epochs so far).
 

@@ -6,7 +6,7 @@ Two probes, each beside two references computed in the same run:
   backbone's last feature map by RoIAlign (:func:`roi_features`: torchvision's ``roi_align``,
   ``aligned=True``, averaged over its ``7 x 7`` output); the train objects are the memory bank
   of a weighted kNN (k=20, T=0.07, DINO) and the training set of the fast linear probe
-  (:func:`train.probes.train_linear_probe`), the val objects are scored: top-1 over the object
+  (:func:`train.eval.probes.train_linear_probe`), the val objects are scored: top-1 over the object
   classes.
 - **Multi-label image probe**: a one-vs-rest logistic classifier (linear, binary
   cross-entropy per class, :func:`train_multilabel_probe`) on the pooled image feature (the
@@ -53,10 +53,9 @@ from tqdm import tqdm
 from pipeline.eval_objects import ObjectLoader
 from shards.atomic import atomic_write_bytes
 from train.distributed import resolve_device
-from train.evaluation import report_path
-from train.features import fit_input_size, load_backbones
-from train.models import build_backbone
-from train.probes import (
+from train.eval.classify import report_path
+from train.eval.features import fit_input_size, load_backbones
+from train.eval.probes import (
     LinearProbeConfig,
     knn_accuracy,
     probe_accuracy,
@@ -64,6 +63,7 @@ from train.probes import (
     probe_threads,
     train_linear_probe,
 )
+from train.models import build_backbone
 from train.runinfo import run_info
 
 __all__ = [
@@ -261,7 +261,7 @@ class ObjectFeatures:
 def random_backbone(model_cfg: Any, size: int | None = None, seed: int = RANDOM_SEED) -> nn.Module:
     """The architecture of ``model_cfg`` (:class:`~train.config.ModelConfig`) at random init,
     seeded (the caller's random state is left as it was), in eval mode; ``size``: input side
-    (:func:`train.features.fit_input_size`)."""
+    (:func:`train.eval.features.fit_input_size`)."""
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -387,12 +387,12 @@ def train_multilabel_probe(
     features: Tensor, targets: Tensor, config: LinearProbeConfig = LinearProbeConfig()
 ) -> nn.Module:
     """One-vs-rest logistic classifiers on frozen ``features [N, D]`` for multi-hot ``targets
-    [N, C]``: :func:`~train.probes.probe_head` (non-affine BatchNorm + Linear) trained with
+    [N, C]``: :func:`~train.eval.probes.probe_head` (non-affine BatchNorm + Linear) trained with
     binary cross-entropy per class, summed over classes and averaged over the batch (so each
     class's classifier steps like the softmax probe's), SGD with momentum, cosine lr: the
-    recipe of the fast linear probe (:class:`~train.probes.LinearProbeConfig`). Returns the
+    recipe of the fast linear probe (:class:`~train.eval.probes.LinearProbeConfig`). Returns the
     head in eval mode; the caller's random state is left as it was. On the CPU it runs on one
-    thread (:func:`~train.probes.probe_threads`)."""
+    thread (:func:`~train.eval.probes.probe_threads`)."""
     with probe_threads(features.device):
         return _train_multilabel_probe(features, targets, config)
 
@@ -516,7 +516,7 @@ def evaluate_objects(
     Args:
         backbones: one timm backbone (reported as ``"backbone"``) or ``{row name: backbone}``
             (e.g. ``{"online": ..., "target": ...}``), already at input ``size`` (ViTs:
-            :func:`train.features.fit_input_size`); moved to ``device``.
+            :func:`train.eval.features.fit_input_size`); moved to ``device``.
         cfg: the run's :class:`~train.config.TrainConfig` (``model``: the random-init
             reference's architecture; ``data.size``: the default input size).
         train, val: shard folders built with ``--annotations`` and the same categories: the
@@ -639,7 +639,7 @@ def objects_eval(
     """:func:`evaluate_objects` on the backbone(s) of ``branch`` of a checkpoint (a run
     directory: its newest), at ``size`` (default: the checkpoint's ``data.size``), with both
     references. Writes the report to ``RUN/eval/objects[-target|-both]-step-N.json``
-    (:func:`train.evaluation.report_path`) or ``out``, and returns it: the fields of
+    (:func:`train.eval.classify.report_path`) or ``out``, and returns it: the fields of
     :func:`evaluate_objects` plus ``eval`` ("objects"), checkpoint, step, method, backbone,
     resolved ``branch``, ``branch_requested``, ``precision``, ``elapsed_s``, ``run``, ``path``
     (and ``input_size_change`` when a ViT's position embedding was resampled). One process."""
