@@ -183,13 +183,15 @@ class ShardFolder(click.ParamType):
         self.local = click.Path(exists=exists, file_okay=False)
 
     def convert(self, value, param, ctx):
-        from shards.remote import RemoteShardError, check_url, is_url
+        from shards.location import locate
+        from shards.remote import RemoteShardError
 
-        if is_url(value):
-            try:
-                return check_url(str(value))
-            except RemoteShardError as e:
-                self.fail(str(e), param, ctx)
+        try:
+            location = locate(value)
+        except RemoteShardError as e:
+            self.fail(str(e), param, ctx)
+        if location.is_remote:
+            return location.url
         return self.local.convert(value, param, ctx)
 
 

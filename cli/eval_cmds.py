@@ -17,8 +17,6 @@ backbone and prints one row per branch.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from cli.common import (
@@ -179,13 +177,11 @@ def _run(fn, **kwargs) -> dict:
 
 
 def _same_folder(a, b) -> bool:
-    from shards.remote import is_url
+    from shards.location import locate
 
     if a is None or b is None:
         return False
-    if is_url(str(a)) or is_url(str(b)):
-        return str(a).rstrip("/") == str(b).rstrip("/")
-    return Path(a).resolve() == Path(b).resolve()
+    return locate(str(a)).same_folder(locate(str(b)))
 
 
 _VAL_FRACTION = click.option(

@@ -358,11 +358,12 @@ def _drop_staging(folder: Path, default: bool) -> None:
 
 def _remote_out(out: str) -> str | None:
     """``out`` checked as an upload target when it is a URL, else ``None``."""
-    from shards.remote import READ_ONLY, check_url, is_url
+    from shards.location import locate
+    from shards.remote import READ_ONLY
 
-    if not is_url(out):
+    url = locate(out).url
+    if url is None:
         return None
-    url = check_url(out)
     if url.split("://", 1)[0] in READ_ONLY:
         raise click.BadParameter(f"{url}: http(s) shard folders are read-only", param_hint="OUT")
     return url

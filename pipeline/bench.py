@@ -46,7 +46,8 @@ from typing import Any
 import torch
 
 from pipeline.torchvision_baseline import baseline_loader
-from shards.remote import ShardCache, cache_for, default_cache_root, filesystem, is_url, redact_url
+from shards.location import locate
+from shards.remote import ShardCache, cache_for, default_cache_root, filesystem, redact_url
 from shards.sysinfo import cpu_model, library_versions
 from shards.verify import load_manifest
 
@@ -286,7 +287,7 @@ def bench_pipeline(
     (phase, round, contestant, elapsed, ETA), stderr by default, ``None`` for none."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {list(METHODS)}")
-    url = str(shards_dir) if is_url(shards_dir) else None
+    url = locate(shards_dir).url
     with _scratch(url) as scratch:
         remote: dict[str, Any] | None = None
         if url is not None:

@@ -52,7 +52,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from shards.remote import is_url
+from shards.location import ShardLocation, locate
 from shards.verify import load_manifest
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, NO_AUGMENT, Augment
@@ -240,7 +240,7 @@ class EvalLoader:
 
     def __init__(
         self,
-        shards_dir: str | Path,
+        shards_dir: str | Path | ShardLocation,
         size: int = 224,
         batch_size: int = 256,
         rank: int = 0,
@@ -264,8 +264,8 @@ class EvalLoader:
             crop_pct,
             prefetch,
         )
-        self.root = shards_dir if is_url(shards_dir) else Path(shards_dir)
-        self.index = ShardIndex(self.root)
+        self.location = locate(shards_dir)
+        self.index = ShardIndex(self.location)
         try:
             self.labels = read_labels(self.index)
         except BaseException:
@@ -316,7 +316,7 @@ class EvalLoader:
         found = first_undecodable(self.index, [int(r) for r in rows], self.device.index)
         if found is None:
             return RuntimeError(
-                f"the evaluation pipeline on {self.root} failed at batch {batch}: "
+                f"the evaluation pipeline on {self.location.display} failed at batch {batch}: "
                 f"{_dali_reason(error)}"
             )
         row, reason = found
@@ -436,7 +436,7 @@ class ProbeTrainLoader:
 
     def __init__(
         self,
-        shards_dir: str | Path,
+        shards_dir: str | Path | ShardLocation,
         size: int = 224,
         batch_size: int = 256,
         rank: int = 0,
@@ -451,9 +451,9 @@ class ProbeTrainLoader:
         prefetch: int = 2,
     ):
         self.views = ProbeViews(size, scale, ratio, flip)
-        self.root = shards_dir if is_url(shards_dir) else Path(shards_dir)
+        self.location = locate(shards_dir)
         self._loader = ViewLoader(
-            shards_dir,
+            self.location,
             self.views,
             batch_size,
             rank=rank,

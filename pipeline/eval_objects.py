@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from shards.remote import is_url
+from shards.location import ShardLocation, locate
 from shards.verify import load_manifest
 
 from .eval import _RowSource, eval_pipeline
@@ -227,7 +227,7 @@ class ObjectLoader:
 
     def __init__(
         self,
-        shards_dir: str | Path,
+        shards_dir: str | Path | ShardLocation,
         size: int = 224,
         batch_size: int = 256,
         device: str | torch.device = "cpu",
@@ -242,8 +242,8 @@ class ObjectLoader:
         cores = os.cpu_count() or 1
         self.num_threads = num_threads or (max(2, min(8, cores // 2)) if gpu else cores)
         self.size, self.batch_size, self.prefetch = size, batch_size, prefetch
-        self.root = shards_dir if is_url(shards_dir) else Path(shards_dir)
-        self.index = ShardIndex(self.root)
+        self.location = locate(shards_dir)
+        self.index = ShardIndex(self.location)
         try:
             self.ground_truth = read_ground_truth(self.index)
         except BaseException:
@@ -276,7 +276,7 @@ class ObjectLoader:
         found = first_undecodable(self.index, [int(r) for r in window], self.device.index)
         if found is None:
             return RuntimeError(
-                f"the object evaluation pipeline on {self.root} failed at batch {batch}: "
+                f"the object evaluation pipeline on {self.location.display} failed at batch {batch}: "
                 f"{_dali_reason(error)}"
             )
         row, reason = found
@@ -312,7 +312,9 @@ class ObjectLoader:
                 index = _to_torch(rows, torch.device("cpu")).reshape(-1).clone()
                 first, last = i * self.batch_size, min((i + 1) * self.batch_size, gt.num_images)
                 if not torch.equal(index, torch.from_numpy(gt.rows[first:last])):
-                    raise RuntimeError(f"{self.root}: batch {i} is not the rows expected")
+                    raise RuntimeError(
+                        f"{self.location.display}: batch {i} is not the rows expected"
+                    )
                 boxes, owner = self._scaled_boxes(first, last)
                 lo, hi = int(gt.offsets[first]), int(gt.offsets[last])
                 yield {

@@ -50,6 +50,7 @@ from .source import EpochPlan, ShardError, ShardIndex, ViewSource
 from .views import ViewSet
 
 if TYPE_CHECKING:
+    from shards.location import ShardLocation
     from shards.remote import ShardCache
 
 __all__ = ["ViewLoader", "default_parallelism"]
@@ -186,7 +187,7 @@ class ViewLoader:
 
     def __init__(
         self,
-        shards_dir: str | Path | ShardCache,
+        shards_dir: str | Path | ShardLocation | ShardCache,
         views: ViewSet,
         batch_size: int,
         rank: int = 0,

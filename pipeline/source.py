@@ -48,7 +48,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from shards.atomic import atomic_write_json
-from shards.remote import RemoteShardError, ShardCache, cache_for, is_url
+from shards.location import ShardLocation, locate
+from shards.remote import Prefetcher, RemoteShardError, ShardCache, default_prefetch
 from shards.verify import load_manifest
 from shards.writer import read_index, sha256_file
 
@@ -132,11 +133,11 @@ def check_shards(
     digests computed now). Raises :class:`ShardError` naming the first bad file; returns
     ``{"shards", "hashed", "cached", "bytes_hashed"}``.
     """
-    if is_url(shards_dir) or isinstance(shards_dir, ShardCache):
-        return _check_remote(shards_dir, sha256, cache, write_cache)
-    root = Path(shards_dir)
-    manifest = load_manifest(root)
-    return _check_local(root, manifest, manifest["shards"], sha256, cache, write_cache)
+    location = locate(shards_dir)
+    if location.is_remote:
+        return _check_remote(location.cache, sha256, cache, write_cache)
+    manifest = load_manifest(location.path)
+    return _check_local(location.path, manifest, manifest["shards"], sha256, cache, write_cache)
 
 
 def _check_local(
@@ -202,7 +203,7 @@ def _check_local(
 
 
 def _check_remote(
-    shards: str | ShardCache, sha256: bool, cache: str | Path | None, write_cache: bool
+    store: ShardCache, sha256: bool, cache: str | Path | None, write_cache: bool
 ) -> dict:
     """:func:`check_shards` of a folder at a URL: every tar and index listed by the manifest
     is at the URL, each tar with the manifest's size (one listing of the folder). A tar's
@@ -210,7 +211,6 @@ def _check_remote(
     already in the cache are checked again like local ones (a file changed in the cache).
     ``stats["remote"]``: tars not in the cache yet."""
 
-    store = shards if isinstance(shards, ShardCache) else cache_for(shards)
     try:
         manifest = store.read_manifest()
         names = [n for s in manifest["shards"] for n in (s["name"], s["index"])]
@@ -260,26 +260,20 @@ class ShardIndex:
     ``(offset, size)``. The tars are memory-mapped lazily in each process that reads.
     """
 
-    def __init__(self, shards_dir: str | Path | ShardCache, cache: ShardCache | None = None):
-
-        if isinstance(shards_dir, ShardCache):  # a URL read through this very cache
-            shards_dir, cache = shards_dir.url, shards_dir
-
-        self.url: str | None = None  # the folder's URL when it is read through a shard cache
+    def __init__(self, shards_dir: str | Path | ShardLocation | ShardCache):
+        self.location = locate(shards_dir)
+        self.url: str | None = self.location.url  # set when it is read through a shard cache
         self._cache: ShardCache | None = None
         self._prefetcher = None
-        if cache is not None or is_url(shards_dir):
-            from shards.remote import cache_for
-
-            self._cache = cache if cache is not None else cache_for(str(shards_dir))
-            self.url = self._cache.url
+        if self.location.is_remote:
+            self._cache = self.location.cache
             try:
                 manifest = self._cache.open()
             except RemoteShardError as e:
                 raise ShardError(str(e)) from None
             self.root = self._cache.root
         else:
-            self.root = Path(shards_dir)
+            self.root = self.location.path
             manifest = load_manifest(self.root)
         self.names = [s["name"] for s in manifest["shards"]]
         table = pq.read_table(
@@ -352,8 +346,6 @@ class ShardIndex:
 
     def _fetcher(self):
         if self._prefetcher is None:
-            from shards.remote import Prefetcher, default_prefetch
-
             self._prefetcher = Prefetcher(self._cache, self.names, ahead=default_prefetch())
         return self._prefetcher
 

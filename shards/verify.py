@@ -18,21 +18,21 @@ import pyarrow.parquet as pq
 from .annotations import AnnotationError, load_annotations
 from .boxes import read_gt
 from .build import proposals_schema
-from .manifest import ShardsNotFound, read_manifest_file
-from .remote import READ_ONLY, RemoteShardError, ShardCache, cache_for, filesystem, is_url
+from .location import ShardLocation, locate
+from .manifest import ShardsNotFound
+from .remote import READ_ONLY, RemoteShardError, ShardCache, filesystem
 from .sources import parse_label
 from .writer import index_path_for, read_index, sha256_file
 
 
-def load_manifest(out: str | Path) -> dict:
+def load_manifest(out: str | Path | ShardLocation) -> dict:
     """The checked ``manifest.json`` of the shard folder ``out`` (a local folder or a URL)."""
-    if is_url(out):
-        try:
-            return cache_for(out).read_manifest()
-        except RemoteShardError as e:
-            kind = ShardsNotFound if " not found: " in str(e) else ValueError
-            raise kind(str(e)) from None
-    return read_manifest_file(out)
+    location = locate(out)
+    try:
+        return location.read_manifest()
+    except RemoteShardError as e:
+        kind = ShardsNotFound if " not found: " in str(e) else ValueError
+        raise kind(str(e)) from None
 
 
 def _read_tar_samples(
@@ -82,9 +82,8 @@ def _remote_names(store: ShardCache) -> set[str]:
 
 
 def verify_shards(
-    out: str | Path,
+    out: str | Path | ShardLocation | ShardCache,
     decode: bool = False,
-    cache: ShardCache | None = None,
     annotations: str | Path | None = None,
 ) -> list[str]:
     """Every problem found, as one line each; an empty list means the folder is sound.
@@ -98,11 +97,12 @@ def verify_shards(
     records, or ``annotations``): the file's sha256 must be the recorded one, and every sample's
     ``KEY.gt`` and ``gt_*`` columns must be the file's ground truth of its ``image_id``.
 
-    A URL (or ``cache``, the shard cache of one) is checked through its cache: each tar is
-    downloaded (once; a tar the cache has is checked there), so a cache smaller than the folder
-    evicts the tars checked before.
+    A URL (or a shard cache of one) is checked through its cache: each tar is downloaded
+    (once; a tar the cache has is checked there), so a cache smaller than the folder evicts the
+    tars checked before.
     """
-    store = cache if cache is not None else (cache_for(out) if is_url(out) else None)
+    location = locate(out)
+    store = location.cache if location.is_remote else None
     if store is not None:
         try:
             manifest = store.open()
@@ -120,7 +120,7 @@ def verify_shards(
             if n not in listed
         ]
     else:
-        out = Path(out)
+        out = location.path
         manifest = load_manifest(out)
         listed = {s["name"] for s in manifest["shards"]}
         problems = [
@@ -430,12 +430,13 @@ def _verify_truth(manifest: dict, rows: dict, override: str | Path | None) -> li
 _CLASSES_SHOWN = 30  # classes listed by `shards inspect`; the rest are counted
 
 
-def inspect_shards(out: str | Path, examples: int = 5) -> str:
+def inspect_shards(out: str | Path | ShardLocation, examples: int = 5) -> str:
     """A human-readable summary: counts, shards, labels, boxes per image, a few samples (of a
     local folder, or of a URL: only its manifest and proposals are fetched)."""
-    title = out
-    if is_url(out):
-        store = cache_for(out)
+    location = locate(out)
+    title = str(location)
+    if location.is_remote:
+        store = location.cache
         try:
             manifest = store.read_manifest()
             store.fetch(store.small(manifest["files"]["proposals"]))
@@ -443,7 +444,7 @@ def inspect_shards(out: str | Path, examples: int = 5) -> str:
             raise ValueError(str(e)) from None
         title, out = store.url, store.root
     else:
-        out = Path(out)
+        out = location.path
         manifest = load_manifest(out)
     table = pq.read_table(out / manifest["files"]["proposals"])
     rows = table.to_pydict()

@@ -171,13 +171,13 @@ def test_loader_from_url_gives_the_batches_of_local_disk(s3_server):
 def test_second_open_downloads_nothing(s3_server, tmp_path):
     url = uploaded(s3_server, photo_shards(), "photos")
     cache = ShardCache(url, root=tmp_path / "c")
-    index = ShardIndex(url, cache=cache)
+    index = ShardIndex(cache)
     for sid in range(len(index.tars)):
         index.read_jpeg(int(np.flatnonzero(index.shard == sid)[0]))
     index.close()
     first = len(cache.downloads())
     assert first == 3 + 3 + 2  # tars, indexes, proposals.parquet and rejects.jsonl
-    index = ShardIndex(url, cache=ShardCache(url, root=tmp_path / "c"))
+    index = ShardIndex(ShardCache(url, root=tmp_path / "c"))
     for row in range(len(index)):
         index.read_jpeg(row)
     index.close()
@@ -234,7 +234,7 @@ def test_small_cache_evicts_and_gives_the_same_batches(s3_server, monkeypatch):
 
 def test_prefetch_downloads_ahead_of_the_reader(s3_server, tmp_path):
     url = uploaded(s3_server, many_shards(), "many")
-    index = ShardIndex(url, cache=ShardCache(url, root=tmp_path / "c"))
+    index = ShardIndex(ShardCache(url, root=tmp_path / "c"))
     index.advise(upcoming=[3, 4, 0], current=[1])
     fetcher = index._fetcher()
     deadline = time.time() + 30
@@ -257,7 +257,7 @@ def test_processes_sharing_a_cache_download_each_file_once(s3_server, tmp_path):
         from shards.remote import ShardCache
         start = float(sys.argv[1])
         time.sleep(max(0.0, start - time.time()))
-        index = ShardIndex({url!r}, cache=ShardCache({url!r}, root={str(root)!r}))
+        index = ShardIndex(ShardCache({url!r}, root={str(root)!r}))
         for row in range(len(index)):
             index.read_jpeg(row)
         index.close()

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.source import ShardError, SmallDataError, check_shards
 from pipeline.views import VIEW_SETS, view_set
-from shards.remote import is_url
+from shards.location import ShardLocation, locate
+from shards.remote import RemoteShardError
 from train.config import ConfigError, TrainConfig
 from train.distributed import DistInfo, all_gather_objects
 from train.methods import get_method
@@ -24,7 +25,14 @@ from train.synthetic import SyntheticLoader
 if TYPE_CHECKING:
     from pipeline.views import ViewSet
 
-__all__ = ["SHARD_CHECK_FILE", "build_loader", "check_data", "real_view_set", "synthetic_loader"]
+__all__ = [
+    "SHARD_CHECK_FILE",
+    "build_loader",
+    "check_data",
+    "real_view_set",
+    "shard_location",
+    "synthetic_loader",
+]
 
 SHARD_CHECK_FILE = "shards-checked.json"  # RUN/shards-checked.json: digests already verified
 
@@ -86,6 +94,22 @@ def synthetic_loader(cfg: TrainConfig, info: DistInfo, **overrides: Any) -> Any:
     )
 
 
+def shard_location(value: str, key: str = "data.shards") -> ShardLocation:
+    """The shard folder ``value`` of the config key ``key`` located once (a local folder or a
+    URL read through the shard cache); no value, a refused URL or a missing local folder is a
+    :class:`ConfigError` naming the key."""
+    if not value:
+        hint = " (--data SHARDS)" if key == "data.shards" else ""
+        raise ConfigError(f"{key}: no shard directory given{hint}")
+    try:
+        location = locate(value)
+    except RemoteShardError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    if location.missing_folder():
+        raise ConfigError(f"{key}: {value} is not a directory")
+    return location
+
+
 def build_loader(cfg: TrainConfig, info: DistInfo) -> Any:
     """The real shard loader (``pipeline.loader.ViewLoader``, imported here, lazily) or, with
     ``data.synthetic``, :class:`train.synthetic.SyntheticLoader`. Batch size per rank is
@@ -99,10 +123,7 @@ def build_loader(cfg: TrainConfig, info: DistInfo) -> Any:
     local = cfg.data.batch_size // info.world_size
     if cfg.data.synthetic:
         return synthetic_loader(cfg, info)
-    if not cfg.data.shards:
-        raise ConfigError("data.shards: no shard directory given (--data SHARDS)")
-    if not is_url(cfg.data.shards) and not Path(cfg.data.shards).is_dir():
-        raise ConfigError(f"data.shards: {cfg.data.shards} is not a directory")
+    location = shard_location(cfg.data.shards)
     try:
         from pipeline import loader as shard_loader
     except ImportError as e:
@@ -113,7 +134,7 @@ def build_loader(cfg: TrainConfig, info: DistInfo) -> Any:
 
     try:
         return shard_loader.ViewLoader(
-            cfg.data.shards,
+            location,
             views=real_view_set(method.views, cfg),
             batch_size=local,
             rank=info.rank,
@@ -144,16 +165,19 @@ def check_data(cfg: TrainConfig, info: DistInfo, run_dir: Path, sha256: bool, lo
     node checks (nodes may hold their own copies); rank 0 keeps the digests it verified in
     ``RUN/shards-checked.json``, so a resume or a restart does not hash unchanged files again.
     Every rank raises the same :class:`~pipeline.source.ShardError` when one fails."""
-    shards = cfg.data.shards
-    if cfg.data.synthetic or not shards or not (is_url(shards) or Path(shards).is_dir()):
-        return  # build_loader names a missing directory
+    if cfg.data.synthetic:
+        return
+    try:
+        location = shard_location(cfg.data.shards)
+    except ConfigError:
+        return  # build_loader names what is wrong
 
     problem, stats = None, None
     if info.local_rank == 0:
         t0 = time.perf_counter()
         try:
             stats = check_shards(
-                cfg.data.shards,
+                location,
                 sha256=sha256,
                 cache=run_dir / SHARD_CHECK_FILE,
                 write_cache=info.is_main,

@@ -45,7 +45,6 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from shards.atomic import atomic_write_json, atomic_write_text
-from shards.remote import is_url
 from train.checkpoint import (
     CHECKPOINT_FORMAT,
     capture_rng,
@@ -56,7 +55,13 @@ from train.checkpoint import (
     save_checkpoint,
 )
 from train.config import ConfigError, TrainConfig, dump_yaml, to_dict
-from train.data import build_loader, check_data, real_view_set, synthetic_loader
+from train.data import (
+    build_loader,
+    check_data,
+    real_view_set,
+    shard_location,
+    synthetic_loader,
+)
 from train.distributed import (
     DistInfo,
     all_gather_objects,
@@ -491,12 +496,9 @@ def build_monitor(cfg: TrainConfig, info: DistInfo) -> Any:
         return None
 
     e = cfg.eval
-    for key, path in (("eval.train", e.train), ("eval.val", e.val)):
-        if not is_url(path) and not Path(path).is_dir():
-            raise ConfigError(f"{key}: {path} is not a directory")
     return KNNMonitor(
-        e.train,
-        e.val,
+        shard_location(e.train, "eval.train"),
+        shard_location(e.val, "eval.val"),
         size=cfg.data.size,
         batch_size=e.batch_size,
         k=e.k,

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from pipeline.eval import EvalLoader
+from shards.location import ShardLocation
 from shards.split import split_rows
 from train.checkpoint import BRANCHES, backbone_state_dict, load_checkpoint, resolve_checkpoint
 from train.distributed import gather_rows
@@ -214,7 +215,7 @@ def extract_features(
     backbone.eval()
     feats, labels, rows = [], [], []
     try:
-        for batch in tqdm(loader, desc=Path(loader.root).name, disable=not progress, leave=False):
+        for batch in tqdm(loader, desc=loader.location.name, disable=not progress, leave=False):
             x = batch["image"]
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -239,9 +240,11 @@ def extract_features(
     features = gather_rows(local, counts)
     all_rows = gather_rows(local_rows, counts)
     if not torch.equal(all_rows.cpu(), torch.arange(loader.num_samples)):
-        raise RuntimeError(f"{loader.root}: the gathered rows are not every sample in order")
+        raise RuntimeError(
+            f"{loader.location.display}: the gathered rows are not every sample in order"
+        )
     return Features(
-        features, gather_rows(local_labels, counts), loader.num_classes, str(loader.root)
+        features, gather_rows(local_labels, counts), loader.num_classes, str(loader.location)
     )
 
 
@@ -262,8 +265,8 @@ class KNNMonitor:
 
     def __init__(
         self,
-        train: str | Path,
-        val: str | Path,
+        train: str | Path | ShardLocation,
+        val: str | Path | ShardLocation,
         size: int,
         batch_size: int,
         k: int = 20,

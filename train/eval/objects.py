@@ -299,7 +299,7 @@ def extract_object_features(
     images: dict[str, list[Tensor]] = {name: [] for name in backbones}
     classes = []
     try:
-        for batch in tqdm(loader, desc=Path(str(loader.root)).name, disable=not progress):
+        for batch in tqdm(loader, desc=loader.location.name, disable=not progress):
             x, boxes, owner = batch["image"], batch["boxes"], batch["owner"]
             for name, backbone in backbones.items():
                 if backbone is None:
@@ -338,7 +338,7 @@ def extract_object_features(
             classes=labels,
             images=torch.cat(images[name]) if images[name] else torch.zeros(0, 0),
             targets=targets,
-            root=str(loader.root),
+            root=str(loader.location),
         )
     return out
 
