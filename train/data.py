@@ -89,9 +89,7 @@ def synthetic_loader(cfg: TrainConfig, info: DistInfo, **overrides: Any) -> Any:
             local_size=v.get("local_size", 96),
         )
     kwargs.update(overrides)
-    return SyntheticLoader(
-        get_method(cfg.method).views, cfg.data.batch_size // info.world_size, **kwargs
-    )
+    return SyntheticLoader(views, cfg.data.batch_size // info.world_size, **kwargs)
 
 
 def shard_location(value: str, key: str = "data.shards") -> ShardLocation:

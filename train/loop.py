@@ -346,6 +346,8 @@ def train_step(parts: Parts, batch: dict, step: int) -> Tensor:
     if hyper:  # the method's own values of this step (DINO's teacher temperature)
         batch = {**batch, "hyper": hyper}
     with parts.autocast():
+        # SSLModel.forward -> parts.method.step (views through the branches) -> model.loss
+        # (the paper's total, e.g. MOS eq. 14), through DDP when there are several ranks
         out = parts.module(batch)
     loss = out["loss"]
     parts.optimizer.zero_grad(set_to_none=True)
@@ -489,7 +491,7 @@ def _format_eta(seconds: float | None) -> str:
 # -------------------------------------------------------------------------------- periodic kNN
 
 
-def build_monitor(cfg: TrainConfig, info: DistInfo) -> Any:
+def build_monitor(cfg: TrainConfig, info: DistInfo) -> KNNMonitor | None:
     """The periodic kNN of ``eval.every`` (``train.eval.features.KNNMonitor``: both eval loaders
     opened now, so unlabelled shards fail before training), or ``None`` when it is off."""
     if cfg.eval.every <= 0:
@@ -510,7 +512,7 @@ def build_monitor(cfg: TrainConfig, info: DistInfo) -> Any:
     )
 
 
-def knn_step(parts: Parts, monitor: Any, step: int) -> dict:
+def knn_step(parts: Parts, monitor: KNNMonitor, step: int) -> dict:
     """kNN accuracy of the backbone of ``eval.branch`` after ``step`` steps (every rank calls
     it), under the run's autocast. The model is left in train mode and every RNG stream as it
     was (``capture_rng``/``restore_rng``), so an evaluated run trains exactly like one that is
@@ -783,9 +785,10 @@ def _restore(parts: Parts, resumed: _Resumed) -> tuple[int, dict]:
     return start, position
 
 
-def _write_run_files(run: _Run, resumed: _Resumed) -> None:
+def _write_run_files(
+    cfg: TrainConfig, info: DistInfo, run_dir: Path, parts: Parts, start: int, resumed: _Resumed
+) -> None:
     """Rank 0: the resolved ``config.yaml`` and this start's session appended to ``run.json``."""
-    cfg, run_dir = run.cfg, run.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", dump_yaml(to_dict(cfg)))
     info_path = run_dir / "run.json"
@@ -793,13 +796,13 @@ def _write_run_files(run: _Run, resumed: _Resumed) -> None:
     if info_path.exists():
         with contextlib.suppress(ValueError, KeyError, TypeError):
             sessions = json.loads(info_path.read_text())["sessions"]
-    session = run_info(run.info.device, run.info.world_size)
+    session = run_info(info.device, info.world_size)
     session.update(
-        start_step=run.start,
+        start_step=start,
         resumed_from=str(resumed.path) if resumed.path else None,
-        precision=run.parts.precision,
-        steps_per_epoch=run.steps_per_epoch,
-        total_steps=run.total,
+        precision=parts.precision,
+        steps_per_epoch=parts.schedules.steps_per_epoch,
+        total_steps=parts.schedules.total_steps,
     )
     if resumed.relaxed:
         session["changed_after_non_finite"] = resumed.relaxed
@@ -817,14 +820,23 @@ def _open_run(
     """Build the parts (:func:`build_parts`) and the periodic kNN, restore the checkpoint into
     them, write the run directory's files, open the metrics sinks (:class:`RunLog`) and put
     the loader at the start step. On any failure what was opened is closed again."""
-    run = _Run(cfg, info, run_dir, build_parts(cfg, info, loader), loader is None, log)
-    run.last_ckpt = resumed.path
-    try:
-        run.monitor = build_monitor(cfg, info)
-        run.start, position = _restore(run.parts, resumed)
+    parts = build_parts(cfg, info, loader)
+    with contextlib.ExitStack() as opened:
+        if loader is None:  # a loader passed in belongs to the caller
+            opened.callback(parts.loader.close)
+        monitor = build_monitor(cfg, info)
+        if monitor is not None:
+            opened.callback(monitor.close)
+        start, position = _restore(parts, resumed)
         if info.is_main:
-            _write_run_files(run, resumed)
-        run.runlog = _open_runlog(cfg, info, run_dir, run.start, run.parts.terms)
+            _write_run_files(cfg, info, run_dir, parts, start, resumed)
+        runlog = _open_runlog(cfg, info, run_dir, start, parts.terms)
+        if runlog is not None:
+            opened.callback(runlog.close, ok=False)
+        run = _Run(cfg, info, run_dir, parts, log, loader is None, monitor, runlog, start)
+        run.last_ckpt = resumed.path
+        opened.pop_all()  # from here the run closes what it holds
+    try:
         run.begin(position)
     except BaseException:
         run.close(ok=False)
@@ -843,27 +855,41 @@ class _Run:
         info: DistInfo,
         run_dir: Path,
         parts: Parts,
-        own_loader: bool,
         log: Callable,
+        own_loader: bool,
+        monitor: KNNMonitor | None,
+        runlog: RunLog | None,
+        start: int,
     ) -> None:
         self.cfg, self.info, self.run_dir, self.parts, self.log = cfg, info, run_dir, parts, log
-        self.own_loader = own_loader
+        self.own_loader = own_loader  # close the loader with the run (not one passed in)
+        self.monitor = monitor  # the periodic kNN of eval.every, or None
+        self.runlog = runlog  # rank 0's metrics sinks; None on the other ranks
         self.main = info.is_main
         self.steps_per_epoch = parts.schedules.steps_per_epoch
         self.total = parts.schedules.total_steps
-        self.start = 0
-        self.done = 0
-        self.monitor: Any = None
-        self.runlog: RunLog | None = None
-        self.bar: Any = None
-        self.batches: Any = None
-        self.last_ckpt: Path | None = None
-        self.logged: list[dict] = []
-        self.evals: list[dict] = []
+        self.start = start  # the step this start begins at (0, or the checkpoint's)
+        self.done = start  # steps done so far
+        self.last_ckpt: Path | None = None  # the newest checkpoint written or resumed
+        self.logged: list[dict] = []  # the training lines of this start
+        self.evals: list[dict] = []  # its kNN lines
+        self.guard = _FiniteGuard(parts.terms, info.device)
+        self.sums = torch.zeros(len(parts.terms), device=info.device)  # the log window's
+        self.batches: Any = None  # the loader's iterator, from begin()
+        self.bar = tqdm(
+            total=self.total,
+            initial=start,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (self.main and cfg.run.progress and sys.stderr.isatty()),
+        )
+        self.t_begin = self.t_last = time.perf_counter()  # restarted by begin()
+        self.n_since = 0  # steps in the current log window
+        self.train_seconds = 0.0  # training time since this start
 
     def begin(self, position: dict) -> None:
         """The loader at the start step (``position``: the checkpoint's data position), the
-        progress bar, the start line; the clocks start now."""
+        start line; the clocks start now."""
         cfg, parts = self.cfg, self.parts
         if self.start < self.total:
             epoch, index = divmod(self.start, self.steps_per_epoch)
@@ -872,14 +898,6 @@ class _Run:
             else:
                 parts.loader.load_state_dict({**position, "epoch": epoch, "batch": index})
         self.batches = iter(parts.loader)
-
-        self.bar = tqdm(
-            total=self.total,
-            initial=self.start,
-            unit="step",
-            dynamic_ncols=True,
-            disable=not (self.main and cfg.run.progress and sys.stderr.isatty()),
-        )
         if self.main:
             self.log(
                 f"{cfg.method}: steps {self.start}/{self.total} ({self.steps_per_epoch} per "
@@ -888,12 +906,7 @@ class _Run:
             )
             for warning in schedule_warnings(cfg, parts):
                 self.log(f"warning: {warning}")
-        self.guard = _FiniteGuard(parts.terms, self.info.device)
-        self.sums = torch.zeros(len(parts.terms), device=self.info.device)
-        self.done = self.start
-        self.t_last, self.n_since = time.perf_counter(), 0
-        self.t_begin = self.t_last
-        self.train_seconds = 0.0  # training time since this start
+        self.t_begin = self.t_last = time.perf_counter()
 
     def observe(self, step: int, values: Tensor) -> None:
         """Step ``step``'s loss terms: into the non-finite guard and the window's sums. After
@@ -995,8 +1008,7 @@ class _Run:
     def close(self, ok: bool) -> None:
         """Close what this start opened: the bar, its own loader, the kNN loaders, the
         :class:`RunLog` (``ok=False``: the W&B run is marked failed)."""
-        if self.bar is not None:
-            self.bar.close()
+        self.bar.close()
         if self.own_loader:
             self.parts.loader.close()
         if self.monitor is not None:

@@ -284,6 +284,10 @@ class SSLModel(nn.Module):
         return [z.detach() for z in self.target(views)]
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
+        """The method's step on one batch (``Method.step``, e.g. ``train.methods._mos_step``):
+        the views through the branches, then ``self.loss`` (e.g. MOS's eq. 11-13 summed as
+        eq. 14). The trainer calls it as ``module(batch)``, where ``module`` is this model or
+        its DDP wrapper: DDP synchronises gradients of what runs inside ``forward`` only."""
         return self.step_fn(self, batch)
 
 
