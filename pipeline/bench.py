@@ -284,117 +284,43 @@ def bench_pipeline(
 ) -> dict[str, Any]:
     """Run the benchmark; returns the report (see :func:`format_report`). ``log``: the results
     of each round; ``progress``: a line at most every ``progress_every`` seconds while it runs
-    (phase, round, contestant, elapsed, ETA), stderr by default, ``None`` for none."""
+    (phase, round, contestant, elapsed, ETA), stderr by default, ``None`` for none.
+
+    Phases: a URL's shards downloaded into a warm cache (:func:`_warm_copy`), the contestants
+    made (:func:`_contestants`), the timed rounds (:func:`_rounds`), the report
+    (:func:`_report`)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {list(METHODS)}")
     url = locate(shards_dir).url
     with _scratch(url) as scratch:
-        remote: dict[str, Any] | None = None
+        warm, remote = None, None
         if url is not None:
-            warm = cache_for(url, root=scratch / "warm")
-            log(f"{redact_url(url)}: downloading the shards into {warm.root}")
-            t = time.perf_counter()
-            shards_dir = _fill(warm)
-            remote = {
-                "url": redact_url(url),
-                "download_s": round(time.perf_counter() - t, 2),
-                "bandwidth": _bandwidth(warm),
-            }
+            warm, remote = _warm_copy(url, scratch, log)
+            shards_dir = warm.root
         shards_dir = Path(shards_dir)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dev = torch.device(device)
-        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-        cores = os.cpu_count() or 1
-        baseline_workers = cores if baseline_workers is None else baseline_workers
+        baseline_workers = (os.cpu_count() or 1) if baseline_workers is None else baseline_workers
         views = view_set(method)
+        loader_kw = {"seed": seed, "device": dev, "num_threads": num_threads, "workers": workers}
+        contestants = _contestants(
+            shards_dir, views, batch_size, loader_kw, warm, baseline, baseline_workers
+        )
+        cold_round = None
+        if url is not None:
 
-        def ours(v, source=None):
-            return lambda: ViewLoader(
-                shards_dir if source is None else source,
-                v,
-                batch_size,
-                seed=seed,
-                device=dev,
-                num_threads=num_threads,
-                workers=workers,
-            )
+            def cold_round(r: int, sync: Callable[[], None]) -> dict[str, float]:
+                where = scratch / f"cold-{r}"
+                return _cold_round(url, where, views, batch_size, seconds, sync, loader_kw)
 
-        def tv():
-
-            return baseline_loader(
-                shards_dir, views, batch_size, baseline_workers, seed=seed, epochs=10**6
-            )
-
-        if remote is not None:
-            contestants: dict[str, Callable[[], Any]] = {
-                "ours": ours(views, source=warm),
-                "ours, local disk": ours(views),
-            }
-        else:
-            contestants = {"ours": ours(views)}
-        if baseline:
-            contestants["torchvision"] = tv
-        contestants["decode+crop"] = ours(DecodeCropViews())
-
-        # Each round starts every contestant afresh, warms it up, times it and shuts it down before
-        # the next one starts: a DataLoader's workers keep prefetching after a round ends and would
-        # otherwise take cores from the next contestant.
-        results: dict[str, list[float]] = {name: [] for name in contestants}
         ticker = Progress(progress, progress_every) if progress is not None else None
-        per_round = len(contestants) + (remote is not None)
-        measures = rounds * per_round  # the units of the ETA
-        cold: list[dict[str, float]] = []
         load_before = os.getloadavg()[0]
-        for r in range(rounds):
-            order = list(contestants.items())
-            if r % 2:  # every other round in reverse: no contestant always runs first or last
-                order.reverse()
-            for c, (name, make) in enumerate(order):
-                what = f"bench pipeline: round {r + 1}/{rounds}, {name}"
-                done = r * per_round + c
-                t = time.perf_counter()
-                stream = _endless(make)
-                try:
-                    for i in range(warmup):
-                        next(stream)
-                        if ticker is not None and ticker.due(now := time.perf_counter()):
-                            ticker.say(
-                                f"{what}, warm-up: {i + 1}/{warmup} batches", done, measures, now
-                            )
-                    sync()
-                    started = time.perf_counter() - t
-                    results[name].append(
-                        _round(stream, seconds, batch_size, sync, ticker, what, done, measures)
-                    )
-                finally:
-                    stream.close()
-                if r == 0:
-                    log(f"{name}: started and warmed up in {started:.1f} s")
-            if remote is not None:
-                if ticker is not None:
-                    ticker.say(
-                        f"bench pipeline: round {r + 1}/{rounds}, ours, cold cache",
-                        (r + 1) * per_round - 1,
-                        measures,
-                    )
-                loader_kw = {"seed": seed, "device": dev, "num_threads": num_threads}
-                loader_kw["workers"] = workers
-                cold.append(
-                    _cold_round(
-                        url, scratch / f"cold-{r}", views, batch_size, seconds, sync, loader_kw
-                    )
-                )
-            log(
-                f"round {r + 1}/{rounds}: "
-                + ", ".join(f"{n} {v[-1]:.1f}" for n, v in results.items())
-                + (f", ours, cold cache {cold[-1]['images_per_s']:.1f}" if cold else "")
-                + " images/s"
-            )
+        results, cold = _rounds(
+            contestants, rounds, warmup, seconds, batch_size, dev, cold_round, ticker, log
+        )
         load_after = os.getloadavg()[0]
-
-        median = {name: statistics.median(v) for name, v in results.items()}
-        report = {
+        setup = {
             "method": method,
             "device": str(dev),
             "hardware": hardware(dev),
@@ -404,31 +330,159 @@ def bench_pipeline(
             "baseline_workers": baseline_workers if baseline else None,
             "seconds_per_round": seconds,
             "rounds": rounds,
-            "images_per_s": {k: round(v, 1) for k, v in median.items()},
-            "rounds_images_per_s": {k: [round(x, 1) for x in v] for k, v in results.items()},
-            "load_average": [round(load_before, 2), round(load_after, 2)],
-            "dataset": _dataset(shards_dir),
-            "versions": _versions(),
         }
-        if baseline:
-            report["speedup_vs_torchvision"] = round(median["ours"] / median["torchvision"], 2)
-        report["fraction_of_decode_crop"] = round(median["ours"] / median["decode+crop"], 3)
-        if remote is not None:
-            d = report["dataset"]
-            sample_bytes = d["bytes"] / d["samples"]
-            bw = remote["bandwidth"]["mb_per_s"]
-            remote["bandwidth"]["mb_per_s"] = round(bw, 1)
-            remote["warm_vs_local_disk"] = round(median["ours"] / median["ours, local disk"], 3)
-            remote["cold_images_per_s"] = round(
-                statistics.median(x["images_per_s"] for x in cold), 1
-            )
-            remote["cold_rounds"] = [
-                {k: round(v, 2) if k != "bytes" else int(v) for k, v in x.items()} for x in cold
-            ]
-            remote["mean_sample_bytes"] = round(sample_bytes)
-            remote["network_bound_images_per_s"] = round(bw * 1e6 / sample_bytes, 1)
-            report["remote"] = remote
-        return report
+        return _report(setup, results, cold, remote, (load_before, load_after), shards_dir)
+
+
+def _warm_copy(url: str, scratch: Path, log: Callable[[str], None]) -> tuple[ShardCache, dict]:
+    """A URL's shards downloaded whole into a cache under ``scratch`` (what "warm cache"
+    reads), and the download's figures for the report's ``remote`` section."""
+    warm = cache_for(url, root=scratch / "warm")
+    log(f"{redact_url(url)}: downloading the shards into {warm.root}")
+    t = time.perf_counter()
+    _fill(warm)
+    remote = {
+        "url": redact_url(url),
+        "download_s": round(time.perf_counter() - t, 2),
+        "bandwidth": _bandwidth(warm),
+    }
+    return warm, remote
+
+
+def _contestants(
+    shards_dir: Path,
+    views: Any,
+    batch_size: int,
+    loader_kw: dict,
+    warm: ShardCache | None,
+    baseline: bool,
+    baseline_workers: int,
+) -> dict[str, Callable[[], Any]]:
+    """Name -> a function that starts that contestant's loader afresh: ours (from the warm
+    cache and from local disk when the shards are at a URL), the torchvision + PIL baseline,
+    and ours decoding and cropping only (the pipeline's own ceiling)."""
+
+    def ours(v, source=None):
+        return lambda: ViewLoader(
+            shards_dir if source is None else source, v, batch_size, **loader_kw
+        )
+
+    def torchvision():
+        seed = loader_kw["seed"]
+        return baseline_loader(
+            shards_dir, views, batch_size, baseline_workers, seed=seed, epochs=10**6
+        )
+
+    contestants: dict[str, Callable[[], Any]] = {}
+    if warm is not None:
+        contestants["ours"] = ours(views, source=warm)
+        contestants["ours, local disk"] = ours(views)
+    else:
+        contestants["ours"] = ours(views)
+    if baseline:
+        contestants["torchvision"] = torchvision
+    contestants["decode+crop"] = ours(DecodeCropViews())
+    return contestants
+
+
+def _rounds(
+    contestants: dict[str, Callable[[], Any]],
+    rounds: int,
+    warmup: int,
+    seconds: float,
+    batch_size: int,
+    dev: torch.device,
+    cold_round: Callable[[int, Callable[[], None]], dict[str, float]] | None,
+    ticker: Progress | None,
+    log: Callable[[str], None],
+) -> tuple[dict[str, list[float]], list[dict[str, float]]]:
+    """The timed rounds: images/s of every contestant per round, and of each round's cold-cache
+    run (``cold_round``, at a URL only).
+
+    Each round starts every contestant afresh, warms it up, times it and shuts it down before
+    the next one starts: a DataLoader's workers keep prefetching after a round ends and would
+    otherwise take cores from the next contestant. Every other round runs in reverse order, so
+    that no contestant always runs first or last."""
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    results: dict[str, list[float]] = {name: [] for name in contestants}
+    per_round = len(contestants) + (cold_round is not None)
+    measures = rounds * per_round  # the units of the ETA
+    cold: list[dict[str, float]] = []
+    for r in range(rounds):
+        order = list(contestants.items())
+        if r % 2:
+            order.reverse()
+        for c, (name, make) in enumerate(order):
+            what = f"bench pipeline: round {r + 1}/{rounds}, {name}"
+            done = r * per_round + c
+            t = time.perf_counter()
+            stream = _endless(make)
+            try:
+                for i in range(warmup):
+                    next(stream)
+                    if ticker is not None and ticker.due(now := time.perf_counter()):
+                        ticker.say(
+                            f"{what}, warm-up: {i + 1}/{warmup} batches", done, measures, now
+                        )
+                sync()
+                started = time.perf_counter() - t
+                results[name].append(
+                    _round(stream, seconds, batch_size, sync, ticker, what, done, measures)
+                )
+            finally:
+                stream.close()
+            if r == 0:
+                log(f"{name}: started and warmed up in {started:.1f} s")
+        if cold_round is not None:
+            if ticker is not None:
+                what = f"bench pipeline: round {r + 1}/{rounds}, ours, cold cache"
+                ticker.say(what, (r + 1) * per_round - 1, measures)
+            cold.append(cold_round(r, sync))
+        log(
+            f"round {r + 1}/{rounds}: "
+            + ", ".join(f"{n} {v[-1]:.1f}" for n, v in results.items())
+            + (f", ours, cold cache {cold[-1]['images_per_s']:.1f}" if cold else "")
+            + " images/s"
+        )
+    return results, cold
+
+
+def _report(
+    setup: dict,
+    results: dict[str, list[float]],
+    cold: list[dict[str, float]],
+    remote: dict | None,
+    load: tuple[float, float],
+    shards_dir: Path,
+) -> dict[str, Any]:
+    """The report: ``setup``, medians and rounds per contestant, the ratios against the
+    baseline and the decode+crop ceiling, and at a URL the ``remote`` section."""
+    median = {name: statistics.median(v) for name, v in results.items()}
+    report = {
+        **setup,
+        "images_per_s": {k: round(v, 1) for k, v in median.items()},
+        "rounds_images_per_s": {k: [round(x, 1) for x in v] for k, v in results.items()},
+        "load_average": [round(load[0], 2), round(load[1], 2)],
+        "dataset": _dataset(shards_dir),
+        "versions": _versions(),
+    }
+    if "torchvision" in median:
+        report["speedup_vs_torchvision"] = round(median["ours"] / median["torchvision"], 2)
+    report["fraction_of_decode_crop"] = round(median["ours"] / median["decode+crop"], 3)
+    if remote is not None:
+        d = report["dataset"]
+        sample_bytes = d["bytes"] / d["samples"]
+        bw = remote["bandwidth"]["mb_per_s"]
+        remote["bandwidth"]["mb_per_s"] = round(bw, 1)
+        remote["warm_vs_local_disk"] = round(median["ours"] / median["ours, local disk"], 3)
+        remote["cold_images_per_s"] = round(statistics.median(x["images_per_s"] for x in cold), 1)
+        remote["cold_rounds"] = [
+            {k: round(v, 2) if k != "bytes" else int(v) for k, v in x.items()} for x in cold
+        ]
+        remote["mean_sample_bytes"] = round(sample_bytes)
+        remote["network_bound_images_per_s"] = round(bw * 1e6 / sample_bytes, 1)
+        report["remote"] = remote
+    return report
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -384,11 +384,27 @@ def _wds_classes(folder: Path) -> list[str] | None:
     return classes
 
 
+# one input of a WebDataset source: (name for the key, ext, tar, member, label, reject)
+_WdsEntry = tuple[str, str, Path, tarfile.TarInfo | None, int | None, tuple | None]
+
+
+@dataclass
+class _TarScan:
+    """A tar's members grouped by sample key, in archive order (:func:`_scan_tar`)."""
+
+    groups: dict[str, dict[str, tarfile.TarInfo]] = field(default_factory=dict)  # key -> ext -> m
+    order: list[str] = field(default_factory=list)  # keys as first seen
+    dups: dict[str, list[tuple[tarfile.TarInfo, tarfile.TarInfo]]] = field(default_factory=dict)
+    tail: str | None = None  # why the rest of the archive cannot be read, if it cannot
+
+
 def _wds(paths: list[Path], classes: list[str] | None = None) -> Source:
+    """WebDataset tars as inputs: one per sample key with an image member (its ``.cls`` the
+    label), phase by phase: open each tar, scan its members (:func:`_scan_tar`), turn each
+    sample into an entry (:func:`_wds_sample`), then give every entry a unique key."""
     source = Source(layout="wds", items=[], classes=classes)
     stamps: dict[Path, str] = {}
-    # (name for the key, ext, tar, member, label, reject)
-    entries: list[tuple[str, str, Path, tarfile.TarInfo | None, int | None, tuple | None]] = []
+    entries: list[_WdsEntry] = []
     for tar_path in paths:
         prefix = f"{tar_path.stem}/" if len(paths) > 1 else ""
         try:
@@ -403,96 +419,17 @@ def _wds(paths: list[Path], classes: list[str] | None = None) -> Source:
             ) from None
         stamps[tar_path] = _stamp(st)
         with tf:
-            groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-            order: list[str] = []
-            dups: dict[str, list[tuple[tarfile.TarInfo, tarfile.TarInfo]]] = {}
-            tail: str | None = None
-            while True:
-                try:
-                    member = tf.next()
-                except (tarfile.TarError, OSError) as e:
-                    if tf.offset < st.st_size:  # else: the last member is cut (rejected below)
-                        tail = f"unreadable from byte {tf.offset}: {e}"
-                    else:
-                        source.warnings.append(f"{tar_path}: truncated inside its last member")
-                    break
-                if member is None:  # tarfile also ends quietly at a cut or invalid header
-                    with open(tar_path, "rb") as f:
-                        f.seek(tf.offset)
-                        rest = f.read(tarfile.BLOCKSIZE)
-                    if rest.strip(b"\0"):
-                        tail = f"unreadable from byte {tf.offset}: not a tar header (truncated?)"
-                    elif not rest:
-                        source.warnings.append(
-                            f"{tar_path}: no end-of-archive marker; it may be truncated"
-                        )
-                    break
-                shown = f"{printable(str(tar_path))}:{printable(member.name)}"
-                if not member.isfile():
-                    kind = next((r for t, r in _TAR_KINDS if getattr(member, t)()), "tar_other")
-                    source.ignored.append((shown, f"{kind}: not read"))
-                    continue
-                key, ext = _split_wds_name(member.name)
-                comps = groups.setdefault(key, {})
-                if not comps:
-                    order.append(key)
-                if ext.lower() in comps:
-                    dups.setdefault(key, []).append((comps[ext.lower()], member))
-                    continue
-                comps[ext.lower()] = member
-
-            def where(m: tarfile.TarInfo, tar_path: Path = tar_path) -> str:
-                return f"{printable(str(tar_path))}:{printable(m.name)}"
-
-            def truncated(m: tarfile.TarInfo, size: int = st.st_size) -> bool:
-                return m.offset_data + m.size > size
-
-            for key in order:
-                comps = groups[key]
-                name = prefix + key
-                image_ext = next((e for e in _WDS_IMAGE_EXTS if e in comps), None)
-                for first, second in dups.get(key, []):
-                    ext = _split_wds_name(second.name)[1]
-                    if ext.lower() in _WDS_IMAGE_EXTS:
-                        why = f"same key and extension as {where(first)} (kept); both in one tar"
-                        entries.append((name, ext, tar_path, second, None, ("duplicate_key", why)))
-                    elif ext.lower() == "cls":
-                        if image_ext is not None:
-                            comps.setdefault("__conflict__", second)
-                    else:
-                        source.ignored.append(
-                            (where(second), f"duplicate_component of {where(first)}")
-                        )
-                if image_ext is None:
-                    for m in comps.values():
-                        source.ignored.append((where(m), "no_image_in_sample: not an input"))
-                    continue
-                image = comps[image_ext]
-                label, reject = None, None
-                if truncated(image):
-                    reject = ("corrupt", "the tar ends inside this member (truncated archive)")
-                elif "cls" in comps:
-                    cls = comps["cls"]
-                    if truncated(cls):
-                        reject = ("corrupt", f"{where(cls)}: the tar ends inside it (truncated)")
-                    else:
-                        label, why = parse_label(tf.extractfile(cls).read(), classes)
-                        if "__conflict__" in comps:
-                            other = comps["__conflict__"]
-                            label2, _ = parse_label(tf.extractfile(other).read(), classes)
-                            if label2 != label:
-                                why = f"two .cls members disagree: {where(cls)}, {where(other)}"
-                        if why:
-                            reject = ("bad_label", f"{where(cls)}: {why}")
-                            label = None
-                for ext, m in comps.items():
-                    if ext not in (image_ext, "cls", "__conflict__"):
-                        source.ignored.append((where(m), "other_component: not used"))
-                entries.append((name, "", tar_path, image, label, reject))
-            if tail is not None:
+            scan = _scan_tar(tf, tar_path, st.st_size, source)
+            for key in scan.order:
+                entry = _wds_sample(
+                    tf, tar_path, st.st_size, prefix + key, key, scan, classes, source, entries
+                )
+                if entry is not None:
+                    entries.append(entry)
+            if scan.tail is not None:
                 name = f"{prefix}{tar_path.stem}_rest"
-                entries.append((name, "", tar_path, None, None, ("corrupt", tail)))
-                source.warnings.append(f"{tar_path}: {tail}; the members before it are kept")
+                entries.append((name, "", tar_path, None, None, ("corrupt", scan.tail)))
+                source.warnings.append(f"{tar_path}: {scan.tail}; the members before it are kept")
     keys = _assign_keys([(n, ext) for n, ext, *_ in entries])
     for k, (_, _, p, m, label, reject) in zip(keys, entries):
         source.items.append(
@@ -508,6 +445,107 @@ def _wds(paths: list[Path], classes: list[str] | None = None) -> Source:
             )
         )
     return source
+
+
+def _scan_tar(tf: tarfile.TarFile, tar_path: Path, size: int, source: Source) -> _TarScan:
+    """Every member of ``tf`` read once, grouped by sample key; a member that is not a file is
+    ignored (named in ``source.ignored``), a second member of one key and extension is kept
+    in ``dups``, and where the archive stops being readable is ``tail``."""
+    scan = _TarScan()
+    while True:
+        try:
+            member = tf.next()
+        except (tarfile.TarError, OSError) as e:
+            if tf.offset < size:  # else: the last member is cut (rejected by _wds_sample)
+                scan.tail = f"unreadable from byte {tf.offset}: {e}"
+            else:
+                source.warnings.append(f"{tar_path}: truncated inside its last member")
+            break
+        if member is None:  # tarfile also ends quietly at a cut or invalid header
+            with open(tar_path, "rb") as f:
+                f.seek(tf.offset)
+                rest = f.read(tarfile.BLOCKSIZE)
+            if rest.strip(b"\0"):
+                scan.tail = f"unreadable from byte {tf.offset}: not a tar header (truncated?)"
+            elif not rest:
+                source.warnings.append(f"{tar_path}: no end-of-archive marker; it may be truncated")
+            break
+        if not member.isfile():
+            kind = next((r for t, r in _TAR_KINDS if getattr(member, t)()), "tar_other")
+            shown = f"{printable(str(tar_path))}:{printable(member.name)}"
+            source.ignored.append((shown, f"{kind}: not read"))
+            continue
+        key, ext = _split_wds_name(member.name)
+        comps = scan.groups.setdefault(key, {})
+        if not comps:
+            scan.order.append(key)
+        if ext.lower() in comps:
+            scan.dups.setdefault(key, []).append((comps[ext.lower()], member))
+            continue
+        comps[ext.lower()] = member
+    return scan
+
+
+def _wds_sample(
+    tf: tarfile.TarFile,
+    tar_path: Path,
+    size: int,
+    name: str,
+    key: str,
+    scan: _TarScan,
+    classes: list[str] | None,
+    source: Source,
+    entries: list[_WdsEntry],
+) -> _WdsEntry | None:
+    """The entry of sample ``key`` (``None`` without an image member: its members are ignored),
+    with its label or why it is rejected (truncated member, bad or conflicting ``.cls``). A
+    duplicate image member becomes a rejected entry of its own (appended to ``entries``);
+    other duplicates and unused components are named in ``source.ignored``."""
+
+    def where(m: tarfile.TarInfo) -> str:
+        return f"{printable(str(tar_path))}:{printable(m.name)}"
+
+    def truncated(m: tarfile.TarInfo) -> bool:
+        return m.offset_data + m.size > size
+
+    comps = scan.groups[key]
+    image_ext = next((e for e in _WDS_IMAGE_EXTS if e in comps), None)
+    for first, second in scan.dups.get(key, []):
+        ext = _split_wds_name(second.name)[1]
+        if ext.lower() in _WDS_IMAGE_EXTS:
+            why = f"same key and extension as {where(first)} (kept); both in one tar"
+            entries.append((name, ext, tar_path, second, None, ("duplicate_key", why)))
+        elif ext.lower() == "cls":
+            if image_ext is not None:
+                comps.setdefault("__conflict__", second)
+        else:
+            source.ignored.append((where(second), f"duplicate_component of {where(first)}"))
+    if image_ext is None:
+        for m in comps.values():
+            source.ignored.append((where(m), "no_image_in_sample: not an input"))
+        return None
+    image = comps[image_ext]
+    label, reject = None, None
+    if truncated(image):
+        reject = ("corrupt", "the tar ends inside this member (truncated archive)")
+    elif "cls" in comps:
+        cls = comps["cls"]
+        if truncated(cls):
+            reject = ("corrupt", f"{where(cls)}: the tar ends inside it (truncated)")
+        else:
+            label, why = parse_label(tf.extractfile(cls).read(), classes)
+            if "__conflict__" in comps:
+                other = comps["__conflict__"]
+                label2, _ = parse_label(tf.extractfile(other).read(), classes)
+                if label2 != label:
+                    why = f"two .cls members disagree: {where(cls)}, {where(other)}"
+            if why:
+                reject = ("bad_label", f"{where(cls)}: {why}")
+                label = None
+    for ext, m in comps.items():
+        if ext not in (image_ext, "cls", "__conflict__"):
+            source.ignored.append((where(m), "other_component: not used"))
+    return (name, "", tar_path, image, label, reject)
 
 
 class _CifarUnpickler(pickle.Unpickler):
