@@ -14,6 +14,7 @@ The maths (:func:`knn_classify`, :func:`knn_accuracy`, :func:`train_linear_probe
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import time
@@ -365,80 +366,6 @@ def linear_eval(
         raise ValueError("--val-fraction cuts extracted features: use it with --protocol fast")
     val = _check_split(train, val, val_fraction)
 
-    def fast(backbone, setup):
-        bank, queries = _bank_and_queries(setup, backbone, train, val, val_fraction)
-        num_classes = max(bank.num_classes, queries.num_classes)
-        model = train_linear_probe(
-            bank.features, bank.labels, num_classes, probe, log=log if setup.info.is_main else None
-        )
-        acc = probe_accuracy(model, queries.features, queries.labels)
-        fit = probe_accuracy(model, bank.features, bank.labels)
-        return {
-            "top1": acc.top1,
-            "top5": acc.top5,
-            "train_top1": fit.top1,
-            "val_loss": probe_loss(model, queries.features, queries.labels),
-            "protocol": protocol,
-            "probe": asdict(probe),
-            **_shared(bank, queries),
-            "val_fraction": val_fraction,
-        }
-
-    def paper(backbone, setup):
-
-        queries = setup.extract(backbone, val)
-        with ProbeTrainLoader(
-            train,
-            size=setup.size,
-            batch_size=probe.batch_size,
-            rank=setup.info.rank,
-            world_size=setup.info.world_size,
-            seed=probe.seed,
-            device=str(setup.info.device),
-            num_threads=setup.num_threads,
-            scale=probe.scale,
-            ratio=probe.ratio,
-            flip=probe.flip,
-        ) as loader:
-            num_classes = max(loader.num_classes, queries.num_classes)
-            model, history = train_paper_probe(
-                backbone,
-                loader,
-                num_classes,
-                probe,
-                val=queries,
-                autocast=setup.autocast,
-                channels_last=setup.cuda,
-                log=log if setup.info.is_main else None,
-                progress=setup.progress and setup.info.is_main,
-            )
-            n_train, steps = loader.num_samples, len(loader) * probe.epochs
-        acc = probe_accuracy(model, queries.features, queries.labels)
-        world = setup.info.world_size
-        return {
-            "top1": acc.top1,
-            "top5": acc.top5,
-            "best_top1": max(row["val_top1"] for row in history),
-            "train_top1": history[-1]["train_top1"],
-            "train_loss": history[-1]["loss"],
-            "val_loss": probe_loss(model, queries.features, queries.labels),
-            "protocol": protocol,
-            "probe": {
-                **asdict(probe),
-                "global_batch": probe.batch_size * world,
-                "peak_lr": probe.lr * probe.batch_size * world / 256,
-                "steps": steps,
-                "head": "BatchNorm1d(affine=False) + Linear",
-            },
-            "history": history,
-            "train": str(train),
-            "val": queries.root,
-            "n_train": n_train,
-            "n_val": len(queries),
-            "num_classes": num_classes,
-            "feature_dim": int(queries.features.shape[1]),
-        }
-
     options = dict(
         size=size,
         batch_size=batch_size,
@@ -448,4 +375,89 @@ def linear_eval(
         precision=precision,
         progress=progress,
     )
-    return _evaluate("linear", checkpoint, options, fast if protocol == "fast" else paper, out)
+    if protocol == "fast":
+        run = functools.partial(
+            _fast_probe, train=train, val=val, probe=probe, log=log, val_fraction=val_fraction
+        )
+    else:
+        run = functools.partial(_paper_probe, train=train, val=val, probe=probe, log=log)
+    return _evaluate("linear", checkpoint, options, run, out)
+
+
+def _fast_probe(backbone, setup, *, train, val, probe, log, val_fraction) -> dict:
+    """``linear_eval``'s fast protocol: :func:`train_linear_probe` on the centre-crop features
+    of ``train`` (extracted once), scored on those of ``val``."""
+    bank, queries = _bank_and_queries(setup, backbone, train, val, val_fraction)
+    num_classes = max(bank.num_classes, queries.num_classes)
+    model = train_linear_probe(
+        bank.features, bank.labels, num_classes, probe, log=log if setup.info.is_main else None
+    )
+    acc = probe_accuracy(model, queries.features, queries.labels)
+    fit = probe_accuracy(model, bank.features, bank.labels)
+    return {
+        "top1": acc.top1,
+        "top5": acc.top5,
+        "train_top1": fit.top1,
+        "val_loss": probe_loss(model, queries.features, queries.labels),
+        "protocol": "fast",
+        "probe": asdict(probe),
+        **_shared(bank, queries),
+        "val_fraction": val_fraction,
+    }
+
+
+def _paper_probe(backbone, setup, *, train, val, probe, log) -> dict:
+    """``linear_eval``'s paper protocol: :func:`train_paper_probe` on augmented crops of
+    ``train`` decoded every epoch, scored on the centre-crop features of ``val``."""
+    queries = setup.extract(backbone, val)
+    with ProbeTrainLoader(
+        train,
+        size=setup.size,
+        batch_size=probe.batch_size,
+        rank=setup.info.rank,
+        world_size=setup.info.world_size,
+        seed=probe.seed,
+        device=str(setup.info.device),
+        num_threads=setup.num_threads,
+        scale=probe.scale,
+        ratio=probe.ratio,
+        flip=probe.flip,
+    ) as loader:
+        num_classes = max(loader.num_classes, queries.num_classes)
+        model, history = train_paper_probe(
+            backbone,
+            loader,
+            num_classes,
+            probe,
+            val=queries,
+            autocast=setup.autocast,
+            channels_last=setup.cuda,
+            log=log if setup.info.is_main else None,
+            progress=setup.progress and setup.info.is_main,
+        )
+        n_train, steps = loader.num_samples, len(loader) * probe.epochs
+    acc = probe_accuracy(model, queries.features, queries.labels)
+    world = setup.info.world_size
+    return {
+        "top1": acc.top1,
+        "top5": acc.top5,
+        "best_top1": max(row["val_top1"] for row in history),
+        "train_top1": history[-1]["train_top1"],
+        "train_loss": history[-1]["loss"],
+        "val_loss": probe_loss(model, queries.features, queries.labels),
+        "protocol": "paper",
+        "probe": {
+            **asdict(probe),
+            "global_batch": probe.batch_size * world,
+            "peak_lr": probe.lr * probe.batch_size * world / 256,
+            "steps": steps,
+            "head": "BatchNorm1d(affine=False) + Linear",
+        },
+        "history": history,
+        "train": str(train),
+        "val": queries.root,
+        "n_train": n_train,
+        "n_val": len(queries),
+        "num_classes": num_classes,
+        "feature_dim": int(queries.features.shape[1]),
+    }
