@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from pipeline.eval_objects import ObjectLoader
+from pipeline.eval_objects import GroundTruth, ObjectLoader
 from shards.atomic import atomic_write_bytes
 from train.distributed import resolve_device
 from train.eval.classify import report_path
@@ -546,17 +546,7 @@ def evaluate_objects(
     crop_size = (crop_size or cfg.data.size) if box_features == "crop" else None
     model_size = crop_size or size  # the input side the backbones take
     device = torch.device(device)
-    models: dict[str, nn.Module | None] = dict(backbones)
-    reserved = {RANDOM_ROW, PIXEL_ROW} & set(models)
-    if reserved and references:
-        raise ValueError(f"row names {sorted(reserved)} are the references' own")
-    if references:
-        models[RANDOM_ROW] = random_backbone(cfg.model, model_size)
-        models[PIXEL_ROW] = None
-    for backbone in models.values():
-        if backbone is not None:
-            backbone.to(device)
-
+    models = _rows_to_score(backbones, cfg, references, model_size, device)
     common = {"size": size, "batch_size": batch_size, "device": device, "num_threads": num_threads}
     with ObjectLoader(train, **common) as bank_loader, ObjectLoader(val, **common) as query_loader:
         train_gt, val_gt = bank_loader.ground_truth, query_loader.ground_truth
@@ -586,6 +576,50 @@ def evaluate_objects(
             f"{name}: object kNN {row['object_knn_top1']:.2f}%, object linear "
             f"{row['object_linear_top1']:.2f}%, image mAP {row['image_map']:.2f}%"
         )
+    settings = {
+        "size": size,
+        "k": k,
+        "temperature": temperature,
+        "probe": asdict(probe),
+        "box_features": box_features,
+        "crop_size": crop_size,
+    }
+    return _objects_report(rows, train, val, train_gt, val_gt, settings)
+
+
+def _rows_to_score(
+    backbones: Mapping[str, nn.Module],
+    cfg: Any,
+    references: bool,
+    model_size: int,
+    device: torch.device,
+) -> dict[str, nn.Module | None]:
+    """Row name -> backbone on ``device``: the given ones, and with ``references`` the random
+    init (:func:`random_backbone` at ``model_size``) and raw pixels (``None``)."""
+    models: dict[str, nn.Module | None] = dict(backbones)
+    reserved = {RANDOM_ROW, PIXEL_ROW} & set(models)
+    if reserved and references:
+        raise ValueError(f"row names {sorted(reserved)} are the references' own")
+    if references:
+        models[RANDOM_ROW] = random_backbone(cfg.model, model_size)
+        models[PIXEL_ROW] = None
+    for backbone in models.values():
+        if backbone is not None:
+            backbone.to(device)
+    return models
+
+
+def _objects_report(
+    rows: dict,
+    train: Any,
+    val: Any,
+    train_gt: GroundTruth,
+    val_gt: GroundTruth,
+    settings: dict,
+) -> dict:
+    """:func:`evaluate_objects`'s report: the rows, the two sets' counts, the settings and the
+    RoIAlign parameters."""
+    names = [name for _, name in train_gt.categories]
     return {
         "rows": rows,
         "train": str(train),
@@ -599,12 +633,7 @@ def evaluate_objects(
         "n_val_objects": val_gt.num_objects,
         "crowd_excluded": {"train": train_gt.num_crowd, "val": val_gt.num_crowd},
         "unannotated_excluded": {"train": train_gt.num_unannotated, "val": val_gt.num_unannotated},
-        "size": size,
-        "k": k,
-        "temperature": temperature,
-        "probe": asdict(probe),
-        "box_features": box_features,
-        "crop_size": crop_size,
+        **settings,
         "roi": {
             "op": "torchvision.ops.roi_align",
             "aligned": True,
