@@ -6,7 +6,7 @@ import json
 
 import click
 
-from cli.common import library_errors
+from cli.common import json_option, library_errors, rounds_option
 from cli.pipeline_cmds import bench_pipeline
 from cli.quality_cmds import bench_quality
 from cli.shards_cmds import DEFAULT_FILTER, DEFAULT_SEARCH
@@ -119,19 +119,10 @@ def bench_group() -> None:
 @click.option(
     "--limit", type=click.IntRange(min=1), default=None, help="Use at most this many images."
 )
-@click.option(
-    "--rounds",
-    type=click.IntRange(min=1),
-    default=1,
-    help="Time every search this many times, in alternating order; the fastest round counts.",
+@rounds_option(
+    1, "Time every search this many times, in alternating order; the fastest round counts."
 )
-@click.option(
-    "--json",
-    "json_out",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Also write the report as JSON.",
-)
+@json_option()
 @click.option(
     "--plot",
     type=click.Path(dir_okay=False),

@@ -19,11 +19,13 @@ __all__ = [
     "ShardFolder",
     "fail",
     "git_describe",
+    "json_option",
     "library_errors",
     "overrides_argument",
     "parse_size",
     "recipe",
     "require",
+    "rounds_option",
     "split_overrides",
     "storage_options",
     "storage_options_last",
@@ -264,6 +266,21 @@ def device_option(help: str, default: str | None = "auto"):
     """``--device auto|cpu|cuda``, declared once for every command (auto: CUDA when available);
     ``default`` None where a config's ``run.device`` decides."""
     return click.option("--device", type=click.Choice(DEVICES), default=default, help=help)
+
+
+def json_option(help: str = "Also write the report as JSON."):
+    """``--json PATH`` (the parameter ``json_out``): where a command also writes its report,
+    declared once for the bench and eval commands."""
+    return click.option(
+        "--json", "json_out", type=click.Path(dir_okay=False), default=None, help=help
+    )
+
+
+def rounds_option(default: int, help: str):
+    """``--rounds N`` (N >= 1) of the benchmarks, which alternate their contestants' order."""
+    return click.option(
+        "--rounds", type=click.IntRange(min=1), default=default, show_default=True, help=help
+    )
 
 
 LIBRARY_ERRORS = (ValueError, RuntimeError, OSError, KeyError)

@@ -22,6 +22,7 @@ import click
 from cli.common import (
     ShardFolder,
     device_option,
+    json_option,
     library_errors,
     require,
     storage_options,
@@ -97,13 +98,7 @@ def _options(f=None, *, train_help=_TRAIN_HELP, val_help=_VAL_HELP, size_help=_S
             default=None,
             help="DALI threads [default: the loader's].",
         ),
-        click.option(
-            "--json",
-            "json_out",
-            type=click.Path(dir_okay=False),
-            default=None,
-            help="Report path [default: RUN/eval/<kind>[-target|-both]-step-N.json].",
-        ),
+        json_option("Report path [default: RUN/eval/<kind>[-target|-both]-step-N.json]."),
         click.option(
             "--progress/--no-progress", default=True, help="Progress bars (terminals only)."
         ),

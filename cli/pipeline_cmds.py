@@ -14,8 +14,10 @@ import click
 from cli.common import (
     ShardFolder,
     device_option,
+    json_option,
     library_errors,
     require,
+    rounds_option,
     storage_options,
 )
 
@@ -122,13 +124,7 @@ def preview(shards, method, out, samples, seed, augment, device) -> None:
     show_default=True,
     help="Duration of one timed round per pipeline.",
 )
-@click.option(
-    "--rounds",
-    type=click.IntRange(min=1),
-    default=3,
-    show_default=True,
-    help="Alternating rounds; the median counts.",
-)
+@rounds_option(3, "Alternating rounds; the median counts.")
 @click.option(
     "--num-threads",
     "threads",
@@ -155,13 +151,7 @@ def preview(shards, method, out, samples, seed, augment, device) -> None:
     show_default=True,
     help="Also run the torchvision + PIL baseline.",
 )
-@click.option(
-    "--json",
-    "json_out",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Also write the report as JSON.",
-)
+@json_option()
 @library_errors
 def bench_pipeline(
     shards,

@@ -21,6 +21,7 @@ import click
 from cli.common import (
     ShardFolder,
     device_option,
+    json_option,
     library_errors,
     overrides_argument,
     recipe,
@@ -403,13 +404,7 @@ def pretrain(
     help="Also time this method's step (synthetic, same model and batch) interleaved with "
     "ours, and report the ratio: e.g. --method mos --baseline mocov3.",
 )
-@click.option(
-    "--json",
-    "json_out",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Also write the report as JSON.",
-)
+@json_option()
 @library_errors(usage=("ConfigError",))
 def bench_train(
     method,
