@@ -198,13 +198,7 @@ def curves_figure(runs: Sequence[str | Path], log: Callable[[str], None] = _stde
     for run, m in zip(runs, metrics):
         if m.skipped:
             log(f"{Path(run) / 'metrics.jsonl'}: {m.skipped_note()}")
-    terms: list[str] = []  # every numeric key of any training line, in first-seen order
-    for m in metrics:
-        for r in m.train:
-            terms += [
-                k for k, v in r.items() if k not in _NOT_LOSSES and _number(v) and k not in terms
-            ]
-    terms = ["loss"] + [t for t in terms if t != "loss"] if "loss" in terms else terms
+    terms = _loss_terms(metrics)
     has_lr = any(_number(r.get("lr")) for m in metrics for r in m.train)
     reports = [read_eval_reports(r) for r in runs]
     has_eval = any(m.evals for m in metrics) or any(reports)
@@ -233,53 +227,9 @@ def curves_figure(runs: Sequence[str | Path], log: Callable[[str], None] = _stde
         name = TERM_NAMES.get(term)
         ax.set_title("total loss" if term == "loss" else f"{term} = {name}" if name else term)
     if has_lr:
-        ax = flat[len(terms)]
-        positive = True
-        for i, m in enumerate(metrics):
-            pts = [(r["step"], r["lr"]) for r in m.train if _number(r.get("lr"))]
-            if pts:
-                line(ax, pts, i)
-                positive &= any(v > 0 for _, v in pts)
-        ax.set_title("learning rate (log scale)" if positive else "learning rate")
-        if positive:  # runs of other batch sizes differ by orders of magnitude; warm-up's 0 drops
-            ax.set_yscale("log")
-        else:
-            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        _lr_panel(flat[len(terms)], metrics, line)
     if has_eval:
-        ax = flat[len(terms) + has_lr]
-        order: dict[str, int] = {}
-        for i, m in enumerate(metrics):
-            if m.evals:
-                _draw_eval(ax, m.evals, colours[i], names[i], order)
-        for i, points in enumerate(reports):  # `ssl-cli eval` results: stars, labelled
-            for p in points:
-                ax.plot(p["step"], p["top1"], marker="*", ms=12, color=colours[i], ls="none",
-                        zorder=4, clip_on=False, gid=f"{names[i]} {p['label']}")  # fmt: skip
-                ax.annotate(p["label"], (p["step"], p["top1"]), textcoords="offset points",
-                            xytext=(4, -10), fontsize="x-small", color=colours[i])  # fmt: skip
-        ax.set_ylim(0, 100)
-        ax.set_title("evaluation accuracy (%)")
-        if several:  # the styles, in grey; the colours are the runs (the figure legend)
-            handles = []
-            for family, f in order.items():
-                for kind, ls, lw, mfc in (("top1", "-", 1.8, "grey"), ("top5", "--", 1.0, "none")):
-                    handles.append(
-                        Line2D(
-                            [],
-                            [],
-                            color="grey",
-                            ls=ls,
-                            lw=lw,
-                            marker=_MARKERS[f],
-                            mfc=mfc,
-                            label=f"{family}_{kind}",
-                        )
-                    )
-            ax.legend(handles=handles, fontsize="small", loc="lower right")
-        else:  # one run: the evaluation curves by name (the stars carry their own labels)
-            curves = [h for h in ax.get_lines() if h.get_marker() != "*"]
-            if curves:
-                ax.legend(handles=curves, loc="lower right")
+        _eval_panel(flat[len(terms) + has_lr], metrics, reports, colours, names)
     for ax in flat[:panels]:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -303,6 +253,82 @@ def curves_figure(runs: Sequence[str | Path], log: Callable[[str], None] = _stde
     legend_rows = (len(runs) + 3) // 4 if several else 0  # room for the run legend underneath
     fig.tight_layout(rect=(0, min(0.4, 0.32 * legend_rows / (3.2 * rows)), 1, 1))
     return fig
+
+
+def _loss_terms(metrics: Sequence[Any]) -> list[str]:
+    """Every numeric key of any run's training lines that is a loss term, in first-seen order,
+    the total ``loss`` first."""
+    terms: list[str] = []
+    for m in metrics:
+        for r in m.train:
+            terms += [
+                k for k, v in r.items() if k not in _NOT_LOSSES and _number(v) and k not in terms
+            ]
+    return ["loss"] + [t for t in terms if t != "loss"] if "loss" in terms else terms
+
+
+def _lr_panel(ax: Any, metrics: Sequence[Any], line: Callable) -> None:
+    """The learning rate of every run; on a log scale when each run has a positive value (runs
+    of other batch sizes differ by orders of magnitude; warm-up's 0 drops off the scale)."""
+    positive = True
+    for i, m in enumerate(metrics):
+        pts = [(r["step"], r["lr"]) for r in m.train if _number(r.get("lr"))]
+        if pts:
+            line(ax, pts, i)
+            positive &= any(v > 0 for _, v in pts)
+    ax.set_title("learning rate (log scale)" if positive else "learning rate")
+    if positive:
+        ax.set_yscale("log")
+    else:
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+
+
+def _eval_panel(
+    ax: Any,
+    metrics: Sequence[Any],
+    reports: Sequence[list[dict]],
+    colours: Sequence[str],
+    names: Sequence[str],
+) -> None:
+    """Evaluation accuracy (0-100 %): the kNN lines logged during training (one style per
+    family, top-5 dashed) and the ``ssl-cli eval`` reports as labelled stars. Several runs: a
+    legend of the styles in grey (the colours are the runs, in the figure legend); one run: a
+    legend of its curves by name."""
+    from matplotlib.lines import Line2D
+
+    order: dict[str, int] = {}
+    for i, m in enumerate(metrics):
+        if m.evals:
+            _draw_eval(ax, m.evals, colours[i], names[i], order)
+    for i, points in enumerate(reports):
+        for p in points:
+            ax.plot(p["step"], p["top1"], marker="*", ms=12, color=colours[i], ls="none",
+                    zorder=4, clip_on=False, gid=f"{names[i]} {p['label']}")  # fmt: skip
+            ax.annotate(p["label"], (p["step"], p["top1"]), textcoords="offset points",
+                        xytext=(4, -10), fontsize="x-small", color=colours[i])  # fmt: skip
+    ax.set_ylim(0, 100)
+    ax.set_title("evaluation accuracy (%)")
+    if len(metrics) > 1:
+        styles = (("top1", "-", 1.8, "grey"), ("top5", "--", 1.0, "none"))
+        handles = [
+            Line2D(
+                [],
+                [],
+                color="grey",
+                ls=ls,
+                lw=lw,
+                marker=_MARKERS[f],
+                mfc=mfc,
+                label=f"{family}_{kind}",
+            )  # fmt: skip
+            for family, f in order.items()
+            for kind, ls, lw, mfc in styles
+        ]
+        ax.legend(handles=handles, fontsize="small", loc="lower right")
+    else:
+        curves = [h for h in ax.get_lines() if h.get_marker() != "*"]
+        if curves:
+            ax.legend(handles=curves, loc="lower right")
 
 
 def plot_runs(
