@@ -181,8 +181,27 @@ def _fail(path: Path, what: str, bad: list[str]) -> None:
 
 
 def load_annotations(path: str | Path) -> Annotations:
-    """Read and check a COCO detection JSON (see the module docstring for every check)."""
+    """Read and check a COCO detection JSON (see the module docstring for every check): the
+    file, its categories, its images, its annotations, then each image's ground truth."""
     path = Path(path)
+    raw, doc = _read_json(path)
+    categories = _categories(doc, path)
+    images = _images(doc, path)
+    per_image, clipped = _annotations(doc, path, images, categories)
+    truths = {
+        name: _image_truth(iid, name, w, h, per_image[iid]) for iid, (name, w, h) in images.items()
+    }
+    return Annotations(
+        path=str(path),
+        sha256=hashlib.sha256(raw).hexdigest(),
+        categories=[{"id": k, "name": categories[k]} for k in sorted(categories)],
+        images=truths,
+        clipped=clipped,
+    )
+
+
+def _read_json(path: Path) -> tuple[bytes, dict]:
+    """The file's bytes (for its sha256) and its JSON object."""
     try:
         raw = path.read_bytes()
     except OSError as e:
@@ -193,7 +212,11 @@ def load_annotations(path: str | Path) -> Annotations:
         raise AnnotationError(f"{path}: not valid JSON: {e}") from None
     if not isinstance(doc, dict):
         raise AnnotationError(f"{path}: a COCO file is a JSON object, not {type(doc).__name__}")
+    return raw, doc
 
+
+def _categories(doc: dict, path: Path) -> dict[int, str]:
+    """Category id -> name; ids unique int32 >= 0."""
     categories: dict[int, str] = {}
     for n, c in enumerate(_list(doc, "categories", path)):
         c = _record(c, f"{path}: categories[{n}]", ("id", "name"))
@@ -203,7 +226,12 @@ def load_annotations(path: str | Path) -> Annotations:
         if not 0 <= cid < 2**31:
             raise AnnotationError(f"{path}: category id {cid} is not an int32 >= 0")
         categories[cid] = str(c["name"])
+    return categories
 
+
+def _images(doc: dict, path: Path) -> dict[int, tuple[str, int, int]]:
+    """Image id -> (file name, width, height); ids and file names unique (``\\`` read as ``/``,
+    a leading ``./`` dropped), sizes positive."""
     images: dict[int, tuple[str, int, int]] = {}
     names: set[str] = set()
     for n, im in enumerate(_list(doc, "images", path)):
@@ -225,11 +253,24 @@ def load_annotations(path: str | Path) -> Annotations:
             raise AnnotationError(f"{where} ({name}): size {w}x{h} is not positive")
         images[iid] = (name, w, h)
         names.add(name)
+    return images
 
-    per_image: dict[int, list[tuple[list[float], int, int, float]]] = {i: [] for i in images}
+
+_Box = tuple[list[float], int, int, float]  # xyxy (float), category id, iscrowd, area
+
+
+def _annotations(
+    doc: dict, path: Path, images: dict[int, tuple[str, int, int]], categories: dict[int, str]
+) -> tuple[dict[int, list[_Box]], int]:
+    """Every annotation checked and grouped by image, and how many boxes overrun their image by
+    at most :data:`OVERRUN_TOLERANCE` (clipped later). Annotations that name an unknown image
+    or category, have an empty box or one outside the image by more are all collected and
+    raised together, by kind."""
+    per_image: dict[int, list[_Box]] = {i: [] for i in images}
     ann_ids: set[int] = set()
     orphans, unknown, empty, outside = [], [], [], []
     clipped = 0
+    tol = OVERRUN_TOLERANCE
     for n, a in enumerate(_list(doc, "annotations", path)):
         a = _record(a, f"{path}: annotations[{n}]", ("id", "image_id", "bbox", "category_id"))
         aid = _int(a["id"], f"{path}: annotations[{n}].id")
@@ -257,7 +298,6 @@ def load_annotations(path: str | Path) -> Annotations:
             empty.append(f"{where}: bbox {bbox}")
             continue
         _, w, h = images[iid]
-        tol = OVERRUN_TOLERANCE
         if x < -tol or y < -tol or x + bw > w + tol or y + bh > h + tol:
             outside.append(f"{where}: bbox {bbox} on a {w}x{h} image")
             continue
@@ -268,30 +308,25 @@ def load_annotations(path: str | Path) -> Annotations:
     _fail(path, "annotation(s) name a category id that 'categories' does not list", unknown)
     _fail(path, "annotation(s) have a box of non-positive width or height", empty)
     _fail(path, f"annotation(s) have a box outside the image by over {tol:g} px", outside)
+    return per_image, clipped
 
-    truths: dict[str, ImageTruth] = {}
-    for iid, (name, w, h) in images.items():
-        anns = per_image[iid]
-        xyxy = np.array([b for b, _, _, _ in anns], dtype=np.float64).reshape(-1, 4)
-        boxes = np.empty((len(anns), 4), dtype=np.int32)
-        boxes[:, 0] = np.clip(np.floor(xyxy[:, 0]), 0, w - 1)
-        boxes[:, 1] = np.clip(np.floor(xyxy[:, 1]), 0, h - 1)
-        boxes[:, 2] = np.clip(np.ceil(xyxy[:, 2]), boxes[:, 0] + 1, w)
-        boxes[:, 3] = np.clip(np.ceil(xyxy[:, 3]), boxes[:, 1] + 1, h)
-        truths[name] = ImageTruth(
-            image_id=iid,
-            file_name=name,
-            width=w,
-            height=h,
-            boxes=boxes,
-            labels=np.array([c for _, c, _, _ in anns], dtype=np.int32),
-            crowd=np.array([k == 1 for _, _, k, _ in anns], dtype=bool),
-            areas=np.array([ar for _, _, _, ar in anns], dtype=np.float32),
-        )
-    return Annotations(
-        path=str(path),
-        sha256=hashlib.sha256(raw).hexdigest(),
-        categories=[{"id": k, "name": categories[k]} for k in sorted(categories)],
-        images=truths,
-        clipped=clipped,
+
+def _image_truth(iid: int, name: str, w: int, h: int, anns: list[_Box]) -> ImageTruth:
+    """One image's ground truth: boxes as int32 pixels that cover the float box (floor / ceil),
+    clipped to the image and at least 1 px wide and high."""
+    xyxy = np.array([b for b, _, _, _ in anns], dtype=np.float64).reshape(-1, 4)
+    boxes = np.empty((len(anns), 4), dtype=np.int32)
+    boxes[:, 0] = np.clip(np.floor(xyxy[:, 0]), 0, w - 1)
+    boxes[:, 1] = np.clip(np.floor(xyxy[:, 1]), 0, h - 1)
+    boxes[:, 2] = np.clip(np.ceil(xyxy[:, 2]), boxes[:, 0] + 1, w)
+    boxes[:, 3] = np.clip(np.ceil(xyxy[:, 3]), boxes[:, 1] + 1, h)
+    return ImageTruth(
+        image_id=iid,
+        file_name=name,
+        width=w,
+        height=h,
+        boxes=boxes,
+        labels=np.array([c for _, c, _, _ in anns], dtype=np.int32),
+        crowd=np.array([k == 1 for _, _, k, _ in anns], dtype=bool),
+        areas=np.array([ar for _, _, _, ar in anns], dtype=np.float32),
     )
