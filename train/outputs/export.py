@@ -385,6 +385,52 @@ def export_backbone(
     mapping = (
         convert_for(fmt, arch, state, torchvision_layout) if fmt in DETECTION_FORMATS else None
     )
+    info, metadata = _describe(
+        checkpoint, ckpt_path, fmt, branch, out, reference, torchvision_layout, mapping
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "hf":
+        config = hf_config(reference, kwargs, int(input_size))
+        _write_hf(
+            out,
+            state,
+            config,
+            info,
+            metadata,
+            check=lambda folder: _check_hf_folder(folder, reference, int(input_size)),
+        )
+    elif mapping is not None:
+        _write_detection(out, fmt, state, mapping, info)
+        info["files"] = {fmt: out.name}
+        info["keys"] = mapping
+        info["sha256"] = sha256_file(out)
+        atomic_write_json(json_path, info)
+    else:
+        _write_state(out, fmt, state, metadata)
+        if torchvision_layout:
+            _write_state(tv_path, fmt, state, metadata)
+            info["files"]["torchvision"] = tv_path.name
+        info["sha256"] = sha256_file(out)
+        atomic_write_json(json_path, info)
+    return info
+
+
+def _describe(
+    checkpoint: dict,
+    ckpt_path: Path,
+    fmt: str,
+    branch: str,
+    out: Path,
+    reference: torch.nn.Module,
+    torchvision_layout: bool,
+    mapping: dict | None,
+) -> tuple[dict, dict]:
+    """The export's description (``OUT.json``: what it holds, where from, the snippet that loads
+    it) and the string metadata a safetensors file carries."""
+    model_cfg = checkpoint["config"]["model"]
+    arch = model_cfg["backbone"]
+    kwargs = timm_kwargs(model_cfg)
+    input_size = model_cfg.get("img_size") or checkpoint["config"].get("data", {}).get("size")
     step = int(checkpoint["step"])
     metadata = {
         "arch": arch,
@@ -423,39 +469,13 @@ def export_backbone(
             )
         ),
     }
+    return info, metadata
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "hf":
-        config = hf_config(reference, kwargs, int(input_size))
-        _write_hf(
-            out,
-            state,
-            config,
-            info,
-            metadata,
-            check=lambda folder: _check_hf_folder(folder, reference, int(input_size)),
-        )
-        return info
 
-    if mapping is not None:
-        _write_detection(out, fmt, state, mapping, info)
-        info["files"] = {fmt: out.name}
-        info["keys"] = mapping
-        info["sha256"] = sha256_file(out)
-        atomic_write_json(json_path, info)
-        return info
-
-    def save(path: Path) -> None:
-        if fmt == "safetensors":
-            atomic_write_bytes(path, _safetensors_bytes(state, metadata))
-        else:
-            with atomic_file(path) as f:
-                torch.save(state, f)
-
-    save(out)
-    if torchvision_layout:
-        save(tv_path)
-        info["files"]["torchvision"] = tv_path.name
-    info["sha256"] = sha256_file(out)
-    atomic_write_json(json_path, info)
-    return info
+def _write_state(path: Path, fmt: str, state: dict, metadata: dict) -> None:
+    """A plain state dict at ``path``, atomically: safetensors (with ``metadata``) or torch."""
+    if fmt == "safetensors":
+        atomic_write_bytes(path, _safetensors_bytes(state, metadata))
+    else:
+        with atomic_file(path) as f:
+            torch.save(state, f)
