@@ -327,7 +327,7 @@ class _FolderPool:
         return _Native(*cropped, label=self.labels[i], key=it.key)
 
 
-def _open_pool(src: str, layout: str, split: str, params: SceneParams):
+def _open_pool(src: str, layout: str, split: str, params: SceneParams) -> _ArrayPool | _FolderPool:
     if layout not in LAYOUTS:
         raise SourceError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     if split not in SPLITS:
@@ -728,7 +728,53 @@ def make_scenes(
     start = time.monotonic()
     pool = _open_pool(src, layout, split, params)
     photos = _Backgrounds(backgrounds) if params.photo_share > 0 else None
-    info = _normalised(
+    info = _scenes_info(src, layout, split, count, seed, params, backgrounds, pool, photos)
+    _check_out(out, info)
+    out.mkdir(parents=True, exist_ok=True)
+    images_dir = out / "images"
+    with _locked(out):
+        _check_out(out, info)  # as another run may have left it before the lock was free
+        if not (out / "params.json").is_file():  # first: it makes OUT ours
+            atomic_write_bytes(out / "params.json", _json_bytes(info))
+        images_dir.mkdir(exist_ok=True)
+        for p in stale_temporaries(images_dir, _IMAGE_NAME):  # what a killed run left
+            p.unlink()
+        names = [f"{split}_{i:06d}.jpg" for i in range(count)]
+        done = _read_json(out / "instances.json")
+        if done is not None and done.get("info") == info:
+            if all((images_dir / n).is_file() for n in names):
+                return {"scenes": count, "written": 0, "up_to_date": True}
+        written, annotations, kinds = _write_scenes(
+            out, names, info, seed, split, pool, photos, params, log, start
+        )
+    seconds = time.monotonic() - start
+    used = sorted({a["category_id"] for a in annotations})
+    return {
+        "scenes": count,
+        "written": written,
+        "objects": len(annotations),
+        "classes": len(used),
+        "backgrounds": kinds,
+        "seconds": round(seconds, 2),
+        "up_to_date": False,
+    }
+
+
+def _scenes_info(
+    src: str,
+    layout: str,
+    split: str,
+    count: int,
+    seed: int,
+    params: SceneParams,
+    backgrounds: str,
+    pool: _ArrayPool | _FolderPool,
+    photos: _Backgrounds | None,
+) -> dict:
+    """What makes these scenes (``params.json`` and ``instances.json``'s ``info``): generator,
+    seed, split, count, the source and background pools with their fingerprints, parameters.
+    A rerun continues only an OUT whose info is this one."""
+    return _normalised(
         {
             "generator": GENERATOR,
             "version": GENERATOR_VERSION,
@@ -758,57 +804,46 @@ def make_scenes(
             "parameters": dataclasses.asdict(params),
         }
     )
-    _check_out(out, info)
-    out.mkdir(parents=True, exist_ok=True)
-    images_dir = out / "images"
-    with _locked(out):
-        _check_out(out, info)  # as another run may have left it before the lock was free
-        if not (out / "params.json").is_file():  # first: it makes OUT ours
-            atomic_write_bytes(out / "params.json", _json_bytes(info))
-        images_dir.mkdir(exist_ok=True)
-        for p in stale_temporaries(images_dir, _IMAGE_NAME):  # what a killed run left
-            p.unlink()
-        names = [f"{split}_{i:06d}.jpg" for i in range(count)]
-        done = _read_json(out / "instances.json")
-        if done is not None and done.get("info") == info:
-            if all((images_dir / n).is_file() for n in names):
-                return {"scenes": count, "written": 0, "up_to_date": True}
-        images, annotations = [], []
-        kinds: dict[str, int] = {}
-        written = 0
-        every = max(1, count // 10)
-        for i, name in enumerate(names):
-            scene = _scene(seed, split, i, pool, photos, params)
-            kinds[scene.background] = kinds.get(scene.background, 0) + 1
-            side = scene.image.shape[0]
-            images.append({"id": i + 1, "file_name": name, "width": side, "height": side})
-            for ann in scene.annotations:
-                annotations.append({"id": len(annotations) + 1, "image_id": i + 1, **ann})
-            if _write_image(images_dir / name, _encode(scene.image, params.quality)):
-                written += 1
-            if (i + 1) % every == 0 and count >= 100:
-                log(f"scenes: {i + 1}/{count} ({time.monotonic() - start:.1f} s)")
-        categories = [{"id": n + 1, "name": c} for n, c in enumerate(pool.classes)]
-        doc = {
-            "info": info,
-            "images": images,
-            "annotations": annotations,
-            "categories": categories,
-        }
-        if written:
-            os.sync()  # the images are on disk before the file that says they are complete
-        atomic_write_bytes(out / "instances.json", _json_bytes(doc))
-    seconds = time.monotonic() - start
-    used = sorted({a["category_id"] for a in annotations})
-    return {
-        "scenes": count,
-        "written": written,
-        "objects": len(annotations),
-        "classes": len(used),
-        "backgrounds": kinds,
-        "seconds": round(seconds, 2),
-        "up_to_date": False,
-    }
+
+
+def _write_scenes(
+    out: Path,
+    names: list[str],
+    info: dict,
+    seed: int,
+    split: str,
+    pool: _ArrayPool | _FolderPool,
+    photos: _Backgrounds | None,
+    params: SceneParams,
+    log: Callable[[str], None],
+    start: float,
+) -> tuple[int, list[dict], dict[str, int]]:
+    """Every scene drawn again (each from its own seed) and its image written unless it is
+    there already, then ``instances.json`` last (after an ``os.sync`` when images were
+    written: it is what says they are complete). Returns the images written now, the
+    annotations and the count of each background kind."""
+    images, annotations = [], []
+    kinds: dict[str, int] = {}
+    written = 0
+    count = len(names)
+    every = max(1, count // 10)
+    for i, name in enumerate(names):
+        scene = _scene(seed, split, i, pool, photos, params)
+        kinds[scene.background] = kinds.get(scene.background, 0) + 1
+        side = scene.image.shape[0]
+        images.append({"id": i + 1, "file_name": name, "width": side, "height": side})
+        for ann in scene.annotations:
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, **ann})
+        if _write_image(out / "images" / name, _encode(scene.image, params.quality)):
+            written += 1
+        if (i + 1) % every == 0 and count >= 100:
+            log(f"scenes: {i + 1}/{count} ({time.monotonic() - start:.1f} s)")
+    categories = [{"id": n + 1, "name": c} for n, c in enumerate(pool.classes)]
+    doc = {"info": info, "images": images, "annotations": annotations, "categories": categories}
+    if written:
+        os.sync()
+    atomic_write_bytes(out / "instances.json", _json_bytes(doc))
+    return written, annotations, kinds
 
 
 def _write_image(path: Path, data: bytes) -> bool:
