@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ __all__ = [
     "init_distributed",
     "is_distributed",
     "resolve_device",
+    "restart_store_problem",
     "world_and_rank",
 ]
 
@@ -82,6 +84,31 @@ def _env_int(name: str, default: int) -> int:
 TIMEOUT_ENV = "SSL_CLI_DIST_TIMEOUT"
 
 
+SHARED_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
+
+def restart_store_problem() -> str | None:
+    """Why a restart of this torchrun group may hang, or ``None``.
+
+    By default torchrun's c10d rendezvous hands its own TCP store, which lives as long as the
+    job, to the workers, and the process group writes its keys there under the same names in
+    every attempt. After a rank is lost and the group restarts, a rank can read the address a
+    dead rank wrote in the previous attempt and wait on it until the connect times out (gloo:
+    5 min) or fail (PyTorch issue 135712: torchelastic's restart count, the only attempt number
+    a worker sees, differs between nodes, so it cannot tell the attempts apart).
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, exported before ``torchrun``, gives each attempt
+    a store of its own on a fresh port (docs/training.md has the measurement)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if _env_int("TORCHELASTIC_MAX_RESTARTS", 0) <= 0:
+        return None
+    return (
+        "torchrun shares its rendezvous store with the workers, so a restart after a lost rank "
+        "can read the dead rank's address and hang; export "
+        f"{SHARED_STORE_ENV}=1 before torchrun to give every attempt its own store"
+    )
+
+
 def init_distributed(requested_device: str = "auto") -> DistInfo:
     """Join the process group described by torchrun's environment, or run alone.
 
@@ -100,6 +127,9 @@ def init_distributed(requested_device: str = "auto") -> DistInfo:
         return DistInfo(0, 1, 0, device, None)
     rank = _env_int("RANK", 0)
     local = _env_int("LOCAL_RANK", 0)
+    problem = restart_store_problem()
+    if problem is not None and rank == 0:
+        print(f"warning: {problem}", file=sys.stderr, flush=True)
     device = _local_device(base, local)
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs: dict[str, Any] = {}
