@@ -19,7 +19,7 @@ from shards.location import ShardLocation, locate
 from shards.remote import RemoteShardError
 from train.config import ConfigError, TrainConfig
 from train.distributed import DistInfo, all_gather_objects
-from train.methods import get_method
+from train.methods import Method, get_method
 from train.synthetic import SyntheticLoader
 
 if TYPE_CHECKING:
@@ -108,11 +108,12 @@ def shard_location(value: str, key: str = "data.shards") -> ShardLocation:
     return location
 
 
-def build_loader(cfg: TrainConfig, info: DistInfo) -> Any:
+def build_loader(cfg: TrainConfig, info: DistInfo, method: Method | None = None) -> Any:
     """The real shard loader (``pipeline.loader.ViewLoader``, imported here, lazily) or, with
     ``data.synthetic``, :class:`train.synthetic.SyntheticLoader`. Batch size per rank is
-    ``data.batch_size / world_size``."""
-    method = get_method(cfg.method)
+    ``data.batch_size / world_size``. ``method``: the registry entry of ``cfg.method`` when
+    the caller has it already."""
+    method = method if method is not None else get_method(cfg.method)
     if cfg.data.batch_size % info.world_size:
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} (global) is not divisible by the world size "

@@ -277,7 +277,7 @@ def build_parts(cfg: TrainConfig, info: DistInfo, loader: Any = None) -> Parts:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.run.seed)
-    model, _ = build_model(cfg)
+    model, _ = build_model(cfg, method)
     model.to(info.device)
     channels_last = cuda and cfg.run.channels_last
     if channels_last:
@@ -292,7 +292,7 @@ def build_parts(cfg: TrainConfig, info: DistInfo, loader: Any = None) -> Parts:
     if info.world_size > 1:
         module = distributed_model(model, info)
     if loader is None:
-        loader = build_loader(cfg, info)
+        loader = build_loader(cfg, info, method)
     schedules = build_schedules(cfg, len(loader), method.schedules)
     return Parts(
         cfg=cfg,

@@ -126,10 +126,11 @@ def forward_equivalents(cfg: TrainConfig) -> float:
     raise ValueError(f"no forward-equivalent count for method {cfg.method!r}")
 
 
-def build_model(cfg: TrainConfig) -> tuple[SSLModel, nn.Module]:
+def build_model(cfg: TrainConfig, method: Method | None = None) -> tuple[SSLModel, nn.Module]:
     """The method's model (backbone + heads + EMA target + extras + loss) and, second, its loss
-    module: the same object as ``model.loss``, a submodule of the model."""
-    method = get_method(cfg.method)
+    module: the same object as ``model.loss``, a submodule of the model. ``method``: the
+    registry entry of ``cfg.method`` when the caller has it already (:func:`build_parts`)."""
+    method = method if method is not None else get_method(cfg.method)
     backbone = build_backbone(cfg.model)
     if cfg.model.freeze_patch_embed:
         freeze_patch_embed(backbone)
