@@ -446,12 +446,37 @@ def inspect_shards(out: str | Path | ShardLocation, examples: int = 5) -> str:
     else:
         out = location.path
         manifest = load_manifest(out)
-    table = pq.read_table(out / manifest["files"]["proposals"])
-    rows = table.to_pydict()
-    c = manifest["counts"]
-    n_boxes = np.array([len(b) for b in rows["boxes"]], dtype=np.int64)
+    rows = pq.read_table(out / manifest["files"]["proposals"]).to_pydict()
     lines = [
-        f"{title}",
+        title,
+        *_describe_inputs(manifest),
+        *_describe_boxes(rows),
+        *_describe_labels(rows, manifest.get("classes")),
+    ]
+    if "annotations" in manifest:
+        lines.extend(_describe_truth(manifest["annotations"], rows))
+    p = manifest["build"]["parameters"]
+    lines.append(
+        f"  search      mode {p['search']['mode']}, max side {p['search']['max_side']}; filter min side "
+        f"{p['filter']['min_side']}, aspect [{p['filter']['min_aspect']:.3g}, {p['filter']['max_aspect']:.3g}], "
+        f"IoU <= {p['filter']['max_iou']}, top {p['filter']['top_n']}"
+    )
+    lines.append("  samples")
+    for i in range(min(examples, len(rows["key"]))):
+        b = rows["boxes"][i]
+        first = ", ".join(str(list(x)) for x in b[:2])
+        lines.append(
+            f"    {rows['key'][i]:<28} {rows['shard'][i]} {rows['width'][i]}x{rows['height'][i]} "
+            f"label={rows['label'][i]} boxes={len(b)} (raw {rows['num_raw_boxes'][i]}) {first}"
+        )
+    return "\n".join(lines)
+
+
+def _describe_inputs(manifest: dict) -> list[str]:
+    """The summary's lines on the inputs: source, counts, subset, rejects and ignored files by
+    reason, symlinks, warnings, shards."""
+    c = manifest["counts"]
+    lines = [
         f"  source      {manifest['build']['source']} (layout {manifest['build']['layout']})",
         f"  inputs      {c['inputs']}: {c['samples']} samples, {c['rejects']} rejected"
         + (f", {c['transcoded']} re-encoded to JPEG" if c["transcoded"] is not None else ""),
@@ -475,6 +500,13 @@ def inspect_shards(out: str | Path | ShardLocation, examples: int = 5) -> str:
         lines.append(f"  warning     {w}")
     total_bytes = sum(s["bytes"] for s in manifest["shards"])
     lines.append(f"  shards      {len(manifest['shards'])} ({total_bytes / 2**20:.1f} MiB)")
+    return lines
+
+
+def _describe_boxes(rows: dict) -> list[str]:
+    """The summary's lines on proposals per image and image sizes."""
+    n_boxes = np.array([len(b) for b in rows["boxes"]], dtype=np.int64)
+    lines: list[str] = []
     if len(n_boxes):
         q = np.percentile(n_boxes, [0, 10, 50, 90, 100])
         lines.append(
@@ -487,10 +519,16 @@ def inspect_shards(out: str | Path | ShardLocation, examples: int = 5) -> str:
             f"  image size  median {int(np.median(w))}x{int(np.median(h))}, "
             f"min side {int(np.minimum(w, h).min())}, max side {int(np.maximum(w, h).max())}"
         )
+    return lines
+
+
+def _describe_labels(rows: dict, classes: list[str] | None) -> list[str]:
+    """The summary's lines on labels: every class with its count (up to
+    :data:`_CLASSES_SHOWN`, then how many more), or ``none``."""
     labels = [x for x in rows["label"] if x is not None]
+    lines: list[str] = []
     if labels:
         counts = Counter(labels)
-        classes = manifest.get("classes")
         lines.append(f"  labels      {len(counts)} classes, {len(labels)} labelled samples")
         shown = sorted(counts)[:_CLASSES_SHOWN]
         for lab in shown:  # every class by label, up to _CLASSES_SHOWN
@@ -500,23 +538,7 @@ def inspect_shards(out: str | Path | ShardLocation, examples: int = 5) -> str:
             lines.append(f"    ... {len(counts) - len(shown)} more")
     else:
         lines.append("  labels      none")
-    if "annotations" in manifest:
-        lines.extend(_describe_truth(manifest["annotations"], rows))
-    p = manifest["build"]["parameters"]
-    lines.append(
-        f"  search      mode {p['search']['mode']}, max side {p['search']['max_side']}; filter min side "
-        f"{p['filter']['min_side']}, aspect [{p['filter']['min_aspect']:.3g}, {p['filter']['max_aspect']:.3g}], "
-        f"IoU <= {p['filter']['max_iou']}, top {p['filter']['top_n']}"
-    )
-    lines.append("  samples")
-    for i in range(min(examples, len(rows["key"]))):
-        b = rows["boxes"][i]
-        first = ", ".join(str(list(x)) for x in b[:2])
-        lines.append(
-            f"    {rows['key'][i]:<28} {rows['shard'][i]} {rows['width'][i]}x{rows['height'][i]} "
-            f"label={rows['label'][i]} boxes={len(b)} (raw {rows['num_raw_boxes'][i]}) {first}"
-        )
-    return "\n".join(lines)
+    return lines
 
 
 def _describe_truth(info: dict, rows: dict) -> list[str]:
