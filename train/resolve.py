@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 from train.config import ConfigError, TrainConfig, deep_merge, from_dict
+from train.methods import get_method
 
 __all__ = ["resolve_config", "validate_config"]
 
@@ -32,8 +33,6 @@ def resolve_config(*layers: dict) -> TrainConfig:
         if not isinstance(layer, dict):
             raise ConfigError(f"a config layer must be a mapping, got {type(layer).__name__}")
         merged = deep_merge(merged, layer)
-    from train.methods import get_method  # the registry imports this module
-
     name = merged.get("method", TrainConfig.method)
     if not isinstance(name, str):
         raise ConfigError(f"method: expected str, got {type(name).__name__} {name!r}")
