@@ -659,6 +659,8 @@ def summarise(runs: list[dict], refs: dict) -> dict:
 
 
 def _markdown(summary: dict, plan: QualityPlan) -> str:
+    """``table.md``: the methods' table, the object table (with ground truth), the references
+    and what the figures are (seeds, kNN settings, budget)."""
     one_seed = len(plan.seeds) == 1
 
     def cell(s: dict) -> str:  # one seed has no spread: its value alone
@@ -680,75 +682,72 @@ def _markdown(summary: dict, plan: QualityPlan) -> str:
         )
     refs = summary["references"]
     if any("target/objects/object_knn_top1" in row for row in summary["methods"].values()):
-        lines.append("")
+        lines += ["", *_objects_table(summary["methods"], refs, plan.objects_features, cell)]
+    lines += ["", f"References: kNN on raw pixels {refs['raw_pixels']['knn_top1']:.2f}."]
+    for ref in _random_inits(refs):
         lines.append(
-            "Objects (ground-truth boxes of the scenes; "
-            + (
-                "each box cut out at data.size and embedded alone):"
-                if plan.objects_features == "crop"
-                else "RoIAlign on the last feature map):"
-            )
+            f"Random init {ref['backbone']}: kNN {ref['knn_top1']:.2f}, linear "
+            f"{ref['linear_top1']:.2f}."
         )
-        lines.append("")
-        lines.append(
-            "| method | object kNN target | object kNN online | object linear target "
-            "| object linear online | image mAP target | image mAP online |"
-        )
-        lines.append("| --- | --- | --- | --- | --- | --- | --- |")
-        for m, row in summary["methods"].items():
-            if "target/objects/object_knn_top1" not in row:
-                continue
-            cells = [
-                cell(row[f"{b}/objects/{metric}"])
-                for metric in OBJECT_METRICS
-                for b in ("target", "online")
-            ]
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
-        seen_obj = set()
-        for key, ref in refs.items():
-            if (
-                key.startswith("random_init/")
-                and "objects" in ref
-                and ref["backbone"] not in seen_obj
-            ):
-                seen_obj.add(ref["backbone"])
-                o = ref["objects"]
-                lines.append(
-                    f"| random init {ref['backbone']} | {o['object_knn_top1']:.2f} | | "
-                    f"{o['object_linear_top1']:.2f} | | {o['image_map']:.2f} | |"
-                )
-        if "raw_pixels_objects" in refs:
-            o = refs["raw_pixels_objects"]
-            lines.append(
-                f"| raw pixels | {o['object_knn_top1']:.2f} | | {o['object_linear_top1']:.2f} "
-                f"| | {o['image_map']:.2f} | |"
-            )
-    lines.append("")
-    lines.append(f"References: kNN on raw pixels {refs['raw_pixels']['knn_top1']:.2f}.")
-    seen = set()
+    if one_seed:
+        spread = f"One seed ({plan.seeds[0]}), no spread; "
+    else:
+        seeds = ", ".join(map(str, plan.seeds))
+        spread = f"Mean ± standard deviation (min–max) over seeds {seeds}; "
+    budget = (
+        f"{plan.budget_fe} forward-equivalents" if plan.budget_fe else f"{plan.budget_seconds:g} s"
+    )
+    lines += ["", f"{spread}kNN k = {KNN_K}, T = {KNN_T}; budget {budget} of training per run."]
+    return "\n".join(lines) + "\n"
+
+
+def _random_inits(refs: dict) -> list[dict]:
+    """The random-init references, one per backbone (methods of one backbone share theirs)."""
+    seen: dict[str, dict] = {}
     for key, ref in refs.items():
         if key.startswith("random_init/") and ref["backbone"] not in seen:
-            seen.add(ref["backbone"])
-            lines.append(
-                f"Random init {ref['backbone']}: kNN {ref['knn_top1']:.2f}, linear "
-                f"{ref['linear_top1']:.2f}."
-            )
-    lines.append("")
-    lines.append(
-        (
-            f"One seed ({plan.seeds[0]}), no spread; "
-            if one_seed
-            else f"Mean ± standard deviation (min–max) over seeds {', '.join(map(str, plan.seeds))}; "
-        )
-        + f"kNN k = {KNN_K}, T = {KNN_T}; budget "
-        + (
-            f"{plan.budget_fe} forward-equivalents"
-            if plan.budget_fe
-            else f"{plan.budget_seconds:g} s"
-        )
-        + " of training per run."
+            seen[ref["backbone"]] = ref
+    return list(seen.values())
+
+
+def _objects_table(methods: dict, refs: dict, features: str, cell: Callable) -> list[str]:
+    """The object table: object kNN, object linear and image mAP of both branches per method,
+    then the random-init and raw-pixel references."""
+    how = (
+        "each box cut out at data.size and embedded alone"
+        if features == "crop"
+        else "RoIAlign on the last feature map"
     )
-    return "\n".join(lines) + "\n"
+    lines = [
+        f"Objects (ground-truth boxes of the scenes; {how}):",
+        "",
+        "| method | object kNN target | object kNN online | object linear target "
+        "| object linear online | image mAP target | image mAP online |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for m, row in methods.items():
+        if "target/objects/object_knn_top1" not in row:
+            continue
+        cells = [
+            cell(row[f"{b}/objects/{metric}"])
+            for metric in OBJECT_METRICS
+            for b in ("target", "online")
+        ]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    for ref in _random_inits(refs):
+        if "objects" in ref:
+            o = ref["objects"]
+            lines.append(
+                f"| random init {ref['backbone']} | {o['object_knn_top1']:.2f} | | "
+                f"{o['object_linear_top1']:.2f} | | {o['image_map']:.2f} | |"
+            )
+    if "raw_pixels_objects" in refs:
+        o = refs["raw_pixels_objects"]
+        lines.append(
+            f"| raw pixels | {o['object_knn_top1']:.2f} | | {o['object_linear_top1']:.2f} "
+            f"| | {o['image_map']:.2f} | |"
+        )
+    return lines
 
 
 def _plot(runs: list[dict], refs: dict, path: Path) -> None:
