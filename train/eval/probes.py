@@ -296,6 +296,52 @@ class PaperProbeConfig:
             )
 
 
+def _probe_epoch(
+    probe: nn.Module,
+    opt: torch.optim.Optimizer,
+    lrs: Any,
+    backbone: nn.Module,
+    batches: Any,
+    autocast: Callable[[], contextlib.AbstractContextManager] | None,
+    channels_last: bool,
+    world: int,
+    device: torch.device,
+) -> tuple[Tensor, int]:
+    """One epoch of the paper probe: the frozen backbone's features (no grad) into the head, a
+    step per batch at ``lrs[i]``, the head's gradients averaged over ranks. Returns this rank's
+    ``[loss sum, hits, samples]`` (float64) and the steps taken."""
+    probe.train()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    i = -1
+    for i, batch in enumerate(batches):
+        x = batch["image"]
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            with autocast() if autocast is not None else contextlib.nullcontext():
+                f = backbone(x)
+        logits = probe(f.float())  # [B, C]
+        y = batch["label"]
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if world > 1:
+            for p in probe.parameters():
+                all_reduce_sum(p.grad).div_(world)
+        for group in opt.param_groups:
+            group["lr"] = float(lrs[i])
+        opt.step()
+        n = y.shape[0]
+        sums += torch.stack(
+            [
+                loss.detach().double() * n,
+                (logits.argmax(1) == y).sum().double(),
+                torch.tensor(float(n), dtype=torch.float64, device=device),
+            ]
+        )
+    return sums, i + 1
+
+
 def train_paper_probe(
     backbone: nn.Module,
     loader: Any,
@@ -343,36 +389,12 @@ def train_paper_probe(
         for epoch in range(config.epochs):
             start = time.perf_counter()
             loader.set_epoch(epoch)
-            probe.train()
-            sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, hits, samples
             epoch_lr = float(lrs[step])
-            for batch in tqdm(loader, desc=f"epoch {epoch + 1}", disable=not progress, leave=False):
-                x = batch["image"]
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.no_grad():
-                    with autocast() if autocast is not None else contextlib.nullcontext():
-                        f = backbone(x)
-                logits = probe(f.float())  # [B, C]
-                y = batch["label"]
-                loss = F.cross_entropy(logits, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if world > 1:
-                    for p in probe.parameters():
-                        all_reduce_sum(p.grad).div_(world)
-                for group in opt.param_groups:
-                    group["lr"] = float(lrs[step])
-                opt.step()
-                step += 1
-                n = y.shape[0]
-                sums += torch.stack(
-                    [
-                        loss.detach().double() * n,
-                        (logits.argmax(1) == y).sum().double(),
-                        torch.tensor(float(n), dtype=torch.float64, device=device),
-                    ]
-                )
+            batches = tqdm(loader, desc=f"epoch {epoch + 1}", disable=not progress, leave=False)
+            sums, steps = _probe_epoch(
+                probe, opt, lrs[step:], backbone, batches, autocast, channels_last, world, device
+            )
+            step += steps
             all_reduce_sum(sums)
             row = {
                 "epoch": epoch + 1,
