@@ -133,27 +133,21 @@ def _list_values(column, width: int | None = None) -> tuple[np.ndarray, np.ndarr
     return lengths, flat
 
 
-def read_ground_truth(shards_dir: str | Path | ShardIndex) -> GroundTruth:
+def read_ground_truth(shards_dir: str | Path | ShardLocation | ShardIndex) -> GroundTruth:
     """The ground truth of a shard folder (or of an open :class:`ShardIndex`; URLs through
     its cache). Raises :class:`NoGroundTruthError` naming the folder when it was built
     without ``--annotations``, ``ValueError`` naming the sample for a label outside the
     manifest's categories or a box outside its image (a damaged shard set)."""
-
-    root = shards_dir.root if isinstance(shards_dir, ShardIndex) else Path(shards_dir)
+    if isinstance(shards_dir, ShardIndex):
+        root = shards_dir.root
+    else:
+        location = locate(shards_dir)
+        root = location.cache.root if location.is_remote else location.path
+        if location.is_remote:
+            location.cache.open()  # the manifest and proposals.parquet, fetched when changed
     manifest = load_manifest(root)
-    annotations = manifest.get("annotations")
     path = root / manifest["files"]["proposals"]
-    names = set(pq.read_schema(path).names)
-    missing = [c for c in GT_COLUMNS if c not in names]
-    if missing:
-        raise _no_ground_truth(root, f"proposals.parquet has no {', '.join(missing)} column")
-    if not annotations or not annotations.get("categories"):
-        raise _no_ground_truth(root, "manifest.json records no annotation categories")
-    categories = sorted((int(c["id"]), str(c["name"])) for c in annotations["categories"])
-    ids = np.array([c[0] for c in categories], dtype=np.int64)
-    if len(np.unique(ids)) != len(ids):
-        raise ValueError(f"{root / 'manifest.json'}: annotations.categories repeats an id")
-
+    categories, ids = _categories(root, manifest, path)
     table = pq.read_table(path, columns=["key", "width", "height", *GT_COLUMNS])
     annotated = table.column("image_id").is_valid().to_numpy(zero_copy_only=False)
     n_box, boxes = _list_values(table.column("gt_boxes"), 4)
@@ -172,6 +166,54 @@ def read_ground_truth(shards_dir: str | Path | ShardIndex) -> GroundTruth:
     boxes = boxes.astype(np.int32)
     crowd = crowd.astype(bool)
 
+    _check_boxes(path, keys, owner_row, boxes, labels, ids, width, height)
+    position = np.searchsorted(ids, labels)
+    keep = ~crowd & annotated[owner_row]
+    rows = np.flatnonzero(annotated).astype(np.int64)
+    per_row = np.bincount(owner_row[keep], minlength=len(keys))[rows]
+    return GroundTruth(
+        root=str(root),
+        categories=tuple(categories),
+        rows=rows,
+        width=width[rows],
+        height=height[rows],
+        offsets=np.concatenate([[0], np.cumsum(per_row)]).astype(np.int64),
+        boxes=boxes[keep],
+        classes=position[keep].astype(np.int64),
+        num_crowd=int((crowd & annotated[owner_row]).sum()),
+        num_unannotated=int((~annotated).sum()),
+    )
+
+
+def _categories(root: Path, manifest: dict, path: Path) -> tuple[list, np.ndarray]:
+    """The manifest's annotation categories as sorted ``(id, name)`` and their ids; a folder
+    built without annotations is a :class:`NoGroundTruthError`."""
+    names = set(pq.read_schema(path).names)
+    missing = [c for c in GT_COLUMNS if c not in names]
+    if missing:
+        raise _no_ground_truth(root, f"proposals.parquet has no {', '.join(missing)} column")
+    annotations = manifest.get("annotations")
+    if not annotations or not annotations.get("categories"):
+        raise _no_ground_truth(root, "manifest.json records no annotation categories")
+    categories = sorted((int(c["id"]), str(c["name"])) for c in annotations["categories"])
+    ids = np.array([c[0] for c in categories], dtype=np.int64)
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError(f"{root / 'manifest.json'}: annotations.categories repeats an id")
+    return categories, ids
+
+
+def _check_boxes(
+    path: Path,
+    keys: list[str],
+    owner_row: np.ndarray,
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    ids: np.ndarray,
+    width: np.ndarray,
+    height: np.ndarray,
+) -> None:
+    """Every ground-truth box has a category of the manifest and lies inside its image; the
+    first that does not is a ``ValueError`` naming its sample."""
     position = np.searchsorted(ids, labels)
     unknown = (position >= len(ids)) | (ids[np.minimum(position, len(ids) - 1)] != labels)
     if unknown.any():
@@ -190,22 +232,6 @@ def read_ground_truth(shards_dir: str | Path | ShardIndex) -> GroundTruth:
             f"(xyxy, right/bottom exclusive) is outside its {w[j]}x{h[j]} image; run "
             "ssl-cli shards verify"
         )
-
-    keep = ~crowd & annotated[owner_row]
-    rows = np.flatnonzero(annotated).astype(np.int64)
-    per_row = np.bincount(owner_row[keep], minlength=len(keys))[rows]
-    return GroundTruth(
-        root=str(root),
-        categories=tuple(categories),
-        rows=rows,
-        width=width[rows],
-        height=height[rows],
-        offsets=np.concatenate([[0], np.cumsum(per_row)]).astype(np.int64),
-        boxes=boxes[keep],
-        classes=position[keep].astype(np.int64),
-        num_crowd=int((crowd & annotated[owner_row]).sum()),
-        num_unannotated=int((~annotated).sum()),
-    )
 
 
 class ObjectLoader:

@@ -23,6 +23,7 @@ from cli.eval_cmds import eval_group
 from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.eval_objects import NoGroundTruthError, ObjectLoader, read_ground_truth
 from shards.build import build_shards
+from shards.location import locate
 from shards.process import BuildParams
 from shards.proposals import SearchParams
 from tests.conftest import photo
@@ -349,6 +350,13 @@ def test_random_init_reference_is_the_same_every_time():
 
 
 # ----------------------------------------------------------------------- shards with truth
+
+
+def test_ground_truth_of_a_location_is_the_folders():
+    folder = composed_shards()
+    a, b = read_ground_truth(folder), read_ground_truth(locate(folder))
+    assert a.categories == b.categories and np.array_equal(a.boxes, b.boxes)
+    assert np.array_equal(a.offsets, b.offsets) and np.array_equal(a.classes, b.classes)
 
 
 def test_ground_truth_of_a_build():
