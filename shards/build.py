@@ -806,33 +806,41 @@ def build_shards(
         )  # fmt: skip
 
 
-def _build_locked(
-    src, out, source, params, split, workers, engine, ray_address, progress, log, retry_rejects,
-    on_shard, gt, truth,
-) -> BuildResult:  # fmt: skip
-    state = _build_state(source, params, src, split, gt)
+def _finished_build(
+    out: Path,
+    parts: Path,
+    state: dict,
+    source: Source,
+    n_chunks: int,
+    retry_rejects: bool,
+    log: Callable[[str], None],
+) -> BuildResult | None:
+    """A finished build in ``out``: the up-to-date result, or ``None`` after reopening it when
+    ``retry_rejects`` finds chunks with transient rejects. A build of other inputs or
+    parameters is a :class:`BuildError` naming what differs."""
+    manifest = _read_json(out / "manifest.json")
+    if not isinstance(manifest, dict) or manifest.get("build") != state:
+        old = manifest.get("build", {}) if isinstance(manifest, dict) else {}
+        raise BuildError(
+            f"{out} already holds a finished build of other inputs or parameters: "
+            f"{_differences(old, state, out / WORK, source)}. "
+            "Use another output folder, or delete this one to rebuild"
+        )
+    _clean_stale(out, parts, finished=True)
+    redo = _transient_chunks(parts, n_chunks) if retry_rejects else set()
+    if not redo:
+        problems = diagnose(manifest)
+        log(f"{out}: up to date ({manifest['counts']['samples']} samples), nothing to do")
+        return BuildResult(out, manifest, 0, up_to_date=True, problems=problems)
+    _reopen(out, parts, manifest, n_chunks)
+    return None
+
+
+def _open_state(out: Path, parts: Path, state: dict, source: Source) -> None:
+    """The work folder of an unfinished build: its ``build.json`` must be this build's (else a
+    :class:`BuildError` naming what differs); a new one gets ``build.json`` and the input
+    list; what a killed run left half-written is removed."""
     work = out / WORK
-    parts = work / "parts"
-    n_chunks = (len(source.items) + params.shard_size - 1) // params.shard_size
-
-    manifest_path = out / "manifest.json"
-    if manifest_path.exists():
-        manifest = _read_json(manifest_path)
-        if not isinstance(manifest, dict) or manifest.get("build") != state:
-            old = manifest.get("build", {}) if isinstance(manifest, dict) else {}
-            raise BuildError(
-                f"{out} already holds a finished build of other inputs or parameters: "
-                f"{_differences(old, state, work, source)}. "
-                "Use another output folder, or delete this one to rebuild"
-            )
-        _clean_stale(out, parts, finished=True)
-        redo = _transient_chunks(parts, n_chunks) if retry_rejects else set()
-        if not redo:
-            problems = diagnose(manifest)
-            log(f"{out}: up to date ({manifest['counts']['samples']} samples), nothing to do")
-            return BuildResult(out, manifest, 0, up_to_date=True, problems=problems)
-        _reopen(out, parts, manifest, n_chunks)
-
     parts.mkdir(parents=True, exist_ok=True)
     state_path = work / "build.json"
     if state_path.exists():
@@ -849,6 +857,18 @@ def _build_locked(
         atomic_write_bytes(state_path, json.dumps(state, sort_keys=True).encode())
     _clean_stale(out, parts, finished=False)
 
+
+def _chunks_to_do(
+    out: Path,
+    parts: Path,
+    source: Source,
+    params: BuildParams,
+    n_chunks: int,
+    retry_rejects: bool,
+    log: Callable[[str], None],
+) -> dict[int, list[SourceItem]]:
+    """Chunk number -> its inputs, for every chunk not complete yet (with ``retry_rejects``
+    also those that hold transient rejects)."""
     if retry_rejects:
         for c in _transient_chunks(parts, n_chunks):
             (parts / f"{shard_name(c)}.json").unlink(missing_ok=True)
@@ -857,9 +877,26 @@ def _build_locked(
     for c in range(n_chunks):
         if _chunk_done(parts, out, c) is None:
             todo[c] = source.items[c * params.shard_size : (c + 1) * params.shard_size]
-    n_todo = sum(len(v) for v in todo.values())
-    if n_todo < len(source.items):
+    if len(todo) < n_chunks:
         log(f"resuming: {n_chunks - len(todo)} of {n_chunks} shards already complete")
+    return todo
+
+
+def _build_locked(
+    src, out, source, params, split, workers, engine, ray_address, progress, log, retry_rejects,
+    on_shard, gt, truth,
+) -> BuildResult:  # fmt: skip
+    state = _build_state(source, params, src, split, gt)
+    parts = out / WORK / "parts"
+    n_chunks = (len(source.items) + params.shard_size - 1) // params.shard_size
+
+    if (out / "manifest.json").exists():
+        done = _finished_build(out, parts, state, source, n_chunks, retry_rejects, log)
+        if done is not None:
+            return done
+    _open_state(out, parts, state, source)
+    todo = _chunks_to_do(out, parts, source, params, n_chunks, retry_rejects, log)
+    n_todo = sum(len(v) for v in todo.values())
 
     runner = make_engine(engine, workers=workers, address=ray_address)
     items = (item for c in sorted(todo) for item in todo[c])
