@@ -158,61 +158,79 @@ def detection_snippet(
     """The config lines that load the export at ``path`` in ``fmt``'s framework; ``shape``: a
     ViT's sizes (:func:`vit_shape`)."""
     shape = shape or {}
-    if fmt == "detectron2" and not vit:
-        depth = _RESNET_DEPTHS.get(arch, "DEPTH")
-        small = depth in (18, 34)
-        return (
-            "# detectron2 (yacs config), as MoCo's detection configs: SyncBN, RGB input\n"
-            "MODEL:\n"
-            f'  WEIGHTS: "{path}"\n'
-            f"  PIXEL_MEAN: {PIXEL_MEAN}\n"
-            f"  PIXEL_STD: {PIXEL_STD}\n"
-            "  BACKBONE:\n    FREEZE_AT: 0\n"
-            "  RESNETS:\n"
-            f"    DEPTH: {depth}\n"
-            + ("    RES2_OUT_CHANNELS: 64\n" if small else "")
-            + '    NORM: "SyncBN"\n'
-            "    STRIDE_IN_1X1: False  # torchvision's stride-2 3x3 conv\n"
-            '  FPN:\n    NORM: "SyncBN"\n'
-            'INPUT:\n  FORMAT: "RGB"\n'
-        )
     if fmt == "detectron2":
-        size = kwargs.get("img_size", 224)
-        patch = kwargs.get("patch_size", 16)
-        return (
-            "# detectron2 ViTDet (LazyConfig, e.g. projects/ViTDet/configs/COCO/"
-            "mask_rcnn_vitdet_b_100ep.py)\n"
-            f'train.init_checkpoint = "{path}"\n'
-            f"model.backbone.net.patch_size = {patch}\n"
-            f"model.backbone.net.pretrain_img_size = {size}\n"
-            f"model.backbone.net.embed_dim = {shape.get('embed_dim', 'EMBED_DIM')}\n"
-            f"model.backbone.net.depth = {shape.get('depth', 'DEPTH')}\n"
-            f"model.backbone.net.num_heads = {shape.get('num_heads', 'NUM_HEADS')}\n"
-            f"model.backbone.net.mlp_ratio = "
-            f"{shape['mlp_dim'] / shape['embed_dim'] if shape else 'MLP_RATIO'}\n"
-            f"model.pixel_mean = {PIXEL_MEAN}\n"
-            f"model.pixel_std = {PIXEL_STD}\n"
-            'model.input_format = "RGB"\n'
-        )
+        return _vitdet_snippet(kwargs, path, shape) if vit else _d2_resnet_snippet(arch, path)
     if vit:
-        size = kwargs.get("img_size", 224)
-        patch = kwargs.get("patch_size", 16)
-        return (
-            "# mmdetection 3 (Python config): mmpretrain's VisionTransformer as the backbone, as\n"
-            "# mmdetection's ViTDet project configs build it\n"
-            "custom_imports = dict(imports=['mmpretrain.models'], allow_failed_imports=False)\n"
-            "model = dict(\n"
-            f"    data_preprocessor=dict(mean={PIXEL_MEAN}, std={PIXEL_STD}, bgr_to_rgb=True),\n"
-            "    backbone=dict(\n"
-            "        _delete_=True, type='mmpretrain.VisionTransformer',\n"
-            f"        arch=dict(embed_dims={shape.get('embed_dim', 'EMBED_DIM')}, "
-            f"num_layers={shape.get('depth', 'DEPTH')}, "
-            f"num_heads={shape.get('num_heads', 'NUM_HEADS')},\n"
-            f"                  feedforward_channels={shape.get('mlp_dim', 'MLP_DIM')}),\n"
-            f"        img_size={size}, patch_size={patch}, qkv_bias=True,\n"
-            "        norm_cfg=dict(type='LN', eps=1e-6), with_cls_token=True,\n"
-            f"        init_cfg=dict(type='Pretrained', checkpoint='{path}')))\n"
-        )
+        return _mmpretrain_vit_snippet(kwargs, path, shape)
+    return _mmdet_resnet_snippet(arch, path)
+
+
+def _d2_resnet_snippet(arch: str, path: str) -> str:
+    """detectron2's yacs lines for a torchvision-layout ResNet, as MoCo's detection configs."""
+    depth = _RESNET_DEPTHS.get(arch, "DEPTH")
+    small = depth in (18, 34)
+    return (
+        "# detectron2 (yacs config), as MoCo's detection configs: SyncBN, RGB input\n"
+        "MODEL:\n"
+        f'  WEIGHTS: "{path}"\n'
+        f"  PIXEL_MEAN: {PIXEL_MEAN}\n"
+        f"  PIXEL_STD: {PIXEL_STD}\n"
+        "  BACKBONE:\n    FREEZE_AT: 0\n"
+        "  RESNETS:\n"
+        f"    DEPTH: {depth}\n"
+        + ("    RES2_OUT_CHANNELS: 64\n" if small else "")
+        + '    NORM: "SyncBN"\n'
+        "    STRIDE_IN_1X1: False  # torchvision's stride-2 3x3 conv\n"
+        '  FPN:\n    NORM: "SyncBN"\n'
+        'INPUT:\n  FORMAT: "RGB"\n'
+    )
+
+
+def _vitdet_snippet(kwargs: dict, path: str, shape: dict) -> str:
+    """detectron2 ViTDet's LazyConfig lines with the ViT's sizes."""
+    size = kwargs.get("img_size", 224)
+    patch = kwargs.get("patch_size", 16)
+    return (
+        "# detectron2 ViTDet (LazyConfig, e.g. projects/ViTDet/configs/COCO/"
+        "mask_rcnn_vitdet_b_100ep.py)\n"
+        f'train.init_checkpoint = "{path}"\n'
+        f"model.backbone.net.patch_size = {patch}\n"
+        f"model.backbone.net.pretrain_img_size = {size}\n"
+        f"model.backbone.net.embed_dim = {shape.get('embed_dim', 'EMBED_DIM')}\n"
+        f"model.backbone.net.depth = {shape.get('depth', 'DEPTH')}\n"
+        f"model.backbone.net.num_heads = {shape.get('num_heads', 'NUM_HEADS')}\n"
+        f"model.backbone.net.mlp_ratio = "
+        f"{shape['mlp_dim'] / shape['embed_dim'] if shape else 'MLP_RATIO'}\n"
+        f"model.pixel_mean = {PIXEL_MEAN}\n"
+        f"model.pixel_std = {PIXEL_STD}\n"
+        'model.input_format = "RGB"\n'
+    )
+
+
+def _mmpretrain_vit_snippet(kwargs: dict, path: str, shape: dict) -> str:
+    """mmdetection 3's lines with mmpretrain's VisionTransformer as the backbone."""
+    size = kwargs.get("img_size", 224)
+    patch = kwargs.get("patch_size", 16)
+    return (
+        "# mmdetection 3 (Python config): mmpretrain's VisionTransformer as the backbone, as\n"
+        "# mmdetection's ViTDet project configs build it\n"
+        "custom_imports = dict(imports=['mmpretrain.models'], allow_failed_imports=False)\n"
+        "model = dict(\n"
+        f"    data_preprocessor=dict(mean={PIXEL_MEAN}, std={PIXEL_STD}, bgr_to_rgb=True),\n"
+        "    backbone=dict(\n"
+        "        _delete_=True, type='mmpretrain.VisionTransformer',\n"
+        f"        arch=dict(embed_dims={shape.get('embed_dim', 'EMBED_DIM')}, "
+        f"num_layers={shape.get('depth', 'DEPTH')}, "
+        f"num_heads={shape.get('num_heads', 'NUM_HEADS')},\n"
+        f"                  feedforward_channels={shape.get('mlp_dim', 'MLP_DIM')}),\n"
+        f"        img_size={size}, patch_size={patch}, qkv_bias=True,\n"
+        "        norm_cfg=dict(type='LN', eps=1e-6), with_cls_token=True,\n"
+        f"        init_cfg=dict(type='Pretrained', checkpoint='{path}')))\n"
+    )
+
+
+def _mmdet_resnet_snippet(arch: str, path: str) -> str:
+    """mmdetection's lines for a torchvision-keyed ResNet (SyncBN, as its SSL configs)."""
     depth = _RESNET_DEPTHS.get(arch, "DEPTH")
     return (
         "# mmdetection (Python config)\n"
