@@ -281,28 +281,7 @@ class ShardIndex:
         )
         keys = table.column("key").to_pylist()
         self.tars = [self.root / s["name"] for s in manifest["shards"]]
-        where: dict[str, tuple[int, dict]] = {}
-        for sid, s in enumerate(manifest["shards"]):
-            tar, idx = self.tars[sid], self.root / s["index"]
-            if self._cache is not None:
-                tar = self.where(sid)
-                tar_bytes = s["bytes"]  # checked against the file when it is downloaded
-            else:
-                try:
-                    tar_bytes = tar.stat().st_size
-                except FileNotFoundError:
-                    raise ShardError(f"{tar}: shard missing (listed in the manifest)") from None
-            for entry in _parse_index(idx):
-                if "jpg" not in entry:
-                    raise ShardError(f"{idx}: a sample without .jpg: {entry}")
-                for off, size, name in entry.values():
-                    if off < _TAR_BLOCK or size < 0 or off + size > tar_bytes:
-                        raise ShardError(
-                            f"{tar}: {name} at bytes {off}..{off + size} of a {tar_bytes}-byte "
-                            f"file ({idx.name}): the tar is truncated or the index is not its own"
-                        )
-                key = entry["jpg"][2].rsplit("/", 1)[-1].split(".", 1)[0]
-                where[key] = (sid, entry)
+        where = self._index_entries(manifest)
         n = len(keys)
         if len(where) != n:
             raise ValueError(
@@ -324,6 +303,34 @@ class ShardIndex:
         self.height = table.column("height").to_numpy().astype(np.int32)
         self.keys = keys
         self._maps: dict[int, mmap.mmap] = {}
+
+    def _index_entries(self, manifest: dict) -> dict[str, tuple[int, dict]]:
+        """Sample key -> (shard number, its DALI index entry), every entry checked to lie
+        inside its tar (a local tar's size on disk; a URL's from the manifest, checked when
+        the tar is downloaded)."""
+        where: dict[str, tuple[int, dict]] = {}
+        for sid, s in enumerate(manifest["shards"]):
+            tar, idx = self.tars[sid], self.root / s["index"]
+            if self._cache is not None:
+                tar = self.where(sid)
+                tar_bytes = s["bytes"]
+            else:
+                try:
+                    tar_bytes = tar.stat().st_size
+                except FileNotFoundError:
+                    raise ShardError(f"{tar}: shard missing (listed in the manifest)") from None
+            for entry in _parse_index(idx):
+                if "jpg" not in entry:
+                    raise ShardError(f"{idx}: a sample without .jpg: {entry}")
+                for off, size, name in entry.values():
+                    if off < _TAR_BLOCK or size < 0 or off + size > tar_bytes:
+                        raise ShardError(
+                            f"{tar}: {name} at bytes {off}..{off + size} of a {tar_bytes}-byte "
+                            f"file ({idx.name}): the tar is truncated or the index is not its own"
+                        )
+                key = entry["jpg"][2].rsplit("/", 1)[-1].split(".", 1)[0]
+                where[key] = (sid, entry)
+        return where
 
     def __len__(self) -> int:
         return len(self.shard)
