@@ -21,6 +21,9 @@ from train.data import shard_location
 
 @pytest.fixture(autouse=True)
 def _own_cache_root(tmp_path, monkeypatch):
+    """The default cache root of this test (a CLI test in the same process may have set
+    another through ``configure``)."""
+    monkeypatch.setitem(remote._DEFAULTS, "cache_dir", None)
     monkeypatch.setenv(remote.CACHE_DIR_ENV, str(tmp_path / "cache"))
     monkeypatch.delenv(remote.CACHE_BYTES_ENV, raising=False)
 
