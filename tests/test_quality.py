@@ -209,6 +209,22 @@ def test_spread_over_seeds():
     }
 
 
+def test_training_seconds_leave_resumed_runs_out():
+    """A resumed run's seconds are its last call's only: they do not enter the mean."""
+    from train.tools.quality import _seconds_cell, _train_seconds
+
+    runs = [
+        {"train_seconds_this_call": 400.0, "start_step": 0},
+        {"train_seconds_this_call": 30.0, "start_step": 111},
+        {"train_seconds_this_call": 460.0},  # a result written before start_step was recorded
+    ]
+    spread = _train_seconds(runs)
+    assert spread["mean"] == 430.0 and spread["n"] == 2 and spread["resumed"] == 1
+    assert _seconds_cell(spread) == "430 (1 resumed, left out)"
+    assert _train_seconds(runs[1:2]) is None and _seconds_cell(None) == "— (resumed)"
+    assert _seconds_cell(_train_seconds(runs[:1])) == "400"
+
+
 def test_table_states_the_spread_only_over_several_seeds():
     from train.tools.quality import QualityPlan, _markdown, _spread
 

@@ -557,8 +557,9 @@ def pretrain(
     shard's sha256 against the manifest before training (:func:`check_data`; sizes are always
     checked); ``False`` is ``--no-verify-shards``.
 
-    Returns ``{"step", "checkpoint", "metrics", "eval"}`` (metrics: the training lines logged
-    by this call; eval: its kNN lines, with ``eval.every``).
+    Returns ``{"step", "start_step", "checkpoint", "metrics", "eval"}`` (start_step: where this
+    call began, 0 or a resumed checkpoint's step; metrics: the training lines logged by this
+    call; eval: its kNN lines, with ``eval.every``).
     Raises :class:`NonFiniteLossError` on a NaN/inf loss or weight, :class:`ConfigError` on a
     config that cannot run, :class:`pipeline.source.ShardError` on a shard that differs from
     its manifest, :class:`train.checkpoint.CheckpointWriteError` when a checkpoint cannot be
@@ -599,6 +600,7 @@ def _pretrain(
         log(f"nothing to do: {run_dir} is already trained to step {run.total}")
     return {
         "step": run.total,
+        "start_step": run.start,
         "checkpoint": str(run.last_ckpt) if run.last_ckpt else None,
         "metrics": run.logged,
         "eval": run.evals,

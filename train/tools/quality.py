@@ -599,6 +599,7 @@ def _one_run(plan: QualityPlan, method: str, seed: int, log: Callable[[str], Non
         "steps": steps,
         "step_reached": info["step"],
         "train_seconds_this_call": round(seconds, 1),
+        "start_step": out["start_step"],  # > 0: resumed, the seconds are the tail's only
         "forward_equivalents_per_sample": fe,
         "forward_equivalents": fe * steps * cfg.data.batch_size,
         "images": steps * cfg.data.batch_size,
@@ -635,6 +636,13 @@ def _spread(values: Sequence[float]) -> dict:
     }
 
 
+def _train_seconds(runs: list[dict]) -> dict | None:
+    """The spread of the training seconds of the runs trained from step 0 in one call (a
+    resumed run's seconds are its last call's only); ``None`` when every run was resumed."""
+    whole = [r["train_seconds_this_call"] for r in runs if r.get("start_step", 0) == 0]
+    return {**_spread(whole), "resumed": len(runs) - len(whole)} if whole else None
+
+
 def summarise(runs: list[dict], refs: dict) -> dict:
     """Per method: mean / std / range over seeds of every metric, steps and budget."""
     table: dict[str, dict] = {}
@@ -644,7 +652,7 @@ def summarise(runs: list[dict], refs: dict) -> dict:
             "backbone": rs[0]["backbone"],
             "steps": rs[0]["steps"],
             "forward_equivalents": rs[0]["forward_equivalents"],
-            "train_seconds": _spread([r["train_seconds_this_call"] for r in rs]),
+            "train_seconds": _train_seconds(rs),
         }
         for branch in ("target", "online"):
             for metric in ("knn_top1", "linear_top1"):
@@ -676,7 +684,7 @@ def _markdown(summary: dict, plan: QualityPlan) -> str:
     for m, row in summary["methods"].items():
         lines.append(
             f"| {m} | {row['backbone']} | {row['steps']} | {row['forward_equivalents']:.3g} "
-            f"| {row['train_seconds']['mean']:.0f} | {cell(row['target/knn_top1'])} "
+            f"| {_seconds_cell(row['train_seconds'])} | {cell(row['target/knn_top1'])} "
             f"| {cell(row['online/knn_top1'])} | {cell(row['target/linear_top1'])} "
             f"| {cell(row['online/linear_top1'])} |"
         )
@@ -699,6 +707,14 @@ def _markdown(summary: dict, plan: QualityPlan) -> str:
     )
     lines += ["", f"{spread}kNN k = {KNN_K}, T = {KNN_T}; budget {budget} of training per run."]
     return "\n".join(lines) + "\n"
+
+
+def _seconds_cell(spread: dict | None) -> str:
+    """Mean training seconds of the runs trained in one call, the resumed ones counted apart."""
+    if spread is None:
+        return "— (resumed)"
+    resumed = spread.get("resumed", 0)
+    return f"{spread['mean']:.0f}" + (f" ({resumed} resumed, left out)" if resumed else "")
 
 
 def _random_inits(refs: dict) -> list[dict]:
