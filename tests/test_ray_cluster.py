@@ -263,8 +263,14 @@ def test_build_survives_losing_a_worker_node(tmp_path, source):
     out = tmp_path / "out"
     r = _build_and_kill(root, out, "worker")
     assert r.returncode == 0, r.stderr
-    # the worker node had tasks in flight (window 4 per CPU): they were resubmitted, not dropped
-    assert "was lost while processing" in r.stderr and "resubmitting" in r.stderr
+    # The worker node is killed while one of its Ray workers runs a task, so it usually holds
+    # tasks in flight (window 4 per CPU), and those are resubmitted, not dropped. Whether one
+    # is still in flight at the kill is timing: on a loaded machine its last task may have
+    # returned a moment before. The resubmission itself is tested without timing above
+    # (test_a_lost_task_is_resubmitted_and_every_item_comes_back_once); here every image must
+    # come back once, byte for byte, whichever way the kill fell.
+    if "was lost while processing" in r.stderr:
+        assert "resubmitting" in r.stderr, r.stderr
     assert f"{N_IMAGES} samples in 10 shards, 0 rejected" in r.stdout
     assert _files(out) == _files(reference)  # byte-identical to a local build
     assert verify_shards(out) == []
