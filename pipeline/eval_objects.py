@@ -142,9 +142,11 @@ def read_ground_truth(shards_dir: str | Path | ShardLocation | ShardIndex) -> Gr
         root = shards_dir.root
     else:
         location = locate(shards_dir)
-        root = location.cache.root if location.is_remote else location.path
         if location.is_remote:
             location.cache.open()  # the manifest and proposals.parquet, fetched when changed
+            root = location.cache.root
+        else:
+            root = location.path
     manifest = load_manifest(root)
     path = root / manifest["files"]["proposals"]
     categories, ids = _categories(root, manifest, path)

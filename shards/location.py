@@ -97,13 +97,6 @@ class ShardLocation:
     def __hash__(self) -> int:
         return hash((self.url, self.path))
 
-    def __getstate__(self) -> dict:
-        return {"url": self.url, "path": self.path, "_cache": self._cache}
-
-    def __setstate__(self, state: dict) -> None:
-        for key, value in state.items():
-            object.__setattr__(self, key, value)
-
 
 def locate(where: str | os.PathLike | ShardLocation | ShardCache) -> ShardLocation:
     """``where`` as a :class:`ShardLocation`: a location as it is, a shard cache as the

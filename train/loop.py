@@ -835,8 +835,8 @@ def _open_run(
         runlog = _open_runlog(cfg, info, run_dir, start, parts.terms)
         if runlog is not None:
             opened.callback(runlog.close, ok=False)
-        run = _Run(cfg, info, run_dir, parts, log, loader is None, monitor, runlog, start)
-        run.last_ckpt = resumed.path
+        own = loader is None
+        run = _Run(cfg, info, run_dir, parts, log, own, monitor, runlog, start, resumed.path)
         opened.pop_all()  # from here the run closes what it holds
     try:
         run.begin(position)
@@ -862,6 +862,7 @@ class _Run:
         monitor: KNNMonitor | None,
         runlog: RunLog | None,
         start: int,
+        last_ckpt: Path | None,
     ) -> None:
         self.cfg, self.info, self.run_dir, self.parts, self.log = cfg, info, run_dir, parts, log
         self.own_loader = own_loader  # close the loader with the run (not one passed in)
@@ -872,7 +873,7 @@ class _Run:
         self.total = parts.schedules.total_steps
         self.start = start  # the step this start begins at (0, or the checkpoint's)
         self.done = start  # steps done so far
-        self.last_ckpt: Path | None = None  # the newest checkpoint written or resumed
+        self.last_ckpt = last_ckpt  # the newest checkpoint written, or the one resumed
         self.logged: list[dict] = []  # the training lines of this start
         self.evals: list[dict] = []  # its kNN lines
         self.guard = _FiniteGuard(parts.terms, info.device)
