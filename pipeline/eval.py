@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +55,14 @@ from shards.location import ShardLocation, locate
 from shards.verify import load_manifest
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, NO_AUGMENT, Augment
-from .loader import ViewLoader, _dali_reason, _device, _to_torch, first_undecodable
+from .loader import (
+    ViewLoader,
+    _dali_reason,
+    _device,
+    _to_torch,
+    default_parallelism,
+    first_undecodable,
+)
 from .scene_pairs import random_resized_crop_boxes
 from .source import ShardIndex, _parse_index
 from .views.banks import RATIO, Bank, SamplePlan, _bank, _check_range, _check_size, _Group, _plan
@@ -229,8 +235,9 @@ class EvalLoader:
         batch_size: per rank; the last batch may be smaller.
         rank, world_size: this process's contiguous part of the rows.
         device: ``"cpu"`` or ``"cuda[:N]"`` (GPU decoding and resizing).
-        num_threads: DALI CPU threads [default: all cores on CPU, ``min(8, cores // 2)``
-            with a GPU].
+        num_threads: DALI CPU threads [default: this rank's share of the node's cores on CPU,
+            ``min(8, share // 2)`` with a GPU: the view loader's threads,
+            :func:`~pipeline.loader.default_parallelism`].
         crop_pct: ``size / shorter side`` before the crop.
         prefetch: batches DALI prepares ahead.
 
@@ -256,8 +263,7 @@ class EvalLoader:
         resize_side(size, crop_pct)  # checks crop_pct
         self.device = _device(device)
         gpu = self.device.type == "cuda"
-        cores = os.cpu_count() or 1
-        self.num_threads = num_threads or (max(2, min(8, cores // 2)) if gpu else cores)
+        self.num_threads = num_threads or default_parallelism(gpu)[0]
         self.size, self.batch_size, self.crop_pct, self.prefetch = (
             size,
             batch_size,

@@ -33,7 +33,6 @@ Order: the annotated rows of ``proposals.parquet`` in row order, in batches of `
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +46,7 @@ from shards.location import ShardLocation, locate
 from shards.verify import load_manifest
 
 from .eval import _RowSource, eval_pipeline
-from .loader import _dali_reason, _device, _to_torch, first_undecodable
+from .loader import _dali_reason, _device, _to_torch, default_parallelism, first_undecodable
 from .source import ShardIndex
 
 __all__ = [
@@ -245,8 +244,9 @@ class ObjectLoader:
         size: side of the square input (the whole image is resized to it).
         batch_size: images per batch; the last batch may be smaller.
         device: ``"cpu"`` or ``"cuda[:N]"`` (GPU decoding and resizing).
-        num_threads: DALI CPU threads [default: all cores on CPU, ``min(8, cores // 2)``
-            with a GPU].
+        num_threads: DALI CPU threads [default: this rank's share of the node's cores on CPU,
+            ``min(8, share // 2)`` with a GPU: the view loader's threads,
+            :func:`~pipeline.loader.default_parallelism`].
         prefetch: batches DALI prepares ahead.
 
     Raises :class:`NoGroundTruthError` (a ``ValueError``) at construction when the shards carry
@@ -267,8 +267,7 @@ class ObjectLoader:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         self.device = _device(device)
         gpu = self.device.type == "cuda"
-        cores = os.cpu_count() or 1
-        self.num_threads = num_threads or (max(2, min(8, cores // 2)) if gpu else cores)
+        self.num_threads = num_threads or default_parallelism(gpu)[0]
         self.size, self.batch_size, self.prefetch = size, batch_size, prefetch
         self.location = locate(shards_dir)
         self.index = ShardIndex(self.location)

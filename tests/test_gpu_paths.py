@@ -274,6 +274,26 @@ def test_loader_threads_are_a_share_of_the_node(cores, local_world, gpu, expecte
     assert ranks * (threads + workers) <= max(cores, ranks)
 
 
+def test_evaluation_loaders_take_the_same_share(monkeypatch):
+    """The evaluation loaders run on every rank as well (a distributed kNN splits the rows), so
+    their DALI threads are the rank's share too, not the node's cores."""
+    from pipeline.eval import EvalLoader
+    from pipeline.eval_objects import ObjectLoader
+    from tests.test_eval_loader import labelled_shards
+    from tests.test_eval_objects import composed_shards
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    with EvalLoader(labelled_shards("train"), size=32, batch_size=4) as loader:
+        assert loader.num_threads == 2  # 16 cores / 8 ranks, CPU: the whole share
+        assert sum(len(batch["label"]) for batch in loader) == 10
+    with ObjectLoader(composed_shards(), size=32, batch_size=10) as loader:
+        assert loader.num_threads == 2
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    with EvalLoader(labelled_shards("train"), size=32, batch_size=4, num_threads=1) as loader:
+        assert loader.num_threads == 1  # given: kept
+
+
 # ------------------------------------------------------- SyncBatchNorm and DDP, 2-process gloo
 
 
