@@ -92,7 +92,7 @@ bench: $(STAMP)
 
 # Every GPU check in one call, the first command on a GPU machine (docs/gpu.md): sample data,
 # pytest -m gpu, pipeline/train/quality benchmarks; JSON figures and logs in GPU_CHECK_OUT.
-# DRY_RUN=1 runs every step on the CPU with the same data and batch sizes; STEPS=a,b: only those.
+# DRY_RUN=1: every step on the CPU, same data, batch and view sizes; STEPS=a,b: only those.
 # On an offline GPU node with its own Python: PYTHON=... bash scripts/gpu-check.sh (no venv).
 GPU_CHECK_OUT ?= runs/gpu-check
 gpu-check: $(DEV_STAMP)

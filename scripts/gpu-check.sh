@@ -18,15 +18,16 @@
 #   make gpu-check [DRY_RUN=1] [GPU_CHECK_OUT=DIR] [STEPS=data,train-univip]
 # STEPS: only these steps (the data step is added where a step needs the shards).
 #
-# DRY_RUN=1 runs every step for real on the CPU, on the same data with the same batch sizes
-# and the same commands, so that a step that would fail on the GPU for any reason but the GPU
-# fails here. Its only other differences, for time (measured on two cores): each benchmark is
-# cut to one round or step without warm-up and without the torchvision baseline (~90 s per batch
-# of 256 there); bench train runs a small model of the same family (one ViT block of width 32;
-# a ResNet-50 of one block per stage at 1/8 width) on 64-px views (32-px instances) without
-# torch.compile (a step of even that ResNet at 224 px and batch 128 takes a minute; inductor
-# takes about a minute per model, and tests/test_compile.py compiles the same modules); bench
-# quality prints its plan (--dry-run) instead of training (its data is built for real).
+# DRY_RUN=1 runs every step for real on the CPU: the same commands on the same data with the same
+# batch sizes, view sizes and compile settings, so that a step that would fail on the GPU for any
+# reason but the GPU fails here. Besides --device, two things differ, for the CPU's time and
+# memory (measured on two cores, docs/gpu.md): the repetition counts (one timed round after
+# DALI's 2 warm-up batches in bench pipeline, 3 steps without warm-up in bench train: still
+# past an epoch's end of the 256 samples at every batch size), and bench train's models, which
+# keep their family, input sizes and heads' layout at a fraction of the width and depth (a ViT
+# of one block of width 32; a ResNet-50 of one block per stage at 1/8 width). bench quality
+# prints its plan (--dry-run) instead of training: its data is built for real, but one step of
+# the GPU recipe at batch 512 takes minutes per method on two cores.
 #
 # On an offline GPU node whose Python already has torch, timm, pyarrow, OpenCV, click, pytest,
 # DALI, scikit-image and scikit-learn (no venv, nothing to install), run the script itself
@@ -57,13 +58,11 @@ mkdir -p "$OUT"
 
 if [ -n "$DRY" ]; then
     DEVICE=cpu
-    PIPELINE_TIME=(--seconds 0 --rounds 1 --no-baseline)
-    TRAIN_TIME=(--steps 1 --warmup 0 --no-compile)
-    SMALL_VIT=(--set data.size=64 --set model.img_size=64
-               --set "model.backbone_kwargs={depth: 1, embed_dim: 32, num_heads: 2}"
+    PIPELINE_TIME=(--seconds 0 --rounds 1)
+    TRAIN_TIME=(--steps 3 --warmup 0)
+    SMALL_VIT=(--set "model.backbone_kwargs={depth: 1, embed_dim: 32, num_heads: 2}"
                --set "model.projector=[64, 64, 32]" --set "model.predictor=[64, 32]")
-    SMALL_RESNET=(--set data.size=64 --set data.instance_size=32
-                  --set "model.backbone_kwargs={layers: [1, 1, 1, 1], channels: [8, 16, 32, 64], stem_width: 8}"
+    SMALL_RESNET=(--set "model.backbone_kwargs={layers: [1, 1, 1, 1], channels: [8, 16, 32, 64], stem_width: 8}"
                   --set "model.projector=[64, 32]" --set "model.predictor=[64, 32]")
     QUALITY_MODE=(--dry-run)
 else

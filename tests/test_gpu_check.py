@@ -89,13 +89,20 @@ def test_dry_run_runs_every_step_with_the_gpu_batch_sizes(dry_run):
         report = json.loads((out / f"pipeline_{method}.json").read_text())
         assert report["batch_size"] == 256 and report["device"] == "cpu"
         assert report["dataset"]["samples"] == 256
+        assert "torchvision" in report["images_per_s"], report  # the baseline runs too
     versus = json.loads((out / "train_mos_vs_mocov3.json").read_text())
     assert (versus["method"], versus["baseline"], versus["global_batch"]) == ("mos", "mocov3", 256)
-    for name, method in (("train_mos", "mos"), ("train_univip", "univip")):
+    assert versus["compile"] is True  # as the recipe: the compiled step runs here too
+    for name, method, compiled in (("train_mos", "mos", True), ("train_univip", "univip", False)):
         report = json.loads((out / f"{name}.json").read_text())
         assert report["method"] == method and report["global_batch"] == 128
-        assert report["end_to_end"]["steps"] == 1 and "ratio" in report
+        assert report["compile"] is compiled
+        # 3 steps of 128 cross the end of the 256 samples' epoch
+        assert report["end_to_end"]["steps"] == 3 and "ratio" in report
         assert report["device"].startswith("CPU")
+        # the recipe's view sizes, not smaller ones
+        assert report["config"]["data"]["size"] == 224
+    assert report["config"]["data"]["instance_size"] == 96
     # the GPU-only tests were collected and skipped, not broken
     assert "skipped" in (out / "pytest-gpu.log").read_text()
     assert "bench quality" in result.stdout and "--recipe gpu" in result.stdout
