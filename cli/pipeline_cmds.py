@@ -130,7 +130,8 @@ def preview(shards, method, out, samples, seed, augment, device) -> None:
     "threads",
     type=click.IntRange(min=1),
     default=None,
-    help="DALI threads [default: all cores on CPU, min(8, cores/2) with a GPU].",
+    help="DALI threads [default: the cores this process may use on CPU, min(8, cores/2) with a "
+    "GPU].",
 )
 @click.option(
     "--loader-workers",
