@@ -211,31 +211,45 @@ class RayEngine:
     def _get(self, ref: Any, item: SourceItem) -> Any:
         """``ray.get`` that notices a lost head node: Ray itself ends the driver's process a
         minute after its cluster's control store (GCS, on the head) stops answering, with a
-        message about GCS; this raises :class:`ClusterLost` naming the build's state first."""
+        message about GCS; this raises :class:`ClusterLost` naming the build's state first.
+        The head is watched while results keep coming too: the nodes that remain may go on
+        returning them without a head, and the build then stops on the same clock."""
         ray = self.ray
         gcs = _gcs_address(ray)
-        unreachable_since = None
         while True:
             ready, _ = ray.wait([ref], timeout=RAY_HEALTH_EVERY_S)
+            if gcs is not None:
+                self._watch_head(gcs, item)
             if ready:
                 return ray.get(ref)
-            if gcs is None or _reachable(gcs):
-                unreachable_since = None
-                continue
-            now = time.monotonic()
-            unreachable_since = unreachable_since or now
-            if now - unreachable_since >= RAY_HEAD_GRACE_S:
-                self._lost_head = True
-                raise ClusterLost(
-                    f"the Ray head node at {gcs} stopped answering for "
-                    f"{RAY_HEAD_GRACE_S:.0f} s while {item.source} was in flight; the build "
-                    "stops here, keeps its finished shards, and a rerun with the same command "
-                    "(on a working cluster, or --engine local) resumes from them"
-                )
+
+    def _watch_head(self, gcs: str, item: SourceItem) -> None:
+        """Ask the head's control store at most every :data:`RAY_HEALTH_EVERY_S`; once it has
+        not answered for :data:`RAY_HEAD_GRACE_S` in a row, across items, raise
+        :class:`ClusterLost`."""
+        now = time.monotonic()
+        if self._head_asked is not None and now - self._head_asked < RAY_HEALTH_EVERY_S:
+            return
+        self._head_asked = now
+        if _reachable(gcs):
+            self._head_silent_since = None
+            return
+        if self._head_silent_since is None:
+            self._head_silent_since = now
+        if now - self._head_silent_since >= RAY_HEAD_GRACE_S:
+            self._lost_head = True
+            raise ClusterLost(
+                f"the Ray head node at {gcs} stopped answering for "
+                f"{RAY_HEAD_GRACE_S:.0f} s while {item.source} was in flight; the build "
+                "stops here, keeps its finished shards, and a rerun with the same command "
+                "(on a working cluster, or --engine local) resumes from them"
+            )
 
     def map(self, fn: ItemFn, items: Iterable[SourceItem], params: Any) -> Iterator[Any]:
         ray = self.ray
         self._lost_head = False
+        self._head_asked: float | None = None  # when the head's control store was last asked
+        self._head_silent_since: float | None = None  # since when it has not answered
         started_here = not ray.is_initialized()
         if started_here:
             # no address: RAY_ADDRESS when set (a job on a cluster), else a new instance on this
