@@ -207,6 +207,10 @@ class RayEngine:
         self.ray = ray
         self.address = address
         self.window = window
+        # one build's watch of the head node, reset by map
+        self._lost_head = False
+        self._head_asked: float | None = None  # when the head's control store was last asked
+        self._head_silent_since: float | None = None  # since when it has not answered
 
     def _get(self, ref: Any, item: SourceItem) -> Any:
         """``ray.get`` that notices a lost head node: Ray itself ends the driver's process a
@@ -248,8 +252,7 @@ class RayEngine:
     def map(self, fn: ItemFn, items: Iterable[SourceItem], params: Any) -> Iterator[Any]:
         ray = self.ray
         self._lost_head = False
-        self._head_asked: float | None = None  # when the head's control store was last asked
-        self._head_silent_since: float | None = None  # since when it has not answered
+        self._head_asked = self._head_silent_since = None
         started_here = not ray.is_initialized()
         if started_here:
             # no address: RAY_ADDRESS when set (a job on a cluster), else a new instance on this
