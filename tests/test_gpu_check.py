@@ -144,3 +144,27 @@ def test_plain_python_without_scikit_image(tmp_path):
     assert summary["pipeline-mos"] == "skipped (no shards: the data step failed)"
     assert summary["quality-data"].startswith("ok (") and summary["quality"].startswith("ok (")
     assert f"{sys.executable} -m cli.main bench quality" in result.stdout
+
+
+def test_a_node_without_dali_still_reports_and_runs(tmp_path):
+    """DALI travels to a GPU node separately and may fail to install: the environment report
+    names it missing and the script goes on to its steps and summary (here the quality step,
+    skipped for want of data), instead of stopping at the report."""
+    block = tmp_path / "block"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class NoDali:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'nvidia.dali' or name.startswith('nvidia.dali.'):\n"
+        "            raise ImportError('No module named nvidia.dali')\n"
+        "sys.meta_path.insert(0, NoDali())\n"
+    )
+    result = _gpu_check(
+        tmp_path / "out", PYTHONPATH=str(block), STEPS="quality", FMNIST_DIR="/nonexistent"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    env = (tmp_path / "out" / "env.txt").read_text()
+    assert "nvidia.dali: MISSING (ImportError: No module named nvidia.dali)" in env
+    assert "torch: " in env and "cpu cores:" in env
+    assert _summary(result)["quality"].startswith("skipped (no Fashion-MNIST")
