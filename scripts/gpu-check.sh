@@ -30,9 +30,10 @@
 # prints its plan (--dry-run) instead of training: its data is built for real, but one step of
 # the GPU recipe at batch 512 takes minutes per method on two cores.
 #
-# On an offline GPU node whose Python already has torch, timm, pyarrow, OpenCV, click, pytest,
-# DALI, scikit-image and scikit-learn (no venv, nothing to install), run the script itself
-# with that Python:
+# On an offline GPU node whose Python already has torch, timm, pyarrow, OpenCV with its contrib
+# modules (opencv-contrib-python[-headless]: selective search, for the data step and the shards
+# the gpu-marked tests build), click, pytest, DALI, scikit-image and scikit-learn (no venv,
+# nothing to install), run the script itself with that Python (env.txt names what is missing):
 #   PYTHON=$(command -v python3) FMNIST_DIR=DIR bash scripts/gpu-check.sh
 # Without an installed `ssl-cli` the commands run as `python -m cli.main` from this checkout.
 set -euo pipefail
