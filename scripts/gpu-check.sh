@@ -22,8 +22,8 @@
 # DRY_RUN=1 runs every step for real on the CPU: the same commands on the same data with the same
 # batch sizes, view sizes and compile settings, so that a step that would fail on the GPU for any
 # reason but the GPU fails here. Besides --device, two things differ, for the CPU's time and
-# memory (measured on two cores, docs/gpu.md): the repetition counts (one timed round after
-# DALI's 2 warm-up batches in bench pipeline, 3 steps without warm-up in bench train: still
+# memory (measured on two cores, docs/gpu.md): the repetition counts (one timed batch after
+# 2 warm-up batches in bench pipeline, 3 steps without warm-up in bench train: still
 # past an epoch's end of the 256 samples at every batch size), and bench train's models, which
 # keep their family, input sizes and heads' layout at a fraction of the width and depth (a ViT
 # of one block of width 32; a ResNet-50 of one block per stage at 1/8 width). bench quality
