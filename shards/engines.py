@@ -207,7 +207,8 @@ class RayEngine:
         self.ray = ray
         self.address = address
         self.window = window
-        # one build's watch of the head node, reset by map
+        # one build's watch of the head node, set by map
+        self._gcs: str | None = None  # the head's control store (None: not watched)
         self._lost_head = False
         self._head_asked: float | None = None  # when the head's control store was last asked
         self._head_silent_since: float | None = None  # since when it has not answered
@@ -218,19 +219,18 @@ class RayEngine:
         message about GCS; this raises :class:`ClusterLost` naming the build's state first.
         The head is watched while results keep coming too: the nodes that remain may go on
         returning them without a head, and the build then stops on the same clock."""
-        ray = self.ray
-        gcs = _gcs_address(ray)
         while True:
-            ready, _ = ray.wait([ref], timeout=RAY_HEALTH_EVERY_S)
-            if gcs is not None:
-                self._watch_head(gcs, item)
+            ready, _ = self.ray.wait([ref], timeout=RAY_HEALTH_EVERY_S)
+            if self._gcs is not None:
+                self._watch_head(item)
             if ready:
-                return ray.get(ref)
+                return self.ray.get(ref)
 
-    def _watch_head(self, gcs: str, item: SourceItem) -> None:
+    def _watch_head(self, item: SourceItem) -> None:
         """Ask the head's control store at most every :data:`RAY_HEALTH_EVERY_S`; once it has
         not answered for :data:`RAY_HEAD_GRACE_S` in a row, across items, raise
         :class:`ClusterLost`."""
+        gcs = self._gcs
         now = time.monotonic()
         if self._head_asked is not None and now - self._head_asked < RAY_HEALTH_EVERY_S:
             return
@@ -260,6 +260,7 @@ class RayEngine:
             address = self.address or os.environ.get("RAY_ADDRESS") or "local"
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
         try:
+            self._gcs = _gcs_address(ray)
             window = self.window or 4 * max(1, int(ray.cluster_resources().get("CPU", 1)))
             # Ray's own retries are off: a lost task is resubmitted by _result, counted and said
             task = ray.remote(num_cpus=1, max_retries=0)(_in_clean_child)
