@@ -1,29 +1,34 @@
-"""What a GPU check ran on: the device, the driver's CUDA, and each library's version or why it
-is missing. Never fails: a node without DALI (or with an OpenCV lacking selective search) still
-runs the checks that do not need it, and this report says which are missing."""
+"""What a GPU check ran on: the device, torch's CUDA build, and each library's version or why it
+does not import. A missing library is reported, not fatal: a node without DALI (or with an
+OpenCV lacking selective search) still runs the checks that do not need it. Versions come from
+the product's own collector (``shards.sysinfo``, standard library only besides numpy)."""
 
 import importlib
 import os
 import sys
+from pathlib import Path
 
-LIBRARIES = ("torch", "torchvision", "timm", "nvidia.dali", "cv2", "pyarrow", "webdataset")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from shards.sysinfo import library_module, library_version  # noqa: E402
+
+LIBRARIES = ("torch", "torchvision", "timm", "dali", "opencv", "pyarrow", "webdataset")
 
 
 def main() -> None:
     print("python", sys.version.split()[0], sys.executable)
-    found = {}
     for name in LIBRARIES:
-        try:
-            module = importlib.import_module(name)
-        except Exception as e:  # an import that fails for any reason is a missing library here
-            print(f"{name}: MISSING ({type(e).__name__}: {e})")
+        module = library_module(name)
+        try:  # imported, not only looked up: an installed DALI may still fail to load
+            importlib.import_module(module)
+        except Exception as e:  # any failure to import is a missing library here
+            print(f"{module}: MISSING ({type(e).__name__}: {e})")
             continue
-        found[name] = module
-        print(f"{name}: {getattr(module, '__version__', 'version unknown')}")
-    cv2 = found.get("cv2")
+        print(f"{module}: {library_version(name)}")
+    cv2 = sys.modules.get("cv2")
     if cv2 is not None and not hasattr(cv2, "ximgproc"):
         print("cv2: no ximgproc (opencv-contrib): shards build cannot run selective search here")
-    torch = found.get("torch")
+    torch = sys.modules.get("torch")
     if torch is not None:
         print("torch cuda:", torch.version.cuda, "cudnn:", torch.backends.cudnn.version())
         if torch.cuda.is_available():

@@ -48,6 +48,12 @@ _LIBRARIES: dict[str, tuple[str | None, tuple[str, ...]]] = {
 }
 
 
+def library_module(name: str) -> str | None:
+    """The module the library ``name`` (a key of ``_LIBRARIES``) is imported as; ``None`` for
+    a distribution without one of its own (``ssl-cli``)."""
+    return _LIBRARIES[name][0]
+
+
 def library_version(name: str) -> str | None:
     """The version of the library ``name`` (a key of ``_LIBRARIES``), ``None`` when it is not
     installed."""
